@@ -1,0 +1,118 @@
+"""``arqd.App``: embed the consumer pool in another asyncio program.
+
+app = arqd.App.from_config("config.toml")
+
+@app.handler("thumbnail", timeout=60)
+async def thumbnail(ctx, payload): ...
+
+async with app:                 # opens the backends, runs the pool in the background
+    job = await app.client.submit("thumbnail", {"url": ...})
+    await app.drain()           # returns once no job is ready or running
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from types import TracebackType
+from typing import Self
+
+import msgspec
+
+from arqd.backends.base import QueueBackend, ResultStore
+from arqd.client import Client
+from arqd.clock import SYSTEM_CLOCK, Clock
+from arqd.config import Config, load_config
+from arqd.core import Core
+from arqd.handlers import Handler, HandlerDef, Registry
+from arqd.stores import make_queue, make_results
+from arqd.worker import Pool
+
+
+class App:
+    """Backends + handler registry + consumer pool, run for the length of an ``async with``."""
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        queue: QueueBackend | None = None,
+        results: ResultStore | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.config = config or Config()
+        self._extra: dict[str, HandlerDef] = {}
+        self._queue = queue or make_queue(self.config.queue, clock)
+        self._results = results or make_results(self.config.results, clock)
+        self._owned = (queue is None, results is None)
+        self.core = Core(self._queue, self._results, self.config, Registry())
+        self.pool: Pool | None = None
+        self.client = Client(_core=self.core)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str]) -> App:
+        return cls(load_config(path))
+
+    def handler(
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        cache: bool = False,
+        sticky: bool = False,
+        queue: str | None = None,
+    ) -> Callable[[Handler], Handler]:
+        """Register ``fn`` under ``name``; config-registered handlers of the same name lose."""
+
+        def register(fn: Handler) -> Handler:
+            self._extra[name] = HandlerDef(name, fn, timeout, max_attempts, cache, sticky, queue)
+            self.core.registry = Registry.from_config(self.config, self._extra)
+            return fn
+
+        return register
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a new config to a running app: handlers, workers, defaults (not backends)."""
+        registry = Registry.from_config(config, self._extra)
+        self.config = config
+        self.core.config = config
+        self.core.registry = registry
+        if self.pool is not None:
+            self.pool.queues = list(config.workers.queues)
+            self.pool.resize(config.workers.concurrency)
+
+    async def __aenter__(self) -> Self:
+        self.core.registry = Registry.from_config(self.config, self._extra)
+        if self._owned[0]:
+            await self._queue.open()
+        if self._owned[1]:
+            await self._results.open()
+        self.pool = Pool(self.core)
+        await self.pool.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: stop leasing, finish or release running jobs, close what this app opened."""
+        if self.pool is not None:
+            await self.pool.stop(grace)
+            self.pool = None
+        if self._owned[0]:
+            await self._queue.aclose()
+        if self._owned[1]:
+            await self._results.aclose()
+
+    async def drain(self) -> None:
+        """Return once no job is ready or running."""
+        assert self.pool is not None, "drain() needs a running app: use it inside `async with app`"
+        await self.pool.drain()
+
+    def with_workers(self, **changes: object) -> None:
+        """Change ``[workers]`` settings before starting (tests and scripts)."""
+        workers = msgspec.structs.replace(self.config.workers, **changes)
+        self.reconfigure(msgspec.structs.replace(self.config, workers=workers))

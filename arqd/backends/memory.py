@@ -1,0 +1,376 @@
+"""The memory backends: real, contract-checked backends that keep everything in this process.
+
+Used by unit tests and by programs that want a queue without durability. Every method runs
+without awaiting anything, so each is atomic on the event loop, as a transaction would be.
+Ready jobs are found through one heap per queue keyed by visibility time; entries made stale by a
+later change are skipped when popped (lazy deletion), so leasing stays O(log n).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from arqd.backends.base import (
+    Area,
+    Enqueued,
+    HeartbeatReply,
+    Lease,
+    ListFilter,
+    Outcome,
+    QueueBackend,
+    QueueStats,
+    ResultStore,
+    ResultWriter,
+)
+from arqd.clock import SYSTEM_CLOCK, Clock
+from arqd.errors import ResultExpired
+from arqd.model import Job, NewJob, Progress, State, from_ts, new_token
+
+_ids = itertools.count()
+
+
+@dataclass(slots=True)
+class _Row:
+    job: Job
+    visible_at: float | None
+    token: str | None = None
+
+
+@dataclass(slots=True)
+class _Key:
+    job_id: str
+    expires_at: float | None = None
+
+
+@dataclass
+class _Store:
+    rows: dict[str, _Row] = field(default_factory=dict)
+    heaps: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
+    keys: dict[str, _Key] = field(default_factory=dict)
+
+
+class MemoryQueue(QueueBackend):
+    """Job records in a dict; see the module docstring."""
+
+    name = "memory"
+
+    def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        super().__init__(clock=clock)
+        self._s = _Store()
+        self._identity = f"memory:{next(_ids)}"
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    # --- internals --------------------------------------------------------------------------------
+
+    def _set_visible(self, row: _Row, at: float | None) -> None:
+        row.visible_at = at
+        if at is not None:
+            heapq.heappush(self._s.heaps.setdefault(row.job.queue, []), (at, row.job.id))
+
+    def _key_holder(self, key: str, now: float) -> Job | None:
+        entry = self._s.keys.get(key)
+        if entry is None or (entry.expires_at is not None and entry.expires_at <= now):
+            return None
+        row = self._s.rows.get(entry.job_id)
+        return row.job if row else None
+
+    def _free_key(self, job: Job) -> None:
+        if job.key is not None:
+            entry = self._s.keys.get(job.key)
+            if entry is not None and entry.job_id == job.id:
+                del self._s.keys[job.key]
+
+    def _held(self, job_id: str, token: str) -> _Row | None:
+        row = self._s.rows.get(job_id)
+        if row is None or row.token != token or row.job.state is not State.RUNNING:
+            return None
+        return row
+
+    # --- the contract -----------------------------------------------------------------------------
+
+    async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
+        now = self.clock.time()
+        out: list[Enqueued] = []
+        for new in jobs:
+            holder = self._key_holder(new.key, now) if new.key is not None else None
+            if holder is not None:
+                out.append(Enqueued(holder, created=False))
+                continue
+            job = new.to_job()
+            row = _Row(job, None)
+            self._s.rows[job.id] = row
+            self._set_visible(row, new.ready_at)
+            if new.key is not None:
+                self._s.keys[new.key] = _Key(job.id)
+            out.append(Enqueued(job, created=True))
+        return out
+
+    async def lease(
+        self, queues: Sequence[str], limit: int, lease_for: float, worker: str
+    ) -> list[Lease]:
+        now = self.clock.time()
+        token = new_token()
+        expires = now + lease_for
+        out: list[Lease] = []
+        for queue in queues:
+            heap = self._s.heaps.get(queue)
+            while heap and len(out) < limit and heap[0][0] <= now:
+                at, job_id = heapq.heappop(heap)
+                row = self._s.rows.get(job_id)
+                if row is None or row.visible_at != at:
+                    continue  # stale entry
+                job = row.job
+                row.job = _replace(
+                    job,
+                    state=State.RUNNING,
+                    attempts=job.attempts + 1,
+                    started_at=from_ts(now),
+                    version=job.version + 1,
+                )
+                row.token = token
+                self._set_visible(row, expires)
+                out.append(Lease(row.job, token, expires))
+        return out
+
+    async def heartbeat(
+        self, leases: Sequence[tuple[str, str]], lease_for: float
+    ) -> list[HeartbeatReply]:
+        until = self.clock.time() + lease_for
+        replies = []
+        for job_id, token in leases:
+            row = self._held(job_id, token)
+            if row is None:
+                replies.append(HeartbeatReply(held=False, cancel_requested=False))
+                continue
+            self._set_visible(row, until)
+            replies.append(HeartbeatReply(held=True, cancel_requested=row.job.cancel_requested))
+        return replies
+
+    async def set_progress(self, updates: Sequence[tuple[str, str, Progress]]) -> list[bool]:
+        answers = []
+        for job_id, token, progress in updates:
+            row = self._held(job_id, token)
+            if row is not None:
+                row.job = _replace(row.job, progress=progress, version=row.job.version + 1)
+            answers.append(row is not None)
+        return answers
+
+    async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        now = self.clock.time()
+        out: list[bool] = []
+        for o in outcomes:
+            row = self._held(o.job.id, o.token)
+            if row is None:
+                out.append(False)
+                continue
+            job = row.job
+            row.token = None
+            if o.state is State.QUEUED:
+                ready = o.ready_at if o.ready_at is not None else now
+                row.job = _replace(
+                    job,
+                    state=State.QUEUED,
+                    attempts=job.attempts if o.count_attempt else job.attempts - 1,
+                    ready_at=from_ts(ready),
+                    error=o.error if o.error is not None else job.error,
+                    version=job.version + 1,
+                )
+                self._set_visible(row, ready)
+            else:
+                row.job = _replace(
+                    job,
+                    state=o.state,
+                    attempts=job.attempts if o.count_attempt else job.attempts - 1,
+                    finished_at=from_ts(now),
+                    result=o.result,
+                    error=o.error,
+                    expires_at=from_ts(o.expires_at),
+                    version=job.version + 1,
+                )
+                self._set_visible(row, None)
+                if o.free_key:
+                    self._free_key(job)
+                elif job.key is not None and job.key in self._s.keys:
+                    self._s.keys[job.key].expires_at = o.expires_at
+            out.append(True)
+        return out
+
+    async def cancel(self, job_id: str) -> Job | None:
+        row = self._s.rows.get(job_id)
+        if row is None:
+            return None
+        job = row.job
+        if job.state is State.QUEUED:
+            row.job = _replace(
+                job,
+                state=State.CANCELLED,
+                finished_at=from_ts(self.clock.time()),
+                version=job.version + 1,
+            )
+            self._set_visible(row, None)
+            self._free_key(job)
+        elif job.state is State.RUNNING and not job.cancel_requested:
+            row.job = _replace(job, cancel_requested=True, version=job.version + 1)
+        return row.job
+
+    async def get(self, job_id: str) -> Job | None:
+        row = self._s.rows.get(job_id)
+        return row.job if row else None
+
+    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        return [await self.get(i) for i in job_ids]
+
+    async def find_by_key(self, key: str) -> Job | None:
+        return self._key_holder(key, self.clock.time())
+
+    async def list_jobs(
+        self, where: ListFilter, limit: int, cursor: str | None
+    ) -> tuple[list[Job], str | None]:
+        jobs: list[Job] = []
+        for job_id in sorted(self._s.rows, reverse=True):
+            if cursor is not None and job_id >= cursor:
+                continue
+            job = self._s.rows[job_id].job
+            if _matches(job, where):
+                jobs.append(job)
+                if len(jobs) > limit:
+                    break
+        more = len(jobs) > limit
+        jobs = jobs[:limit]
+        return jobs, (jobs[-1].id if more else None)
+
+    async def stats(self) -> list[QueueStats]:
+        now = self.clock.time()
+        counts: dict[str, dict[str, int]] = {}
+        oldest: dict[str, float] = {}
+        for row in self._s.rows.values():
+            job = row.job
+            per = counts.setdefault(job.queue, {})
+            per[job.state.value] = per.get(job.state.value, 0) + 1
+            if job.state is State.QUEUED and row.visible_at is not None and row.visible_at <= now:
+                oldest[job.queue] = min(oldest.get(job.queue, now), row.visible_at)
+        return [
+            QueueStats(
+                name=q,
+                **per,
+                oldest_queued_seconds=(now - oldest[q]) if q in oldest else None,
+            )
+            for q, per in sorted(counts.items())
+        ]
+
+    async def delete(self, job_id: str) -> Job | None:
+        row = self._s.rows.get(job_id)
+        if row is None:
+            return None
+        if row.job.state.terminal:
+            del self._s.rows[job_id]
+            self._free_key(row.job)
+        return row.job
+
+    async def redrive(self, queue: str) -> int:
+        now = self.clock.time()
+        count = 0
+        for row in self._s.rows.values():
+            job = row.job
+            if job.queue == queue and job.state is State.FAILED:
+                row.job = _replace(
+                    job,
+                    state=State.QUEUED,
+                    attempts=0,
+                    ready_at=from_ts(now),
+                    finished_at=None,
+                    error=None,
+                    version=job.version + 1,
+                )
+                self._set_visible(row, now)
+                if job.key is not None and self._key_holder(job.key, now) is None:
+                    self._s.keys[job.key] = _Key(job.id)
+                count += 1
+        return count
+
+    async def ping(self) -> None:
+        return None
+
+
+def _replace(job: Job, **changes: object) -> Job:
+    return msgspec.structs.replace(job, **changes)
+
+
+def _matches(job: Job, where: ListFilter) -> bool:
+    return (
+        (where.queue is None or job.queue == where.queue)
+        and (where.state is None or job.state is where.state)
+        and (where.handler is None or job.handler == where.handler)
+        and (where.group_id is None or job.group_id == where.group_id)
+        and (where.owner is None or job.owner == where.owner)
+    )
+
+
+# --- results --------------------------------------------------------------------------------------
+
+
+class _MemoryWriter(ResultWriter):
+    def __init__(self, store: MemoryResults, area: Area, name: str) -> None:
+        self._store, self._area, self._name = store, area, name
+        self._parts: list[bytes] = []
+        self._done = False
+
+    async def write(self, data: bytes) -> None:
+        self._parts.append(bytes(data))
+
+    async def commit(self) -> int:
+        blob = b"".join(self._parts)
+        self._store._blobs[(self._area, self._name)] = (self._store.clock.time(), blob)
+        self._done = True
+        return len(blob)
+
+    async def abort(self) -> None:
+        self._parts.clear()
+
+
+class MemoryResults(ResultStore):
+    """Result blobs in a dict; for tests and throwaway runs."""
+
+    name = "memory"
+
+    def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        super().__init__(clock=clock)
+        self._blobs: dict[tuple[Area, str], tuple[float, bytes]] = {}
+
+    async def writer(self, area: Area, name: str) -> ResultWriter:
+        return _MemoryWriter(self, area, name)
+
+    async def read(
+        self, area: Area, name: str, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes]:
+        entry = self._blobs.get((area, name))
+        if entry is None:
+            raise ResultExpired(f"the result of job {name} is no longer stored")
+        blob = entry[1][start:end]
+        for i in range(0, len(blob), 65536):
+            yield blob[i : i + 65536]
+
+    async def size(self, area: Area, name: str) -> int | None:
+        entry = self._blobs.get((area, name))
+        return None if entry is None else len(entry[1])
+
+    async def delete(self, area: Area, name: str) -> None:
+        self._blobs.pop((area, name), None)
+
+    async def purge(self, area: Area, older_than: float | None = None) -> int:
+        doomed = [
+            k
+            for k, (at, _) in self._blobs.items()
+            if k[0] == area and (older_than is None or at < older_than)
+        ]
+        for k in doomed:
+            del self._blobs[k]
+        return len(doomed)

@@ -1,0 +1,181 @@
+"""``arqd.Client``: submit and inspect jobs in-process, straight on the backends.
+
+Same semantics as the HTTP API: the same validation, defaults, dedupe and errors.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+import msgspec
+
+from arqd.backends.base import ListFilter, QueueBackend, ResultStore
+from arqd.clock import SYSTEM_CLOCK, Clock
+from arqd.config import Config, load_config
+from arqd.core import JSON, Core, parse_spec
+from arqd.errors import InvalidRequest
+from arqd.handlers import Registry
+from arqd.model import Job, State
+from arqd.stores import make_queue, make_results
+
+LIST_MAX = 1000
+
+
+class Client:
+    """In-process client. ``async with Client.from_config("config.toml") as client: ...``
+
+    Built from backends you opened yourself (``Client(queue=..., results=...)``), it accepts any
+    handler name; built from a config, it knows the registered handlers and refuses others.
+    """
+
+    def __init__(
+        self,
+        queue: QueueBackend | None = None,
+        results: ResultStore | None = None,
+        *,
+        config: Config | None = None,
+        registry: Registry | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        _core: Core | None = None,
+    ) -> None:
+        self._owned = False
+        if _core is not None:
+            self._core = _core
+            return
+        config = config or Config()
+        if queue is None or results is None:
+            self._owned = True
+        queue = queue or make_queue(config.queue, clock)
+        results = results or make_results(config.results, clock)
+        self._core = Core(queue, results, config, registry)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str]) -> Client:
+        config = load_config(path)
+        return cls(config=config, registry=Registry.from_config(config))
+
+    @property
+    def core(self) -> Core:
+        return self._core
+
+    async def __aenter__(self) -> Self:
+        if self._owned:
+            await self._core.queue.open()
+            await self._core.results.open()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._owned:
+            await self._core.queue.aclose()
+            await self._core.results.aclose()
+
+    # --- submitting -------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        handler: str,
+        payload: Any = None,
+        *,
+        queue: str | None = None,
+        key: str | None = None,
+        sticky: bool = False,
+        delay: float | None = None,
+        run_at: datetime | str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Job:
+        """Submit one job; a dedupe hit answers the live job with ``deduplicated=True``."""
+        spec: dict[str, Any] = {"handler": handler, "payload": payload, "sticky": sticky}
+        for name, value in (
+            ("queue", queue),
+            ("key", key),
+            ("delay", delay),
+            ("run_at", run_at),
+            ("max_attempts", max_attempts),
+            ("timeout", timeout),
+            ("meta", meta),
+        ):
+            if value is not None:
+                spec[name] = value
+        (job,) = await self.submit_many([spec])
+        return job
+
+    async def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> builtins.list[Job]:
+        """Submit specs (as in the JSON job spec) atomically: all are stored, or none."""
+        parsed = [parse_spec(_plain(s)) for s in specs]
+        stored = await self._core.submit(parsed)
+        return [
+            e.job if e.created else msgspec.structs.replace(e.job, deduplicated=True)
+            for e in stored
+        ]
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job:
+        """The job; ``arqd.JobNotFound`` if unknown."""
+        return await self._core.get(job_id)
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """The job once terminal; ``TimeoutError`` if that takes longer than ``timeout``."""
+        return await self._core.wait(job_id, timeout)
+
+    async def result(self, job_id: str) -> Any:
+        """The JSON value of a succeeded job, or ``bytes`` for a blob."""
+        job = await self._core.get(job_id)
+        ref = self._core.check_result(job)
+        if ref.is_inline:
+            return ref.inline
+        data = b"".join([chunk async for chunk in self._core.read_result(ref)])
+        return msgspec.json.decode(data) if ref.content_type == JSON else data
+
+    async def stream_result(self, job_id: str) -> AsyncIterator[bytes]:
+        """The result's bytes in chunks, never whole in memory."""
+        job = await self._core.get(job_id)
+        ref = self._core.check_result(job)
+        async for chunk in self._core.read_result(ref):
+            yield chunk
+
+    async def list(
+        self,
+        *,
+        queue: str | None = None,
+        state: State | str | None = None,
+        handler: str | None = None,
+        group_id: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[builtins.list[Job], str | None]:
+        """Newest first, at most ``limit`` (≤ 1000); pass the answered cursor for the next page."""
+        if not 1 <= limit <= LIST_MAX:
+            raise InvalidRequest(f"limit: must be between 1 and {LIST_MAX}")
+        try:
+            state = State(state) if state is not None else None
+        except ValueError:
+            raise InvalidRequest(f"state: unknown state {state!r}") from None
+        where = ListFilter(queue=queue, state=state, handler=handler, group_id=group_id)
+        return await self._core.queue.list_jobs(where, limit, cursor)
+
+    # --- changing ---------------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> Job:
+        """Queued: cancelled now. Running: ``cancel_requested``, the handler is interrupted."""
+        return await self._core.cancel(job_id)
+
+    async def delete(self, job_id: str) -> None:
+        """Terminal: delete the record and its result. Otherwise: cancel, as ``DELETE`` does."""
+        await self._core.delete(job_id)
+
+
+def _plain(spec: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(spec)
+    if isinstance(out.get("run_at"), datetime):
+        out["run_at"] = out["run_at"].isoformat()
+    return out

@@ -1,0 +1,262 @@
+"""The semantics above the backend seam, written once: how a spec becomes a job (defaults, dedupe
+and cache keys, validation), how a result is stored and read back, how an attempt's end becomes an
+outcome (retries, backoff with jitter, final failure), and waiting for a job.
+
+``Core`` is shared by the in-process client, the consumer pool and the HTTP API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import msgspec
+
+from arqd.backends.base import Area, Enqueued, Outcome, QueueBackend, ResultStore
+from arqd.clock import Clock
+from arqd.config import Config
+from arqd.errors import (
+    InvalidRequest,
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    NotReady,
+    ResultExpired,
+    UnknownHandler,
+)
+from arqd.handlers import Registry, cache_key
+from arqd.hub import hub_for
+from arqd.model import (
+    JOB_ID_RE,
+    ErrorInfo,
+    Job,
+    JobSpec,
+    NewJob,
+    ResultRef,
+    State,
+    new_job_id,
+)
+
+META_MAX = 4096
+JSON = "application/json"
+
+_spec_decoder = msgspec.json.Decoder(JobSpec)
+
+
+def parse_spec(data: Mapping[str, Any] | bytes) -> JobSpec:
+    """Validate one job spec from JSON bytes or a decoded mapping; unknown fields are an error."""
+    try:
+        if isinstance(data, bytes | bytearray | memoryview):
+            return _spec_decoder.decode(data)
+        return msgspec.convert(data, JobSpec)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(_explain(str(exc))) from None
+
+
+def _explain(message: str) -> str:
+    reason, _, where = message.partition(" - at ")
+    where = where.strip("`").removeprefix("$").lstrip(".")
+    return f"{where}: {reason}" if where else reason
+
+
+class Core:
+    """Job semantics over one queue backend and one result store."""
+
+    def __init__(
+        self,
+        queue: QueueBackend,
+        results: ResultStore,
+        config: Config,
+        registry: Registry | None,
+    ) -> None:
+        self.queue = queue
+        self.results = results
+        self.config = config
+        self.registry = registry
+        self.hub = hub_for(queue.identity)
+
+    @property
+    def clock(self) -> Clock:
+        return self.queue.clock
+
+    # --- submitting -------------------------------------------------------------------------------
+
+    def new_job(
+        self, spec: JobSpec, now: float, owner: str | None = None, group_id: str | None = None
+    ) -> NewJob:
+        """Resolve every default of ``spec``; raise :class:`InvalidRequest` if it cannot run."""
+        if spec.steps is not None:
+            raise InvalidRequest("steps: multi-step HTTP jobs are not available in this version")
+        if spec.handler is None:
+            raise InvalidRequest("handler: a job needs a handler")
+        if spec.credentials is not None:
+            raise InvalidRequest("credentials: only multi-step HTTP jobs take credentials")
+        hdef = None
+        if self.registry is not None:
+            hdef = self.registry.get(spec.handler)
+            if hdef is None:
+                raise UnknownHandler(f"no handler is registered as {spec.handler!r}")
+        if spec.run_at is not None and spec.delay is not None:
+            raise InvalidRequest("run_at: give run_at or delay, not both")
+        if spec.meta and len(msgspec.json.encode(spec.meta)) > META_MAX:
+            raise InvalidRequest(f"meta: at most {META_MAX} bytes of JSON")
+        if spec.run_at is not None:
+            if spec.run_at.tzinfo is None:
+                raise InvalidRequest("run_at: an RFC 3339 time needs a UTC offset")
+            ready_at = spec.run_at.timestamp()
+        else:
+            ready_at = now + (spec.delay or 0.0)
+        defaults = self.config.defaults
+        key = spec.key
+        if key is None and hdef is not None and hdef.cache:
+            key = cache_key(spec.handler, spec.payload)
+        return NewJob(
+            id=new_job_id(),
+            queue=spec.queue or (hdef.queue if hdef and hdef.queue else "default"),
+            handler=spec.handler,
+            payload=spec.payload,
+            key=key,
+            sticky=spec.sticky or bool(hdef and hdef.sticky),
+            meta=spec.meta or {},
+            max_attempts=spec.max_attempts
+            or (hdef.max_attempts if hdef and hdef.max_attempts else defaults.max_attempts),
+            timeout=spec.timeout or (hdef.timeout if hdef and hdef.timeout else defaults.timeout),
+            created_at=now,
+            ready_at=ready_at,
+            group_id=group_id,
+            owner=owner,
+        )
+
+    async def submit(
+        self, specs: Sequence[JobSpec], owner: str | None = None, group_id: str | None = None
+    ) -> list[Enqueued]:
+        """Store all specs atomically (all or none fail validation first)."""
+        now = self.clock.time()
+        new = [self.new_job(spec, now, owner, group_id) for spec in specs]
+        stored = await self.queue.enqueue(new)
+        if any(e.created for e in stored):
+            self.hub.jobs_ready()
+        return stored
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    async def get(self, job_id: str, owner: str | None = None) -> Job:
+        """The job, or :class:`JobNotFound`; with ``owner``, another owner's job is not found."""
+        job = await self.queue.get(job_id) if JOB_ID_RE.match(job_id) else None
+        if job is None or (owner is not None and job.owner != owner):
+            raise JobNotFound(f"no job {job_id}")
+        return job
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Return the job once it is terminal; ``TimeoutError`` after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            poll = 0.01
+            while True:
+                fut = self.hub.watch(job_id)
+                try:
+                    job = await self.get(job_id)
+                    if job.state.terminal:
+                        return job
+                    # Local changes arrive through the hub; other processes' by polling.
+                    await asyncio.wait([fut], timeout=poll)
+                    poll = min(poll * 2, 0.5)
+                finally:
+                    self.hub.unwatch(job_id, fut)
+
+    def check_result(self, job: Job) -> ResultRef:
+        """The result reference of a succeeded job, or the error that explains its absence."""
+        if job.state is State.FAILED:
+            raise JobFailed(f"job {job.id} failed: {job.error.message if job.error else ''}")
+        if job.state is State.CANCELLED:
+            raise JobCancelled(f"job {job.id} was cancelled")
+        if job.state is not State.SUCCEEDED or job.result is None:
+            raise NotReady(f"job {job.id} is {job.state.value}, it has no result yet")
+        if job.expires_at is not None and job.expires_at.timestamp() <= self.clock.time():
+            raise ResultExpired(f"the result of job {job.id} has expired")
+        if job.result.area == "expired":
+            raise ResultExpired(f"the result of job {job.id} was purged from the cache")
+        return job.result
+
+    async def read_result(
+        self, ref: ResultRef, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes]:
+        if ref.is_inline:
+            data = msgspec.json.encode(ref.inline)[start:end]
+            if data:
+                yield data
+            return
+        assert ref.name is not None, "a blob result always has a name"
+        async for chunk in self.results.read(_area(ref.area or ""), ref.name, start, end):
+            yield chunk
+
+    @staticmethod
+    def result_size(ref: ResultRef) -> int:
+        return len(msgspec.json.encode(ref.inline)) if ref.is_inline else (ref.size or 0)
+
+    # --- changing ---------------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, owner: str | None = None) -> Job:
+        await self.get(job_id, owner)
+        job = await self.queue.cancel(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id}")
+        self.hub.job_changed(job_id, job)
+        return job
+
+    async def delete(self, job_id: str, owner: str | None = None) -> Job | None:
+        """Terminal: delete record and result, answer ``None``. Else: cancel, answer the job."""
+        job = await self.get(job_id, owner)
+        if not job.state.terminal:
+            return await self.cancel(job_id, owner)
+        deleted = await self.queue.delete(job_id)
+        if deleted is None:
+            raise JobNotFound(f"no job {job_id}")
+        if not deleted.state.terminal:  # it changed under us: it cannot have, but never delete live
+            return deleted
+        ref = deleted.result
+        if ref is not None and not ref.is_inline and ref.area in ("temporary", "persistent"):
+            assert ref.name is not None
+            await self.results.delete(_area(ref.area), ref.name)
+        self.hub.job_changed(job_id, None)
+        return None
+
+    # --- the end of an attempt --------------------------------------------------------------------
+
+    def backoff(self, attempt: int) -> float:
+        b = self.config.defaults.backoff
+        delay = min(b.max, b.base * b.factor ** max(0, attempt - 1))
+        return delay * random.uniform(0.5, 1.0) if b.jitter else delay
+
+    def result_expiry(self, job: Job, now: float) -> float | None:
+        return None if job.sticky else now + self.config.results.temporary_ttl
+
+    def failed_attempt(
+        self, job: Job, token: str, error: ErrorInfo, delay: float | None = None
+    ) -> Outcome:
+        """Retry after a backoff while attempts remain; else the job fails for good."""
+        now = self.clock.time()
+        if job.attempts < job.max_attempts:
+            wait = self.backoff(job.attempts) if delay is None else delay
+            return Outcome(
+                job=job, token=token, state=State.QUEUED, error=error, ready_at=now + wait
+            )
+        return self.final_failure(job, token, error)
+
+    def final_failure(self, job: Job, token: str, error: ErrorInfo) -> Outcome:
+        """Failed for good; a lease beyond ``max_attempts`` (found expired) is not counted."""
+        return Outcome(
+            job=job,
+            token=token,
+            state=State.FAILED,
+            error=error,
+            free_key=True,
+            count_attempt=job.attempts <= job.max_attempts,
+        )
+
+
+def _area(value: str) -> Area:
+    if value == "persistent":
+        return "persistent"
+    return "temporary"

@@ -1,0 +1,92 @@
+"""The exceptions arqd raises, and the two that handlers raise.
+
+    ArqdError
+    ├── JobNotFound            no such job (or not yours)          HTTP 404 not_found
+    ├── InvalidRequest         the request breaks the contract     HTTP 422 invalid_request
+    │   ├── UnknownHandler     no handler of that name             HTTP 422 unknown_handler
+    │   └── UnknownGroup       no group of that name               HTTP 422 unknown_group
+    ├── ResultUnavailable      the job has no result to give
+    │   ├── NotReady           not finished yet                    HTTP 409 not_ready
+    │   ├── JobFailed          finished as failed                  HTTP 409 job_failed
+    │   ├── JobCancelled       finished as cancelled               HTTP 409 job_cancelled
+    │   └── ResultExpired      the cache dropped it                HTTP 410 expired
+    ├── LeaseLost              a consumer's lease was taken over (internal)
+    ├── ConfigError            a config file that does not validate
+    └── BackendError           a storage backend failed (driver errors become this)
+        └── BackendUnavailable cannot be reached right now         HTTP 503 unavailable
+
+Handlers raise ``Fail`` to fail a job at once, or ``Retry`` to ask for another attempt later.
+"""
+
+from __future__ import annotations
+
+
+class ArqdError(Exception):
+    """Root of every error arqd raises on purpose."""
+
+    code = "error"
+    status = 500
+
+
+class JobNotFound(ArqdError):
+    code, status = "not_found", 404
+
+
+class InvalidRequest(ArqdError):
+    code, status = "invalid_request", 422
+
+
+class UnknownHandler(InvalidRequest):
+    code = "unknown_handler"
+
+
+class UnknownGroup(InvalidRequest):
+    code = "unknown_group"
+
+
+class ResultUnavailable(ArqdError):
+    code, status = "conflict", 409
+
+
+class NotReady(ResultUnavailable):
+    code = "not_ready"
+
+
+class JobFailed(ResultUnavailable):
+    code = "job_failed"
+
+
+class JobCancelled(ResultUnavailable):
+    code = "job_cancelled"
+
+
+class ResultExpired(ResultUnavailable):
+    code, status = "expired", 410
+
+
+class LeaseLost(ArqdError):
+    code, status = "conflict", 409
+
+
+class ConfigError(ArqdError):
+    code, status = "invalid_config", 500
+
+
+class BackendError(ArqdError):
+    code, status = "backend_error", 503
+
+
+class BackendUnavailable(BackendError):
+    code, status = "unavailable", 503
+
+
+class Fail(Exception):
+    """Raised by a handler: fail the job now, without further attempts."""
+
+
+class Retry(Exception):
+    """Raised by a handler: this attempt failed, try again after ``delay`` seconds."""
+
+    def __init__(self, message: str = "retry requested", *, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay

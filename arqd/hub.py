@@ -1,0 +1,98 @@
+"""In-process notifications between clients and consumers sharing one storage.
+
+A submit wakes idle consumers at once (no polling delay), and a finished or changed job wakes its
+waiters. Hubs are kept per storage identity, so a ``Client`` and an ``App`` opened separately on
+the same sqlite file in one process still see each other. Other processes are reached by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+from weakref import WeakValueDictionary
+
+from arqd.model import Job
+
+T = TypeVar("T")
+Listener = Callable[[str, Job | None], None]
+
+
+class Hub:
+    def __init__(self) -> None:
+        self._wake: set[asyncio.Future[None]] = set()
+        self._waiters: dict[str, set[asyncio.Future[Job | None]]] = {}
+        self._listeners: list[Listener] = []
+
+    # --- new work ---------------------------------------------------------------------------------
+
+    def jobs_ready(self) -> None:
+        """New jobs were stored: wake every idle consumer."""
+        wake, self._wake = self._wake, set()
+        for fut in wake:
+            _resolve(fut, None)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Return when ``jobs_ready`` is called or ``timeout`` passes."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._wake.add(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._wake.discard(fut)
+
+    # --- changed jobs -----------------------------------------------------------------------------
+
+    def job_changed(self, job_id: str, job: Job | None = None) -> None:
+        """``job`` is the new record when the caller has it; ``None`` means: read it again."""
+        for fut in self._waiters.pop(job_id, ()):
+            _resolve(fut, job)
+        for listener in self._listeners:
+            listener(job_id, job)
+
+    def watch(self, job_id: str) -> asyncio.Future[Job | None]:
+        """A future resolved at the next change of ``job_id``; ``unwatch`` it if unused."""
+        fut: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, set()).add(fut)
+        return fut
+
+    def unwatch(self, job_id: str, fut: asyncio.Future[Job | None]) -> None:
+        waiters = self._waiters.get(job_id)
+        if waiters is not None:
+            waiters.discard(fut)
+            if not waiters:
+                del self._waiters[job_id]
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+
+def _resolve(fut: asyncio.Future[T], value: T) -> None:
+    if fut.done():
+        return
+    loop = fut.get_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if loop is running:
+        fut.set_result(value)
+    elif not loop.is_closed():
+        loop.call_soon_threadsafe(_resolve, fut, value)
+
+
+_hubs: WeakValueDictionary[str, Hub] = WeakValueDictionary()
+
+
+def hub_for(identity: str) -> Hub:
+    """The hub of one storage; alive while anything in this process holds it."""
+    hub = _hubs.get(identity)
+    if hub is None:
+        hub = _hubs[identity] = Hub()
+    return hub

@@ -1,0 +1,248 @@
+"""The job model: ids, states, the job record and the submitted spec.
+
+This module imports nothing of arqd, so every other module may import it.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import random
+import re
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import msgspec
+
+__all__ = [
+    "BLOB_NAME_RE",
+    "JOB_ID_RE",
+    "ErrorInfo",
+    "Job",
+    "JobSpec",
+    "NewJob",
+    "Progress",
+    "ResultRef",
+    "State",
+    "StepState",
+    "blob_name",
+    "from_ts",
+    "new_job_id",
+    "new_token",
+    "to_ts",
+]
+
+
+class State(enum.StrEnum):
+    """A job's state; a ``str`` so ``job.state == "succeeded"`` holds."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
+
+JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+# A result blob is named by its job and the lease that wrote it, so a consumer that lost its lease
+# can never overwrite the result of the consumer that took over.
+BLOB_NAME_RE = re.compile(r"^[0-9a-f]{32}-[0-9a-f]{8}$")
+
+
+def blob_name(job_id: str, token: str) -> str:
+    return f"{job_id}-{token[:8]}"
+
+
+# --- ids ------------------------------------------------------------------------------------------
+# A job id is a UUIDv7 in lowercase hex: 48 bits of Unix milliseconds, then a 12-bit sequence that
+# keeps ids from one process strictly increasing within a millisecond, then 62 random bits that
+# keep ids from different hosts apart. Sorting ids sorts jobs by creation time.
+
+_id_lock = threading.Lock()
+# Seeded from os.urandom, and reseeded in a forked child by the random module itself, so two
+# processes never share a sequence; a syscall per id would cost more than the rest of the id.
+_random = random.Random()
+_last_ms = 0
+_seq = 0
+
+
+def new_job_id() -> str:
+    global _last_ms, _seq
+    with _id_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms <= _last_ms:
+            _seq += 1
+            if _seq > 0xFFF:  # 4096 ids in one millisecond: borrow the next millisecond
+                _last_ms += 1
+                _seq = 0
+            ms = _last_ms
+        else:
+            _last_ms, _seq = ms, 0
+        seq = _seq
+    rand = _random.getrandbits(62)
+    value = (ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | rand
+    return f"{value:032x}"
+
+
+def new_token() -> str:
+    """A fresh lease token: 128 random bits, never reused."""
+    return os.urandom(16).hex()
+
+
+def to_ts(value: datetime) -> float:
+    return value.timestamp()
+
+
+def from_ts(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+# --- the record -----------------------------------------------------------------------------------
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Why an attempt (or the job) failed."""
+
+    type: str
+    message: str
+    attempt: int
+    step: str | None = None
+    status: int | None = None
+
+
+class Progress(msgspec.Struct, frozen=True):
+    fraction: float | None = None
+    message: str | None = None
+
+
+class ResultRef(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Where a succeeded job's result is: inline JSON, or a blob in the result store's ``area``."""
+
+    inline: Any = msgspec.UNSET
+    size: int | None = None
+    content_type: str | None = None
+    area: str | None = None
+    name: str | None = None
+
+    @property
+    def is_inline(self) -> bool:
+        return self.inline is not msgspec.UNSET
+
+
+class StepState(msgspec.Struct, frozen=True, omit_defaults=True):
+    name: str
+    state: str
+    status: int | None = None
+    attempts: int = 0
+
+
+class Job(msgspec.Struct, frozen=True, kw_only=True):
+    """One job as stored. Immutable: each change makes a new record with a higher ``version``."""
+
+    id: str
+    queue: str
+    handler: str
+    state: State
+    payload: Any = None
+    key: str | None = None
+    sticky: bool = False
+    meta: dict[str, Any] = msgspec.field(default_factory=dict)
+    attempts: int = 0
+    max_attempts: int = 5
+    timeout: float = 300.0
+    created_at: datetime
+    ready_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress: Progress | None = None
+    error: ErrorInfo | None = None
+    result: ResultRef | None = None
+    steps: list[StepState] | None = None
+    group_id: str | None = None
+    cancel_requested: bool = False
+    owner: str | None = None
+    version: int = 1
+    expires_at: datetime | None = None
+    deduplicated: bool = False  # set on the answer to a submit that matched a live job's key
+
+    @property
+    def links(self) -> dict[str, str]:
+        base = f"/v1/jobs/{self.id}"
+        return {"self": base, "result": f"{base}/result", "events": f"{base}/events"}
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.id[-12:]}-{self.version}"'
+
+
+class NewJob(msgspec.Struct, frozen=True, kw_only=True):
+    """A job ready to be stored: the spec with every default resolved by the core."""
+
+    id: str
+    queue: str
+    handler: str
+    payload: Any
+    key: str | None
+    sticky: bool
+    meta: dict[str, Any]
+    max_attempts: int
+    timeout: float
+    created_at: float
+    ready_at: float
+    group_id: str | None = None
+    owner: str | None = None
+    steps: list[StepState] | None = None
+
+    def to_job(self) -> Job:
+        """The record as first stored: queued, no attempt yet."""
+        return Job(
+            id=self.id,
+            queue=self.queue,
+            handler=self.handler,
+            state=State.QUEUED,
+            payload=self.payload,
+            key=self.key,
+            sticky=self.sticky,
+            meta=self.meta,
+            max_attempts=self.max_attempts,
+            timeout=self.timeout,
+            created_at=datetime.fromtimestamp(self.created_at, UTC),
+            ready_at=datetime.fromtimestamp(self.ready_at, UTC),
+            group_id=self.group_id,
+            owner=self.owner,
+            steps=self.steps,
+        )
+
+
+# --- what clients submit --------------------------------------------------------------------------
+
+QueueName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+Key = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+Attempts = Annotated[int, msgspec.Meta(ge=1, le=100)]
+
+
+class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A job as a client submits it (API.md section 1). Unknown fields are an error."""
+
+    handler: str | None = None
+    steps: list[dict[str, Any]] | None = None
+    payload: Any = None
+    queue: QueueName | None = None
+    key: Key | None = None
+    sticky: bool = False
+    delay: Seconds | None = None
+    run_at: datetime | None = None
+    max_attempts: Attempts | None = None
+    timeout: PositiveSeconds | None = None
+    meta: dict[str, Any] | None = None
+    credentials: dict[str, str] | None = None

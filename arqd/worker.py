@@ -1,0 +1,549 @@
+"""The consumer pool: lease jobs, run their handlers, store results, report outcomes.
+
+Moving parts, each one small loop:
+- the **fetcher** leases batches while the pool has room (``concurrency`` running plus a prefetch
+  of as many again, at most ``workers.batch`` per lease), into a local buffer; when nothing is
+  ready it sleeps until a local submit wakes it or an adaptive poll interval passes;
+- **consumers** (``concurrency`` coroutines) take leases from the buffer and run one attempt each;
+- the **completer** writes outcomes in batches (one backend call for all outcomes that piled up
+  while the previous call ran), so throughput grows with load instead of collapsing;
+- the **heartbeat** extends every held lease in one call, and learns of lost leases (the handler is
+  interrupted, its output discarded) and of cancel requests from other processes;
+- the **progress** loop writes coalesced progress at most a few times per second per job.
+
+An attempt is bounded by ``asyncio.timeout(job.timeout)``; interrupting it early (cancel, lost
+lease, shutdown) reschedules that same timeout to now and records why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+import structlog
+
+from arqd import logs
+from arqd.backends.base import Area, Lease, Outcome
+from arqd.core import JSON, Core
+from arqd.errors import BackendError, Fail, Retry
+from arqd.handlers import JobContext
+from arqd.model import ErrorInfo, Job, Progress, ResultRef, State, blob_name, new_token
+
+log = structlog.get_logger("arqd.worker")
+
+Reason = Literal["cancelled", "lost", "shutdown"]
+
+POLL_MIN = 0.005  # first idle poll after activity: other processes' submits are seen within ms
+PROGRESS_INTERVAL = 0.25  # at most four progress writes per second per job
+BACKEND_RETRY_MAX = 5.0  # longest pause between retries of a failing backend call
+ERROR_MESSAGE_MAX = 2000
+OCTETS = "application/octet-stream"
+
+_SCALARS = (int, float, bool, type(None))  # always small enough to keep inline
+
+
+@dataclass(slots=True, eq=False)
+class _Running:
+    lease: Lease
+    ctx: JobContext | None = None
+    timer: asyncio.Timeout | None = None
+    reason: Reason | None = None
+    progress: Progress | None = None
+
+
+class Pool:
+    """``concurrency`` consumers over the core's backends; ``start()``, ``stop()``, ``drain()``."""
+
+    def __init__(self, core: Core, worker_id: str | None = None) -> None:
+        self.core = core
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{new_token()[:6]}"
+        cfg = core.config.workers
+        self.concurrency = cfg.concurrency
+        self.queues = list(cfg.queues)
+        self._buffer: asyncio.Queue[Lease] = asyncio.Queue()
+        self._held: dict[str, Lease] = {}  # every lease this pool holds, until its outcome lands
+        self._running: dict[str, _Running] = {}
+        self._dropped: set[tuple[str, str]] = set()  # buffered leases found lost
+        self._pending: list[tuple[Lease, Outcome]] = []
+        self._ending: set[str] = set()  # held leases whose outcome is being written
+        self._pending_event = asyncio.Event()
+        self._dirty: set[str] = set()
+        self._dirty_event = asyncio.Event()
+        self._room = asyncio.Event()
+        self._idle = asyncio.Condition()
+        self._lease_seq = 0
+        self._idle_seq = -1
+        self._consumers: set[asyncio.Task[None]] = set()
+        self._waiting: set[asyncio.Task[None]] = set()  # consumers blocked on an empty buffer
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._started = False
+        self.started_at: float | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.started_at = self.core.clock.time()
+        self.core.hub.add_listener(self._on_change)
+        self._loops = [
+            asyncio.create_task(self._fetch_loop(), name="arqd-fetch"),
+            asyncio.create_task(self._complete_loop(), name="arqd-complete"),
+            asyncio.create_task(self._heartbeat_loop(), name="arqd-heartbeat"),
+            asyncio.create_task(self._progress_loop(), name="arqd-progress"),
+        ]
+        self.resize(self.concurrency)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop leasing; let running jobs finish for ``grace`` seconds; interrupt and release the
+        rest (their attempt is given back); write every outcome; then return."""
+        if not self._started or self._stopping:
+            return
+        self._stopping = True
+        grace = self.core.config.workers.shutdown_grace if grace is None else grace
+        self._room.set()
+        self.core.hub.jobs_ready()
+        fetcher = self._loops[0]
+        await asyncio.wait([fetcher], timeout=30)
+        while not self._buffer.empty():
+            lease = self._buffer.get_nowait()
+            self._complete(lease, self._release(lease))
+        for task in list(self._waiting):
+            task.cancel()
+        busy = [t for t in self._consumers if t not in self._waiting]
+        if busy:
+            _, late = await asyncio.wait(busy, timeout=grace)
+            if late:
+                log.warning("pool.interrupting", running=len(self._running), grace_s=grace)
+                for r in list(self._running.values()):
+                    self._interrupt(r, "shutdown")
+                await asyncio.wait(
+                    late, timeout=max(5.0, self.core.config.workers.heartbeat_interval)
+                )
+        for task in self._consumers:
+            task.cancel()
+        await self._flush_outcomes(self.core.config.workers.visibility_timeout)
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._consumers, return_exceptions=True)
+        self.core.hub.remove_listener(self._on_change)
+        self._started = False
+
+    def resize(self, concurrency: int) -> None:
+        """Grow at once; shrink by letting idle consumers go and busy ones leave after their job."""
+        self.concurrency = concurrency
+        if self._stopping:
+            return
+        while len(self._consumers) < concurrency:
+            task = asyncio.create_task(self._consume(), name="arqd-consumer")
+            self._consumers.add(task)
+            task.add_done_callback(self._consumers.discard)
+        excess = len(self._consumers) - concurrency
+        for task in list(self._waiting)[: max(0, excess)]:
+            task.cancel()
+        self._room.set()
+
+    async def drain(self) -> None:
+        """Return once no job is ready, running or waiting for its outcome to be written."""
+        async with self._idle:
+            seq = self._lease_seq
+            self.core.hub.jobs_ready()
+            self._room.set()
+            await self._idle.wait_for(lambda: self._idle_seq > seq)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # --- fetching ---------------------------------------------------------------------------------
+
+    def _room_for(self) -> int:
+        prefetch = min(self.core.config.workers.batch, self.concurrency)
+        return self.concurrency + prefetch - len(self._held)
+
+    async def _fetch_loop(self) -> None:
+        cfg = self.core.config.workers
+        poll = POLL_MIN
+        failures = 0
+        while not self._stopping:
+            room = min(self._room_for(), cfg.batch)
+            if room <= 0 or self.concurrency == 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            self._lease_seq += 1
+            seq = self._lease_seq
+            queues = self.queues[seq % len(self.queues) :] + self.queues[: seq % len(self.queues)]
+            try:
+                leases = await self.core.queue.lease(
+                    queues, room, cfg.visibility_timeout, self.worker_id
+                )
+                failures = 0
+            except BackendError as exc:
+                failures += 1
+                log.warning("backend.lease_failed", error=str(exc), failures=failures)
+                await asyncio.sleep(min(BACKEND_RETRY_MAX, 0.05 * 2**failures))
+                continue
+            if self.stopping:  # leased while stopping: give them straight back
+                for lease in leases:
+                    self._held[lease.job.id] = lease
+                    self._complete(lease, self._release(lease))
+                break
+            if leases:
+                for lease in leases:
+                    self._held[lease.job.id] = lease
+                    self._buffer.put_nowait(lease)
+                poll = POLL_MIN
+                continue
+            if not self._held:
+                await self._mark_idle(seq)
+            await self.core.hub.wait_ready(poll)
+            poll = min(poll * 2, cfg.poll_max)
+
+    async def _mark_idle(self, seq: int) -> None:
+        async with self._idle:
+            self._idle_seq = seq
+            self._idle.notify_all()
+
+    # --- consuming --------------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        while not self._stopping and len(self._consumers) <= self.concurrency:
+            self._waiting.add(me)
+            try:
+                lease = await self._buffer.get()
+            finally:
+                self._waiting.discard(me)
+            if (lease.job.id, lease.token) in self._dropped:
+                self._dropped.discard((lease.job.id, lease.token))
+                self._forget(lease)
+                continue
+            await self._run(lease)
+        self._consumers.discard(me)
+
+    async def _run(self, lease: Lease) -> None:
+        r = _Running(lease)
+        self._running[lease.job.id] = r
+        try:
+            outcome = await self._attempt(r)
+        finally:
+            del self._running[lease.job.id]
+            self._dirty.discard(lease.job.id)
+        if outcome is None:
+            self._forget(lease)
+        else:
+            self._complete(lease, outcome)
+
+    async def _attempt(self, r: _Running) -> Outcome | None:
+        job, token = r.lease.job, r.lease.token
+        core = self.core
+        hdef = core.registry.get(job.handler) if core.registry is not None else None
+        early = self._refuse(job, token, hdef is None)
+        if early is not None or hdef is None:
+            return early
+        ctx = r.ctx = JobContext(job, lambda p: self._report(r, p))
+        timer = asyncio.timeout(job.timeout)
+        try:
+            async with timer:
+                r.timer = timer
+                if r.reason is not None:
+                    timer.reschedule(-1)
+                value = hdef.fn(ctx, job.payload)
+                if inspect.isawaitable(value):  # an async generator handler is not awaited
+                    value = await value
+                ref = await self._store(job, token, value)
+        except TimeoutError as exc:
+            if r.reason is not None:
+                return self._interrupted(r)
+            if not timer.expired():  # the handler's own TimeoutError: an ordinary failure
+                return self._failure(job, token, exc)
+            message = f"attempt {job.attempts} exceeded its timeout of {job.timeout:g}s"
+            return self._failure(job, token, TimeoutError(message))
+        except Exception as exc:
+            return self._failure(job, token, exc)
+        finally:
+            r.timer = None
+        if r.reason == "lost":
+            return None
+        expires = core.result_expiry(job, core.clock.time())
+        return Outcome(job=job, token=token, state=State.SUCCEEDED, result=ref, expires_at=expires)
+
+    def _refuse(self, job: Job, token: str, unknown: bool) -> Outcome | None:
+        """An outcome reached without running the handler, if any."""
+        if job.cancel_requested:
+            return Outcome(job=job, token=token, state=State.CANCELLED, free_key=True)
+        if job.attempts > job.max_attempts:
+            return self.core.final_failure(job, token, _lease_expired(job))
+        if unknown:
+            message = f"no handler is registered as {job.handler!r} on {self.worker_id}"
+            return self.core.failed_attempt(job, token, _error("UnknownHandler", message, job))
+        return None
+
+    def _failure(self, job: Job, token: str, exc: Exception) -> Outcome:
+        """``Fail`` ends the job, ``Retry`` asks for a delay, anything else is a failed attempt."""
+        if isinstance(exc, Fail):
+            return self.core.final_failure(job, token, _error("Fail", str(exc), job))
+        if isinstance(exc, Retry):
+            error = _error("Retry", str(exc), job)
+            return self.core.failed_attempt(job, token, error, exc.delay)
+        error = _error(type(exc).__name__, str(exc) or repr(exc), job)
+        log.warning(
+            "job.attempt_failed",
+            job_id=job.id,
+            handler=job.handler,
+            attempt=job.attempts,
+            error_type=error.type,
+            error=error.message,
+        )
+        return self.core.failed_attempt(job, token, error)
+
+    def _interrupted(self, r: _Running) -> Outcome | None:
+        job, token = r.lease.job, r.lease.token
+        if r.reason == "cancelled":
+            return Outcome(job=job, token=token, state=State.CANCELLED, free_key=True)
+        if r.reason == "shutdown":
+            return self._release(r.lease)
+        return None  # lost: another consumer owns the job now; write nothing
+
+    def _release(self, lease: Lease) -> Outcome:
+        return Outcome(job=lease.job, token=lease.token, state=State.QUEUED, count_attempt=False)
+
+    def _interrupt(self, r: _Running, reason: Reason) -> None:
+        if r.reason is not None:
+            return
+        r.reason = reason
+        if reason == "cancelled" and r.ctx is not None:
+            r.ctx.request_cancel()
+        if r.timer is not None:
+            r.timer.reschedule(-1)
+
+    def _on_change(self, job_id: str, job: Job | None) -> None:
+        """A local cancel reaches a running handler at once, without waiting for a heartbeat."""
+        r = self._running.get(job_id)
+        if r is not None and job is not None and job.cancel_requested:
+            self._interrupt(r, "cancelled")
+
+    # --- results ----------------------------------------------------------------------------------
+
+    async def _store(self, job: Job, token: str, value: Any) -> ResultRef:
+        if value is None or type(value) in _SCALARS:
+            return ResultRef(inline=value)
+        core = self.core
+        area: Area = "persistent" if job.sticky else "temporary"
+        name = blob_name(job.id, token)
+        if isinstance(value, bytes | bytearray | memoryview):
+            size = await core.results.put(area, name, bytes(value))
+            return ResultRef(
+                size=size, content_type="application/octet-stream", area=area, name=name
+            )
+        if hasattr(value, "__aiter__"):
+            size = await _stream(core, area, name, value)
+            return ResultRef(
+                size=size, content_type="application/octet-stream", area=area, name=name
+            )
+        encoded = msgspec.json.encode(value)
+        if len(encoded) <= core.config.results.inline_max:
+            return ResultRef(inline=msgspec.json.decode(encoded))
+        size = await core.results.put(area, name, encoded)
+        return ResultRef(size=size, content_type=JSON, area=area, name=name)
+
+    # --- outcomes ---------------------------------------------------------------------------------
+
+    def _complete(self, lease: Lease, outcome: Outcome) -> None:
+        self._ending.add(lease.job.id)
+        self._pending.append((lease, outcome))
+        self._pending_event.set()
+
+    def _forget(self, lease: Lease) -> None:
+        if self._held.get(lease.job.id) is lease:
+            del self._held[lease.job.id]
+            self._ending.discard(lease.job.id)
+        self._room.set()
+
+    async def _complete_loop(self) -> None:
+        while True:
+            await self._pending_event.wait()
+            self._pending_event.clear()
+            batch, self._pending = self._pending, []
+            if batch:
+                applied = await self._finish(batch)
+                for (lease, outcome), ok in zip(batch, applied, strict=True):
+                    await self._landed(lease, outcome, ok)
+
+    async def _finish(self, batch: list[tuple[Lease, Outcome]]) -> list[bool]:
+        """Write outcomes, retrying through backend faults: an outcome is never dropped (the
+        leases stay held and heartbeated meanwhile; fencing refuses it if they expire)."""
+        failures = 0
+        while True:
+            try:
+                return await self.core.queue.finish([o for _, o in batch])
+            except BackendError as exc:
+                failures += 1
+                log.warning(
+                    "backend.finish_failed", error=str(exc), jobs=len(batch), failures=failures
+                )
+                await asyncio.sleep(min(BACKEND_RETRY_MAX, 0.05 * 2**failures))
+
+    async def _landed(self, lease: Lease, outcome: Outcome, applied: bool) -> None:
+        self._forget(lease)
+        ref = outcome.result
+        if not applied:
+            log.warning(
+                "job.lease_lost",
+                job_id=lease.job.id,
+                handler=lease.job.handler,
+                attempt=lease.job.attempts,
+                outcome=outcome.state.value,
+            )
+            if ref is not None and ref.name is not None and ref.area is not None:
+                await self.core.results.delete(ref.area, ref.name)  # type: ignore[arg-type]
+            return
+        self.core.hub.job_changed(lease.job.id)
+        _canonical(lease, outcome, self.core.clock.time())
+
+    async def _flush_outcomes(self, limit: float) -> None:
+        async def flushed() -> None:
+            while self._held:
+                self._pending_event.set()
+                self._room.clear()
+                await self._room.wait()
+
+        try:
+            await asyncio.wait_for(flushed(), limit)
+        except TimeoutError:
+            log.error("pool.outcomes_unwritten", jobs=len(self._held))
+
+    # --- heartbeats and progress ------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.core.config.workers.heartbeat_interval)
+            leases = [(i, lease.token) for i, lease in self._held.items()]
+            if not leases:
+                continue
+            try:
+                replies = await self.core.queue.heartbeat(
+                    leases, self.core.config.workers.visibility_timeout
+                )
+            except BackendError as exc:
+                log.warning("backend.heartbeat_failed", error=str(exc), leases=len(leases))
+                continue
+            for (job_id, token), reply in zip(leases, replies, strict=True):
+                if not reply.held:
+                    self._lost(job_id, token)
+                elif reply.cancel_requested and job_id in self._running:
+                    self._interrupt(self._running[job_id], "cancelled")
+
+    def _lost(self, job_id: str, token: str) -> None:
+        held = self._held.get(job_id)
+        if held is None or held.token != token or job_id in self._ending:
+            return  # already ended by us: the heartbeat raced the outcome's write
+        log.warning("job.lease_lost", job_id=job_id, where="heartbeat")
+        r = self._running.get(job_id)
+        if r is not None and r.lease.token == token:
+            self._interrupt(r, "lost")
+        else:
+            self._dropped.add((job_id, token))
+
+    def _report(self, r: _Running, progress: Progress) -> None:
+        r.progress = progress
+        self._dirty.add(r.lease.job.id)
+        self._dirty_event.set()
+
+    async def _progress_loop(self) -> None:
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event.clear()
+            batch = []
+            for job_id in self._dirty:
+                r = self._running.get(job_id)
+                if r is not None and r.progress is not None:
+                    batch.append((job_id, r.lease.token, r.progress))
+            self._dirty.clear()
+            if batch:
+                try:
+                    answers = await self.core.queue.set_progress(batch)
+                except BackendError as exc:
+                    log.warning("backend.progress_failed", error=str(exc))
+                else:
+                    for (job_id, token, _), ok in zip(batch, answers, strict=True):
+                        if ok:
+                            self.core.hub.job_changed(job_id)
+                        else:
+                            self._lost(job_id, token)
+            await asyncio.sleep(PROGRESS_INTERVAL)
+
+
+async def _stream(core: Core, area: Area, name: str, chunks: AsyncIterator[Any]) -> int:
+    writer = await core.results.writer(area, name)
+    try:
+        async for chunk in chunks:
+            if chunk:
+                await writer.write(bytes(chunk))
+        return await writer.commit()
+    except BaseException:
+        await writer.abort()
+        raise
+
+
+def _error(kind: str, message: str, job: Job) -> ErrorInfo:
+    return ErrorInfo(type=kind, message=message[:ERROR_MESSAGE_MAX], attempt=job.attempts)
+
+
+def _lease_expired(job: Job) -> ErrorInfo:
+    return ErrorInfo(
+        type="LeaseExpired",
+        message=f"the lease of the last attempt ({job.max_attempts}) expired: its worker "
+        "stopped or stalled",
+        attempt=job.max_attempts,
+    )
+
+
+def _canonical(lease: Lease, outcome: Outcome, now: float) -> None:
+    """One rich log line per attempt that ended, with its timings."""
+    if not _info_enabled():
+        return
+    job = lease.job
+    if outcome.state is State.QUEUED:
+        event = "job.released" if not outcome.count_attempt else "job.retrying"
+    else:
+        event = "job." + outcome.state.value
+    started = job.started_at.timestamp() if job.started_at else now
+    log.info(
+        event,
+        job_id=job.id,
+        handler=job.handler,
+        queue=job.queue,
+        attempt=job.attempts,
+        state=outcome.state.value,
+        queued_ms=round((started - job.ready_at.timestamp()) * 1000, 3),
+        run_ms=round((now - started) * 1000, 3),
+        error_type=outcome.error.type if outcome.error else None,
+    )
+
+
+def _info_enabled() -> bool:
+    """Whether info lines are wanted; asked of the logging setup once per second at most."""
+    now = time.monotonic()
+    if now >= _level_cache[1]:
+        _level_cache[:] = [logs.enabled(logging.INFO), now + 1.0]
+    return bool(_level_cache[0])
+
+
+_level_cache: list[Any] = [True, 0.0]

@@ -1,0 +1,373 @@
+"""The queue backend contract, run against every backend (see ``conftest.QUEUE_BACKENDS``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from arqd.backends.base import ListFilter, Outcome, QueueBackend
+from arqd.clock import ManualClock
+from arqd.model import ErrorInfo, Job, NewJob, Progress, ResultRef, State, new_job_id
+
+VT = 30.0
+
+
+def new(
+    clock: ManualClock,
+    *,
+    queue: str = "default",
+    key: str | None = None,
+    delay: float = 0.0,
+    **extra: Any,
+) -> NewJob:
+    now = clock.time()
+    fields: dict[str, Any] = {
+        "id": new_job_id(),
+        "queue": queue,
+        "handler": "h",
+        "payload": {"n": 1},
+        "key": key,
+        "sticky": False,
+        "meta": {},
+        "max_attempts": 3,
+        "timeout": 10.0,
+        "created_at": now,
+        "ready_at": now + delay,
+    }
+    fields.update(extra)
+    return NewJob(**fields)
+
+
+async def put(backend: QueueBackend, clock: ManualClock, n: int = 1, **kw: Any) -> list[Job]:
+    stored = await backend.enqueue([new(clock, **kw) for _ in range(n)])
+    return [e.job for e in stored]
+
+
+def done(lease_job: Job, token: str, state: State = State.SUCCEEDED, **kw: Any) -> Outcome:
+    return Outcome(job=lease_job, token=token, state=state, **kw)
+
+
+async def test_enqueue_then_get_round_trips_the_record(queue: QueueBackend, clock: ManualClock):
+    """A stored job reads back with every field as submitted, queued, no attempt yet."""
+    (job,) = await put(queue, clock, meta={"a": "b"}, group_id="g1", owner="web")
+    got = await queue.get(job.id)
+    assert got == job
+    assert got is not None and got.state is State.QUEUED and got.attempts == 0
+    assert got.meta == {"a": "b"} and got.payload == {"n": 1} and got.owner == "web"
+
+
+async def test_get_unknown_is_none(queue: QueueBackend):
+    """An unknown id answers None, not an error."""
+    assert await queue.get(new_job_id()) is None
+
+
+async def test_lease_is_fifo_within_a_queue(queue: QueueBackend, clock: ManualClock):
+    """Jobs come out in the order they became ready."""
+    jobs = []
+    for _ in range(5):
+        jobs += await put(queue, clock)
+        clock.advance(0.001)
+    leases = await queue.lease(["default"], 10, VT, "w")
+    assert [lease.job.id for lease in leases] == [j.id for j in jobs]
+
+
+async def test_lease_respects_limit_and_counts_an_attempt(queue: QueueBackend, clock: ManualClock):
+    """A batch lease hands out at most ``limit`` jobs, each running with attempts = 1."""
+    await put(queue, clock, 7)
+    first = await queue.lease(["default"], 5, VT, "w")
+    rest = await queue.lease(["default"], 5, VT, "w")
+    assert len(first) == 5 and len(rest) == 2
+    assert all(lease.job.state is State.RUNNING and lease.job.attempts == 1 for lease in first)
+    assert await queue.lease(["default"], 5, VT, "w") == []
+
+
+async def test_lease_only_from_named_queues(queue: QueueBackend, clock: ManualClock):
+    """A consumer of queue A never gets jobs of queue B."""
+    await put(queue, clock, queue="a")
+    (b,) = await put(queue, clock, queue="b")
+    leases = await queue.lease(["b"], 10, VT, "w")
+    assert [lease.job.id for lease in leases] == [b.id]
+
+
+async def test_delayed_job_waits_for_its_time(queue: QueueBackend, clock: ManualClock):
+    """A job with a delay is invisible until ready_at, then leasable."""
+    (job,) = await put(queue, clock, delay=10)
+    assert await queue.lease(["default"], 10, VT, "w") == []
+    clock.advance(10)
+    assert [lease.job.id for lease in await queue.lease(["default"], 10, VT, "w")] == [job.id]
+
+
+async def test_concurrent_consumers_never_share_a_job(
+    queue: QueueBackend, clock: ManualClock, queue_factory: Callable[[ManualClock], QueueBackend]
+):
+    """Many lease calls at once (on separate connections where the backend has them) hand each
+    job to exactly one of them."""
+    await put(queue, clock, 200)
+    handles = [queue_factory(clock) for _ in range(4)]
+    for h in handles:
+        if h is not queue:
+            await h.open()
+    try:
+        batches = await asyncio.gather(
+            *(h.lease(["default"], 7, VT, f"w{i}") for i in range(10) for h in handles)
+        )
+    finally:
+        for h in handles:
+            if h is not queue:
+                await h.aclose()
+    ids = [lease.job.id for batch in batches for lease in batch]
+    assert len(ids) == len(set(ids)) == 200
+
+
+async def test_expired_lease_makes_job_leasable_again(queue: QueueBackend, clock: ManualClock):
+    """A lease not extended past its visibility timeout lets another consumer take the job, and
+    that lease counts as a new attempt."""
+    await put(queue, clock)
+    (first,) = await queue.lease(["default"], 1, VT, "w1")
+    clock.advance(VT - 1)
+    assert await queue.lease(["default"], 1, VT, "w2") == []
+    clock.advance(2)
+    (second,) = await queue.lease(["default"], 1, VT, "w2")
+    assert second.job.id == first.job.id
+    assert second.job.attempts == 2 and second.token != first.token
+
+
+async def test_late_finish_after_expiry_is_refused(queue: QueueBackend, clock: ManualClock):
+    """A consumer whose lease expired and was taken over cannot complete the job (fencing)."""
+    await put(queue, clock)
+    (first,) = await queue.lease(["default"], 1, VT, "w1")
+    clock.advance(VT + 1)
+    (second,) = await queue.lease(["default"], 1, VT, "w2")
+    assert await queue.finish([done(first.job, first.token)]) == [False]
+    assert await queue.set_progress([(first.job.id, first.token, Progress(0.5))]) == [False]
+    replies = await queue.heartbeat([(first.job.id, first.token)], VT)
+    assert replies[0].held is False
+    assert await queue.finish([done(second.job, second.token)]) == [True]
+    job = await queue.get(first.job.id)
+    assert job is not None and job.state is State.SUCCEEDED and job.attempts == 2
+
+
+async def test_finish_twice_is_refused(queue: QueueBackend, clock: ManualClock):
+    """Completion is exactly-once: the second outcome for one lease is refused."""
+    await put(queue, clock)
+    (lease,) = await queue.lease(["default"], 1, VT, "w")
+    assert await queue.finish([done(lease.job, lease.token)]) == [True]
+    assert await queue.finish([done(lease.job, lease.token, State.FAILED)]) == [False]
+    job = await queue.get(lease.job.id)
+    assert job is not None and job.state is State.SUCCEEDED
+
+
+async def test_heartbeat_keeps_a_long_job(queue: QueueBackend, clock: ManualClock):
+    """A lease extended by heartbeats outlives many visibility timeouts."""
+    await put(queue, clock)
+    (lease,) = await queue.lease(["default"], 1, VT, "w")
+    for _ in range(5):
+        clock.advance(VT * 0.6)
+        (reply,) = await queue.heartbeat([(lease.job.id, lease.token)], VT)
+        assert reply.held and not reply.cancel_requested
+        assert await queue.lease(["default"], 1, VT, "thief") == []
+    assert await queue.finish([done(lease.job, lease.token)]) == [True]
+
+
+async def test_success_records_result_and_expiry(queue: QueueBackend, clock: ManualClock):
+    """A succeeded job keeps its result reference, finish time and result expiry."""
+    await put(queue, clock)
+    (lease,) = await queue.lease(["default"], 1, VT, "w")
+    ref = ResultRef(inline={"ok": True})
+    expires = clock.time() + 100
+    await queue.finish([done(lease.job, lease.token, result=ref, expires_at=expires)])
+    job = await queue.get(lease.job.id)
+    assert job is not None and job.result == ref and job.finished_at is not None
+    assert job.expires_at is not None and job.expires_at.timestamp() == pytest.approx(expires)
+    assert job.version > lease.job.version
+
+
+async def test_retry_requeues_after_backoff(queue: QueueBackend, clock: ManualClock):
+    """A failed attempt with attempts left goes back to queued, invisible until its ready_at,
+    keeping its error; the next lease is attempt 2."""
+    await put(queue, clock)
+    (lease,) = await queue.lease(["default"], 1, VT, "w")
+    err = ErrorInfo(type="RuntimeError", message="boom", attempt=1)
+    outcome = done(lease.job, lease.token, State.QUEUED, error=err, ready_at=clock.time() + 5)
+    assert await queue.finish([outcome]) == [True]
+    job = await queue.get(lease.job.id)
+    assert job is not None and job.state is State.QUEUED and job.error == err
+    assert await queue.lease(["default"], 1, VT, "w") == []
+    clock.advance(5)
+    (again,) = await queue.lease(["default"], 1, VT, "w")
+    assert again.job.attempts == 2
+
+
+async def test_release_gives_the_attempt_back(queue: QueueBackend, clock: ManualClock):
+    """A lease released on shutdown does not count as an attempt and is leasable at once."""
+    await put(queue, clock)
+    (lease,) = await queue.lease(["default"], 1, VT, "w")
+    outcome = done(lease.job, lease.token, State.QUEUED, count_attempt=False)
+    assert await queue.finish([outcome]) == [True]
+    (again,) = await queue.lease(["default"], 1, VT, "w2")
+    assert again.job.attempts == 1
+
+
+async def test_final_failure_is_terminal(queue: QueueBackend, clock: ManualClock):
+    """A failed job is terminal: never leased again, error kept."""
+    await put(queue, clock)
+    (lease,) = await queue.lease(["default"], 1, VT, "w")
+    err = ErrorInfo(type="Fail", message="no", attempt=1)
+    await queue.finish([done(lease.job, lease.token, State.FAILED, error=err, free_key=True)])
+    clock.advance(VT * 10)
+    assert await queue.lease(["default"], 1, VT, "w") == []
+    job = await queue.get(lease.job.id)
+    assert job is not None and job.state is State.FAILED and job.error == err
+
+
+async def test_cancel_queued_job(queue: QueueBackend, clock: ManualClock):
+    """Cancelling a queued job makes it cancelled at once and never leased."""
+    (job,) = await put(queue, clock)
+    cancelled = await queue.cancel(job.id)
+    assert cancelled is not None and cancelled.state is State.CANCELLED
+    assert await queue.lease(["default"], 1, VT, "w") == []
+
+
+async def test_cancel_running_job_is_requested_through_heartbeat(
+    queue: QueueBackend, clock: ManualClock
+):
+    """Cancelling a running job sets cancel_requested; the holder learns it from its heartbeat
+    and may then finish the job as cancelled."""
+    await put(queue, clock)
+    (lease,) = await queue.lease(["default"], 1, VT, "w")
+    job = await queue.cancel(lease.job.id)
+    assert job is not None and job.state is State.RUNNING and job.cancel_requested
+    (reply,) = await queue.heartbeat([(lease.job.id, lease.token)], VT)
+    assert reply.held and reply.cancel_requested
+    await queue.finish([done(lease.job, lease.token, State.CANCELLED, free_key=True)])
+    final = await queue.get(lease.job.id)
+    assert final is not None and final.state is State.CANCELLED
+
+
+async def test_cancel_terminal_job_changes_nothing(queue: QueueBackend, clock: ManualClock):
+    """Cancelling a finished job answers it unchanged."""
+    await put(queue, clock)
+    (lease,) = await queue.lease(["default"], 1, VT, "w")
+    await queue.finish([done(lease.job, lease.token)])
+    before = await queue.get(lease.job.id)
+    assert await queue.cancel(lease.job.id) == before
+    assert await queue.cancel(new_job_id()) is None
+
+
+async def test_progress_is_conditional_and_bumps_version(queue: QueueBackend, clock: ManualClock):
+    """Progress from the lease holder is stored and changes the version (and so the ETag)."""
+    await put(queue, clock)
+    (lease,) = await queue.lease(["default"], 1, VT, "w")
+    assert await queue.set_progress([(lease.job.id, lease.token, Progress(0.5, "half"))]) == [True]
+    job = await queue.get(lease.job.id)
+    assert job is not None and job.progress == Progress(0.5, "half")
+    assert job.version > lease.job.version
+    assert await queue.set_progress([(lease.job.id, "not-the-token", Progress(1.0))]) == [False]
+
+
+async def test_dedupe_key_returns_the_live_job(queue: QueueBackend, clock: ManualClock):
+    """While a job holding a key is queued, running or succeeded-unexpired, the same key answers
+    that job instead of storing a new one."""
+    (first,) = await put(queue, clock, key="k")
+    again = await queue.enqueue([new(clock, key="k")])
+    assert again[0].created is False and again[0].job.id == first.id
+    (lease,) = await queue.lease(["default"], 1, VT, "w")
+    assert (await queue.enqueue([new(clock, key="k")]))[0].job.id == first.id
+    await queue.finish([done(lease.job, lease.token, expires_at=clock.time() + 60)])
+    assert (await queue.enqueue([new(clock, key="k")]))[0].created is False
+    found = await queue.find_by_key("k")
+    assert found is not None and found.id == first.id
+    clock.advance(61)  # the result expired: the key is free again
+    assert await queue.find_by_key("k") is None
+    fresh = await queue.enqueue([new(clock, key="k")])
+    assert fresh[0].created is True and fresh[0].job.id != first.id
+
+
+async def test_failed_or_cancelled_job_frees_its_key(queue: QueueBackend, clock: ManualClock):
+    """A failed or cancelled job no longer holds its key."""
+    (job,) = await put(queue, clock, key="k1")
+    await queue.cancel(job.id)
+    assert (await queue.enqueue([new(clock, key="k1")]))[0].created is True
+    await put(queue, clock, key="k2", queue="other")
+    (lease,) = await queue.lease(["other"], 1, VT, "w")
+    await queue.finish([done(lease.job, lease.token, State.FAILED, free_key=True)])
+    assert (await queue.enqueue([new(clock, key="k2")]))[0].created is True
+
+
+async def test_same_key_twice_in_one_batch(queue: QueueBackend, clock: ManualClock):
+    """Within one batch, a repeated key answers the job stored for its first occurrence."""
+    out = await queue.enqueue([new(clock, key="dup"), new(clock, key="dup")])
+    assert out[0].created and not out[1].created and out[1].job.id == out[0].job.id
+
+
+async def test_stats_count_every_state(queue: QueueBackend, clock: ManualClock):
+    """Queue stats count jobs per state and age the oldest ready job."""
+    await put(queue, clock, 4)
+    await put(queue, clock, 1, queue="other")
+    clock.advance(10)
+    leases = await queue.lease(["default"], 3, VT, "w")
+    await queue.finish([done(leases[0].job, leases[0].token)])
+    await queue.finish([done(leases[1].job, leases[1].token, State.FAILED)])
+    stats = {s.name: s for s in await queue.stats()}
+    d = stats["default"]
+    assert (d.queued, d.running, d.succeeded, d.failed, d.cancelled) == (1, 1, 1, 1, 0)
+    assert d.oldest_queued_seconds == pytest.approx(10)
+    assert stats["other"].queued == 1
+
+
+async def test_list_newest_first_with_cursor_and_filters(queue: QueueBackend, clock: ManualClock):
+    """Listing pages newest first through a cursor and filters by queue, state and handler."""
+    jobs = await put(queue, clock, 5)
+    other = await put(queue, clock, 2, queue="other")
+    page, cursor = await queue.list_jobs(ListFilter(queue="default"), 3, None)
+    assert [j.id for j in page] == [j.id for j in reversed(jobs)][:3] and cursor
+    page2, cursor2 = await queue.list_jobs(ListFilter(queue="default"), 3, cursor)
+    assert [j.id for j in page2] == [j.id for j in reversed(jobs)][3:] and cursor2 is None
+    everything, _ = await queue.list_jobs(ListFilter(), 100, None)
+    assert len(everything) == 7 and everything[0].id == other[-1].id
+    (lease,) = await queue.lease(["other"], 1, VT, "w")
+    await queue.finish([done(lease.job, lease.token, State.FAILED)])
+    failed, _ = await queue.list_jobs(ListFilter(state=State.FAILED), 100, None)
+    assert [j.id for j in failed] == [lease.job.id]
+    assert (await queue.list_jobs(ListFilter(handler="nope"), 10, None))[0] == []
+
+
+async def test_delete_only_terminal_jobs(queue: QueueBackend, clock: ManualClock):
+    """Delete removes a terminal job (and frees its key) but never a live one."""
+    (live,) = await put(queue, clock)
+    assert await queue.delete(live.id) == live
+    assert await queue.get(live.id) is not None
+    (lease,) = await queue.lease(["default"], 1, VT, "w")
+    await queue.finish([done(lease.job, lease.token)])
+    assert await queue.delete(live.id) is not None
+    assert await queue.get(live.id) is None
+    assert await queue.delete(live.id) is None
+    assert {s.name: s.succeeded for s in await queue.stats()}.get("default", 0) == 0
+
+
+async def test_redrive_requeues_failed_jobs(queue: QueueBackend, clock: ManualClock):
+    """Redrive moves a queue's failed jobs back to queued with attempts reset."""
+    await put(queue, clock, 2)
+    leases = await queue.lease(["default"], 2, VT, "w")
+    for lease in leases:
+        await queue.finish([done(lease.job, lease.token, State.FAILED)])
+    assert await queue.redrive("default") == 2
+    assert await queue.redrive("default") == 0
+    again = await queue.lease(["default"], 5, VT, "w")
+    assert len(again) == 2 and all(lease.job.attempts == 1 for lease in again)
+
+
+async def test_get_many_keeps_order_and_gaps(queue: QueueBackend, clock: ManualClock):
+    """get_many answers in the order asked, None for unknown ids."""
+    a, b = await put(queue, clock, 2)
+    missing = new_job_id()
+    got = await queue.get_many([b.id, missing, a.id])
+    assert [j.id if j else None for j in got] == [b.id, None, a.id]
+
+
+async def test_ping_answers(queue: QueueBackend):
+    """A healthy backend answers ping."""
+    await queue.ping()

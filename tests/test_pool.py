@@ -1,0 +1,462 @@
+"""The consumer pool and the in-process client, on every queue backend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import arqd
+from arqd.backends.memory import MemoryQueue, MemoryResults
+from arqd.clock import ManualClock
+from arqd.config import Config
+from arqd.model import Progress
+
+from .conftest import QUEUE_BACKENDS
+
+
+def make_config(backend: str, tmp_path: Path, **workers: Any) -> Config:
+    workers = {"concurrency": 4, "heartbeat": "50ms", "poll_max": "50ms", **workers}
+    return Config.from_dict(
+        {
+            "queue": {"backend": backend, "path": str(tmp_path / "q.sqlite3")},
+            "results": {
+                "backend": "files",
+                "path": str(tmp_path / "results"),
+                "inline_max": "1KiB",
+            },
+            "workers": workers,
+            "defaults": {"max_attempts": 3, "backoff": {"base": "1ms", "max": "5ms"}},
+            "handlers": {"echo": "arqd.demo:echo", "blob": "arqd.demo:blob"},
+        }
+    )
+
+
+@pytest.fixture(params=QUEUE_BACKENDS)
+async def app(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[arqd.App]:
+    application = arqd.App(make_config(request.param, tmp_path))
+    register_test_handlers(application)
+    async with application:
+        yield application
+
+
+CALLS: dict[str, int] = {}
+
+
+def register_test_handlers(app: arqd.App) -> None:
+    @app.handler("boom")
+    async def boom(ctx: arqd.JobContext, payload: Any) -> None:
+        raise RuntimeError(f"boom on attempt {ctx.attempt}")
+
+    @app.handler("refuse")
+    async def refuse(ctx: arqd.JobContext, payload: Any) -> None:
+        raise arqd.Fail("will never work")
+
+    @app.handler("again")
+    async def again(ctx: arqd.JobContext, payload: Any) -> int:
+        if ctx.attempt == 1:
+            raise arqd.Retry("not yet", delay=0.01)
+        return ctx.attempt
+
+    @app.handler("slow", timeout=0.05)
+    async def slow(ctx: arqd.JobContext, payload: Any) -> None:
+        await asyncio.sleep(10)
+
+    @app.handler("block")
+    async def block(ctx: arqd.JobContext, payload: Any) -> str:
+        CALLS["block"] = CALLS.get("block", 0) + 1
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            CALLS["block_cancelled"] = CALLS.get("block_cancelled", 0) + 1
+            raise
+        return "never"
+
+    @app.handler("counted", cache=True)
+    async def counted(ctx: arqd.JobContext, payload: Any) -> Any:
+        CALLS["counted"] = CALLS.get("counted", 0) + 1
+        await asyncio.sleep(0.05)
+        return payload
+
+    @app.handler("bigjson")
+    async def bigjson(ctx: arqd.JobContext, payload: Any) -> list[int]:
+        return list(range(5000))
+
+    @app.handler("chatty")
+    async def chatty(ctx: arqd.JobContext, payload: Any) -> None:
+        for i in range(2000):
+            await ctx.progress(i / 2000, "working")
+        await asyncio.sleep(0.3)
+
+
+async def wait_state(client: arqd.Client, job_id: str, *states: str) -> arqd.Job:
+    """Poll with a deadline until the job is in one of ``states``."""
+    async with asyncio.timeout(10):
+        while True:
+            job = await client.get(job_id)
+            if job.state in states or (job.cancel_requested and "cancel_requested" in states):
+                return job
+            await asyncio.sleep(0.01)
+
+
+async def test_json_result_is_inline(app: arqd.App):
+    """A handler's small JSON result is stored inline and read back as the value."""
+    job = await app.client.submit("echo", {"hello": ["world", 1]})
+    done = await app.client.wait(job.id, timeout=10)
+    assert done.state == "succeeded" and done.attempts == 1
+    assert done.result is not None and done.result.inline == {"hello": ["world", 1]}
+    assert await app.client.result(job.id) == {"hello": ["world", 1]}
+
+
+async def test_large_json_result_becomes_a_blob(app: arqd.App):
+    """A JSON result above inline_max is stored in the result store and still reads as JSON."""
+    job = await app.client.submit("bigjson")
+    done = await app.client.wait(job.id, timeout=10)
+    assert done.result is not None and not done.result.is_inline
+    assert done.result.content_type == "application/json"
+    assert await app.client.result(job.id) == list(range(5000))
+
+
+async def test_streamed_result(app: arqd.App):
+    """An async-iterator result is streamed to the store and streamed back."""
+    job = await app.client.submit("blob", {"size": 3_000_000})
+    done = await app.client.wait(job.id, timeout=10)
+    assert done.result is not None and done.result.size == 3_000_000
+    total = 0
+    async for chunk in app.client.stream_result(job.id):
+        assert len(chunk) <= 1024 * 1024
+        total += len(chunk)
+    assert total == 3_000_000
+
+
+async def test_fail_ends_the_job_without_retry(app: arqd.App):
+    """``arqd.Fail`` fails the job on its first attempt."""
+    job = await app.client.submit("refuse")
+    done = await app.client.wait(job.id, timeout=10)
+    assert done.state == "failed" and done.attempts == 1
+    assert done.error is not None and done.error.type == "Fail"
+    with pytest.raises(arqd.JobFailed):
+        await app.client.result(job.id)
+
+
+async def test_exceptions_retry_until_max_attempts(app: arqd.App):
+    """Any other exception is a failed attempt, retried with backoff up to max_attempts."""
+    job = await app.client.submit("boom")
+    done = await app.client.wait(job.id, timeout=10)
+    assert done.state == "failed" and done.attempts == 3
+    assert done.error is not None and done.error.type == "RuntimeError"
+    assert done.error.attempt == 3 and "attempt 3" in done.error.message
+
+
+async def test_retry_asks_for_another_attempt(app: arqd.App):
+    """``arqd.Retry`` ends the attempt and the next one runs."""
+    job = await app.client.submit("again")
+    done = await app.client.wait(job.id, timeout=10)
+    assert done.state == "succeeded" and await app.client.result(job.id) == 2
+
+
+async def test_timeout_fails_the_attempt(app: arqd.App):
+    """An attempt over its timeout fails with TimeoutError."""
+    job = await app.client.submit("slow", max_attempts=1)
+    done = await app.client.wait(job.id, timeout=10)
+    assert done.state == "failed"
+    assert done.error is not None and done.error.type == "TimeoutError"
+    assert "timeout" in done.error.message
+
+
+async def test_cancel_running_job_interrupts_handler(app: arqd.App):
+    """Cancelling a running job interrupts its handler; the job ends cancelled."""
+    CALLS.clear()
+    job = await app.client.submit("block")
+    await wait_state(app.client, job.id, "running")
+    requested = await app.client.cancel(job.id)
+    assert requested.cancel_requested or requested.state == "cancelled"
+    done = await app.client.wait(job.id, timeout=10)
+    assert done.state == "cancelled" and CALLS["block_cancelled"] == 1
+    with pytest.raises(arqd.JobCancelled):
+        await app.client.result(job.id)
+
+
+async def test_cancel_queued_job(tmp_path: Path):
+    """A queued job cancelled before any consumer sees it never runs."""
+    async with arqd.Client(config=make_config("memory", tmp_path)) as client:
+        job = await client.submit("echo", 1, delay=60)
+        cancelled = await client.cancel(job.id)
+        assert cancelled.state == "cancelled"
+
+
+async def test_drain_returns_once_idle(app: arqd.App):
+    """drain() returns after every ready job is done."""
+    jobs = await app.client.submit_many([{"handler": "echo", "payload": i} for i in range(200)])
+    await app.drain()
+    states = {(await app.client.get(j.id)).state for j in jobs}
+    assert states == {"succeeded"}
+
+
+async def test_dedupe_key_answers_the_live_job(app: arqd.App):
+    """Submitting a key held by a live job answers that job, marked deduplicated."""
+    first = await app.client.submit("echo", 1, key="report-7")
+    second = await app.client.submit("echo", 2, key="report-7")
+    assert second.id == first.id and second.deduplicated and not first.deduplicated
+
+
+async def test_cached_handler_runs_once_for_identical_requests(app: arqd.App):
+    """Two clients asking the same question of a cache=true handler share one run."""
+    CALLS.clear()
+    a, b = await asyncio.gather(
+        app.client.submit("counted", {"q": 1, "r": [1, 2]}),
+        app.client.submit("counted", {"r": [1, 2], "q": 1}),
+    )
+    assert a.id == b.id
+    await app.client.wait(a.id, timeout=10)
+    c = await app.client.submit("counted", {"q": 1, "r": [1, 2]})
+    assert c.id == a.id and c.deduplicated
+    assert CALLS["counted"] == 1
+
+
+async def test_progress_writes_are_coalesced(tmp_path: Path):
+    """Thousands of progress reports become a handful of backend writes."""
+    writes: list[int] = []
+
+    class CountingQueue(MemoryQueue):
+        async def set_progress(self, updates: Sequence[tuple[str, str, Progress]]) -> list[bool]:
+            writes.append(len(updates))
+            return await super().set_progress(updates)
+
+    app = arqd.App(make_config("memory", tmp_path), queue=CountingQueue())
+    register_test_handlers(app)
+    async with app:
+        job = await app.client.submit("chatty")
+        done = await app.client.wait(job.id, timeout=10)
+    assert done.state == "succeeded"
+    assert 1 <= len(writes) <= 5
+
+
+async def test_local_submit_wakes_an_idle_consumer(tmp_path: Path):
+    """A submit in the same process starts the job at once, not at the next poll (60 s here)."""
+    app = arqd.App(make_config("sqlite", tmp_path, poll_max="60s"))
+    async with app:
+        await app.drain()
+        await asyncio.sleep(0.2)  # let the idle poll interval grow
+        job = await app.client.submit("echo", 1)
+        done = await app.client.wait(job.id, timeout=5)
+        assert done.state == "succeeded"
+
+
+async def test_lost_lease_interrupts_and_discards(tmp_path: Path):
+    """When another consumer takes over an expired lease, the first handler is interrupted and
+    its outcome discarded; only the new holder's outcome lands."""
+    clock = ManualClock()
+    queue = MemoryQueue(clock=clock)
+    app = arqd.App(make_config("memory", tmp_path), queue=queue, results=MemoryResults())
+    register_test_handlers(app)
+    CALLS.clear()
+    async with app:
+        job = await app.client.submit("block")
+        await wait_state(app.client, job.id, "running")
+        clock.advance(60)  # past the visibility timeout, as if heartbeats had stopped
+        (stolen,) = await queue.lease(["default"], 1, 30, "thief")
+        async with asyncio.timeout(5):
+            while CALLS.get("block_cancelled", 0) == 0:
+                await asyncio.sleep(0.01)
+        from arqd.backends.base import Outcome
+
+        await queue.finish(
+            [Outcome(job=stolen.job, token=stolen.token, state=arqd.State.SUCCEEDED)]
+        )
+        final = await app.client.get(job.id)
+    assert final.state == "succeeded" and final.attempts == 2
+
+
+async def test_shutdown_releases_without_counting_the_attempt(tmp_path: Path):
+    """Leaving ``async with app`` with a job still running releases it: queued, attempt given
+    back, leasable at once by the next worker."""
+    config = make_config("sqlite", tmp_path, shutdown_grace="0s")
+    app = arqd.App(config)
+    register_test_handlers(app)
+    async with app:
+        job = await app.client.submit("block")
+        await wait_state(app.client, job.id, "running")
+    async with arqd.Client(config=config) as client:
+        after = await client.get(job.id)
+    assert after.state == "queued" and after.attempts == 0
+
+
+async def test_shutdown_grace_lets_running_jobs_finish(tmp_path: Path):
+    """Jobs that finish within the grace period finish normally on shutdown."""
+    config = make_config("memory", tmp_path, shutdown_grace="5s")
+    app = arqd.App(config)
+    register_test_handlers(app)
+
+    @app.handler("short")
+    async def short(ctx: arqd.JobContext, payload: Any) -> str:
+        await asyncio.sleep(0.2)
+        return "finished"
+
+    async with app:
+        job = await app.client.submit("short")
+        await wait_state(app.client, job.id, "running")
+    assert (await app.client.get(job.id)).state == "succeeded"
+
+
+async def test_expired_last_attempt_fails_the_job(tmp_path: Path):
+    """A job whose last allowed attempt was lost to an expired lease fails with LeaseExpired
+    instead of running beyond max_attempts."""
+    clock = ManualClock()
+    queue = MemoryQueue(clock=clock)
+    app = arqd.App(make_config("memory", tmp_path), queue=queue, results=MemoryResults())
+    register_test_handlers(app)
+    job = await app.client.submit("echo", 1, max_attempts=1)
+    await queue.lease(["default"], 1, 30, "a-worker-that-dies")
+    clock.advance(31)
+    async with app:
+        done = await app.client.wait(job.id, timeout=10)
+    assert done.state == "failed" and done.attempts == 1
+    assert done.error is not None and done.error.type == "LeaseExpired"
+
+
+async def test_unknown_handler_in_a_stored_job_fails_its_attempts(tmp_path: Path):
+    """A job naming a handler this worker lacks fails its attempts (another worker may have it)
+    and ends failed, not stuck."""
+    config = make_config("memory", tmp_path)
+    queue, results = MemoryQueue(), MemoryResults()
+    async with arqd.Client(queue, results, config=config) as client:
+        job = await client.submit("not-registered-here", max_attempts=2)
+    app = arqd.App(config, queue=queue, results=results)
+    async with app:
+        done = await app.client.wait(job.id, timeout=10)
+    assert done.state == "failed" and done.error is not None
+    assert done.error.type == "UnknownHandler"
+
+
+async def test_resize_changes_parallelism(tmp_path: Path):
+    """Growing concurrency lets more jobs run at once."""
+    app = arqd.App(make_config("memory", tmp_path, concurrency=1))
+    register_test_handlers(app)
+    async with app:
+        jobs = [await app.client.submit("block") for _ in range(3)]
+        await wait_state(app.client, jobs[0].id, "running")
+        assert app.pool is not None and app.pool.running == 1
+        app.with_workers(concurrency=3)
+        for j in jobs:
+            await wait_state(app.client, j.id, "running")
+        assert app.pool.running == 3
+        for j in jobs:
+            await app.client.cancel(j.id)
+
+
+# --- the client's errors and validation -----------------------------------------------------------
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[arqd.Client]:
+    config = make_config("memory", tmp_path)
+    from arqd.handlers import Registry
+
+    async with arqd.Client(config=config, registry=Registry.from_config(config)) as c:
+        yield c
+
+
+async def test_unknown_job_is_not_found(client: arqd.Client):
+    """get() of an unknown or malformed id raises JobNotFound."""
+    with pytest.raises(arqd.JobNotFound):
+        await client.get("0" * 32)
+    with pytest.raises(arqd.JobNotFound):
+        await client.get("../../etc")
+
+
+async def test_result_before_success_is_not_ready(client: arqd.Client):
+    """result() of a queued job raises NotReady."""
+    job = await client.submit("echo", 1)
+    with pytest.raises(arqd.NotReady):
+        await client.result(job.id)
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "mentions"),
+    [
+        ({"handler": "echo", "colour": "red"}, arqd.InvalidRequest, "colour"),
+        ({"handler": "nope"}, arqd.UnknownHandler, "nope"),
+        ({"handler": "echo", "queue": "bad queue!"}, arqd.InvalidRequest, "queue"),
+        ({"handler": "echo", "max_attempts": 0}, arqd.InvalidRequest, "max_attempts"),
+        ({"handler": "echo", "delay": -1}, arqd.InvalidRequest, "delay"),
+        ({"handler": "echo", "timeout": 0}, arqd.InvalidRequest, "timeout"),
+        ({"handler": "echo", "key": "k" * 257}, arqd.InvalidRequest, "key"),
+        ({"handler": "echo", "meta": {"x": "y" * 5000}}, arqd.InvalidRequest, "meta"),
+        (
+            {"handler": "echo", "delay": 1, "run_at": "2030-01-01T00:00:00Z"},
+            arqd.InvalidRequest,
+            "run_at",
+        ),
+        ({"payload": 1}, arqd.InvalidRequest, "handler"),
+    ],
+)
+async def test_invalid_specs_are_refused(
+    client: arqd.Client, spec: dict[str, Any], error: type[Exception], mentions: str
+):
+    """Each invalid spec is refused with an error naming the field, and nothing is stored."""
+    with pytest.raises(error, match=mentions):
+        await client.submit_many([{"handler": "echo"}, spec])
+    jobs, _ = await client.list()
+    assert jobs == []
+
+
+async def test_run_at_schedules_the_job(client: arqd.Client):
+    """run_at sets ready_at."""
+    job = await client.submit("echo", run_at="2030-01-01T00:00:00Z")
+    assert job.ready_at.year == 2030
+
+
+async def test_wait_times_out(client: arqd.Client):
+    """wait() raises TimeoutError when the job does not finish in time."""
+    job = await client.submit("echo", 1)
+    with pytest.raises(TimeoutError):
+        await client.wait(job.id, timeout=0.05)
+
+
+async def test_delete_cancels_live_and_removes_finished(app: arqd.App):
+    """delete() cancels a live job, and removes a finished one with its stored result."""
+    job = await app.client.submit("blob", {"size": 10_000})
+    await app.client.wait(job.id, timeout=10)
+    await app.client.delete(job.id)
+    with pytest.raises(arqd.JobNotFound):
+        await app.client.get(job.id)
+    live = await app.client.submit("echo", 1, delay=60)
+    await app.client.delete(live.id)
+    assert (await app.client.get(live.id)).state == "cancelled"
+
+
+async def test_list_pages_through_jobs(client: arqd.Client):
+    """list() pages newest first and validates its arguments."""
+    for i in range(5):
+        await client.submit("echo", i)
+    page, cursor = await client.list(limit=2)
+    assert [j.payload for j in page] == [4, 3] and cursor is not None
+    rest, end = await client.list(limit=10, cursor=cursor)
+    assert [j.payload for j in rest] == [2, 1, 0] and end is None
+    with pytest.raises(arqd.InvalidRequest):
+        await client.list(limit=5000)
+    with pytest.raises(arqd.InvalidRequest):
+        await client.list(state="sleeping")
+
+
+def test_job_is_immutable_and_state_is_a_str():
+    """arqd.Job is frozen and its state compares equal to plain strings."""
+    job = msgspec.convert(
+        {
+            "id": "0" * 32,
+            "queue": "q",
+            "handler": "h",
+            "state": "queued",
+            "created_at": "2026-01-01T00:00:00Z",
+            "ready_at": "2026-01-01T00:00:00Z",
+        },
+        arqd.Job,
+    )
+    assert job.state == "queued" and isinstance(job.state, str)
+    with pytest.raises(AttributeError):
+        job.state = arqd.State.FAILED  # type: ignore[misc]
