@@ -11,8 +11,10 @@ Moving parts, each one small loop:
   interrupted, its output discarded) and of cancel requests from other processes;
 - the **progress** loop writes coalesced progress at most a few times per second per job.
 
-An attempt is bounded by ``asyncio.timeout(job.timeout)``; interrupting it early (cancel, lost
-lease, shutdown) reschedules that same timeout to now and records why.
+Each attempt runs inside an ``asyncio.timeout`` scope with no deadline of its own (a timer per
+job cost a fifth of the pool's time); the **deadline** sweep interrupts attempts past their
+timeout, and cancels, lost leases and shutdown interrupt the same way: record why, then
+reschedule the scope to now.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ from arqd.model import ErrorInfo, Job, Progress, ResultRef, State, blob_name, ne
 
 log = structlog.get_logger("arqd.worker")
 
-Reason = Literal["cancelled", "lost", "shutdown"]
+Reason = Literal["cancelled", "lost", "shutdown", "timeout"]
 
 POLL_MIN = 0.005  # first idle poll after activity: other processes' submits are seen within ms
 PROGRESS_INTERVAL = 0.25  # at most four progress writes per second per job
+DEADLINE_TICK = 0.05  # attempt timeouts are enforced within this much (one sweep, not a timer each)
 BACKEND_RETRY_MAX = 5.0  # longest pause between retries of a failing backend call
 ERROR_MESSAGE_MAX = 2000
 OCTETS = "application/octet-stream"
@@ -54,6 +57,7 @@ _SCALARS = (int, float, bool, type(None))  # always small enough to keep inline
 class _Running:
     lease: Lease
     ctx: JobContext | None = None
+    deadline: float = 0.0
     timer: asyncio.Timeout | None = None
     reason: Reason | None = None
     progress: Progress | None = None
@@ -101,6 +105,7 @@ class Pool:
             asyncio.create_task(self._complete_loop(), name="arqd-complete"),
             asyncio.create_task(self._heartbeat_loop(), name="arqd-heartbeat"),
             asyncio.create_task(self._progress_loop(), name="arqd-progress"),
+            asyncio.create_task(self._deadline_loop(), name="arqd-deadlines"),
         ]
         self.resize(self.concurrency)
 
@@ -258,7 +263,8 @@ class Pool:
         if early is not None or hdef is None:
             return early
         ctx = r.ctx = JobContext(job, lambda p: self._report(r, p))
-        timer = asyncio.timeout(job.timeout)
+        r.deadline = asyncio.get_running_loop().time() + job.timeout
+        timer = asyncio.timeout(None)
         try:
             async with timer:
                 r.timer = timer
@@ -269,12 +275,12 @@ class Pool:
                     value = await value
                 ref = await self._store(job, token, value)
         except TimeoutError as exc:
+            if r.reason == "timeout":
+                message = f"attempt {job.attempts} exceeded its timeout of {job.timeout:g}s"
+                return self._failure(job, token, TimeoutError(message))
             if r.reason is not None:
                 return self._interrupted(r)
-            if not timer.expired():  # the handler's own TimeoutError: an ordinary failure
-                return self._failure(job, token, exc)
-            message = f"attempt {job.attempts} exceeded its timeout of {job.timeout:g}s"
-            return self._failure(job, token, TimeoutError(message))
+            return self._failure(job, token, exc)  # the handler's own TimeoutError
         except Exception as exc:
             return self._failure(job, token, exc)
         finally:
@@ -449,6 +455,15 @@ class Pool:
                     self._lost(job_id, token)
                 elif reply.cancel_requested and job_id in self._running:
                     self._interrupt(self._running[job_id], "cancelled")
+
+    async def _deadline_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(DEADLINE_TICK)
+            now = loop.time()
+            for r in list(self._running.values()):
+                if r.timer is not None and now >= r.deadline:
+                    self._interrupt(r, "timeout")
 
     def _lost(self, job_id: str, token: str) -> None:
         held = self._held.get(job_id)

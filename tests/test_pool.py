@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 import arqd
+from arqd.backends.base import Outcome
 from arqd.backends.memory import MemoryQueue, MemoryResults
 from arqd.clock import ManualClock
 from arqd.config import Config
@@ -100,6 +101,15 @@ async def wait_state(client: arqd.Client, job_id: str, *states: str) -> arqd.Job
             job = await client.get(job_id)
             if job.state in states or (job.cancel_requested and "cancel_requested" in states):
                 return job
+            await asyncio.sleep(0.01)
+
+
+async def eventually(predicate: Callable[[], bool], limit: float = 5.0) -> None:
+    """Poll ``predicate`` until it holds, failing after ``limit`` seconds."""
+    async with asyncio.timeout(limit):
+        while True:
+            if predicate():
+                return
             await asyncio.sleep(0.01)
 
 
@@ -260,14 +270,9 @@ async def test_lost_lease_interrupts_and_discards(tmp_path: Path):
         await wait_state(app.client, job.id, "running")
         clock.advance(60)  # past the visibility timeout, as if heartbeats had stopped
         (stolen,) = await queue.lease(["default"], 1, 30, "thief")
-        async with asyncio.timeout(5):
-            while CALLS.get("block_cancelled", 0) == 0:
-                await asyncio.sleep(0.01)
-        from arqd.backends.base import Outcome
-
-        await queue.finish(
-            [Outcome(job=stolen.job, token=stolen.token, state=arqd.State.SUCCEEDED)]
-        )
+        await eventually(lambda: CALLS.get("block_cancelled", 0) == 1)
+        outcome = Outcome(job=stolen.job, token=stolen.token, state=arqd.State.SUCCEEDED)
+        assert await queue.finish([outcome]) == [True]
         final = await app.client.get(job.id)
     assert final.state == "succeeded" and final.attempts == 2
 

@@ -25,6 +25,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -41,14 +42,10 @@ from arqd.backends.base import (
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import BackendError, BackendUnavailable
 from arqd.model import (
-    ErrorInfo,
     Job,
     NewJob,
     Progress,
-    ResultRef,
     State,
-    StepState,
-    from_ts,
     new_token,
 )
 
@@ -106,10 +103,19 @@ CREATE TABLE IF NOT EXISTS queue_counts (
 
 """
 
+# Rows leave SQLite as one JSON object each, decoded by msgspec straight into a Job (about five
+# times cheaper than building it field by field in Python, which matters on the writer thread).
+# JSON columns hold JSON text; timestamps are REAL Unix seconds, which msgspec's non-strict
+# decoder turns into datetimes.
 COLUMNS = (
-    "id, queue, handler, state, payload, key, sticky, meta, attempts, max_attempts, timeout, "
-    "created_at, ready_at, started_at, finished_at, progress, error, result, steps, group_id, "
-    "cancel_requested, owner, version, expires_at"
+    "json_object('id', id, 'queue', queue, 'handler', handler, 'state', state, "
+    "'payload', json(payload), 'key', key, 'sticky', sticky, 'meta', json(coalesce(meta, '{}')), "
+    "'attempts', attempts, 'max_attempts', max_attempts, 'timeout', timeout, "
+    "'created_at', created_at, 'ready_at', ready_at, 'started_at', started_at, "
+    "'finished_at', finished_at, 'progress', json(progress), 'error', json(error), "
+    "'result', json(result), 'steps', json(steps), 'group_id', group_id, "
+    "'cancel_requested', cancel_requested, 'owner', owner, 'version', version, "
+    "'expires_at', expires_at)"
 )
 
 SQL_INSERT = (
@@ -189,46 +195,19 @@ PRAGMAS = (
 )
 CHECKPOINT_INTERVAL = 1.0  # seconds between passive checkpoints
 
-_enc = msgspec.json.encode
-_dec_progress = msgspec.json.Decoder(Progress).decode
-_dec_error = msgspec.json.Decoder(ErrorInfo).decode
-_dec_result = msgspec.json.Decoder(ResultRef).decode
-_dec_steps = msgspec.json.Decoder(list[StepState]).decode
-_dec_any = msgspec.json.decode
-_STATES = {s.value: s for s in State}
+_decode_job = msgspec.json.Decoder(Job, strict=False).decode
 
 
-def _opt(value: Any) -> bytes | None:
+def _enc(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+def _opt(value: Any) -> str | None:
     return None if value is None else _enc(value)
 
 
-def _row_to_job(r: Sequence[Any]) -> Job:
-    return Job(
-        id=r[0],
-        queue=r[1],
-        handler=r[2],
-        state=_STATES[r[3]],
-        payload=None if r[4] is None else _dec_any(r[4]),
-        key=r[5],
-        sticky=bool(r[6]),
-        meta={} if r[7] is None else _dec_any(r[7]),
-        attempts=r[8],
-        max_attempts=r[9],
-        timeout=r[10],
-        created_at=from_ts(r[11]),  # type: ignore[arg-type]  # NOT NULL column
-        ready_at=from_ts(r[12]),  # type: ignore[arg-type]  # NOT NULL column
-        started_at=from_ts(r[13]),
-        finished_at=from_ts(r[14]),
-        progress=None if r[15] is None else _dec_progress(r[15]),
-        error=None if r[16] is None else _dec_error(r[16]),
-        result=None if r[17] is None else _dec_result(r[17]),
-        steps=None if r[18] is None else _dec_steps(r[18]),
-        group_id=r[19],
-        cancel_requested=bool(r[20]),
-        owner=r[21],
-        version=r[22],
-        expires_at=from_ts(r[23]),
-    )
+def _row_to_job(row: Sequence[Any]) -> Job:
+    return _decode_job(row[0])
 
 
 class _Thread:
@@ -379,8 +358,8 @@ class SqliteQueue(QueueBackend):
                         return leases
                     params.update(queue=queue, state=state, limit=limit - len(leases))
                     rows = conn.execute(SQL_LEASE, params).fetchall()
-                    rows.sort(key=lambda r: (r[12], r[0]))  # FIFO: by ready_at, then id
-                    leases.extend(Lease(_row_to_job(r), token, expires) for r in rows)
+                    jobs = sorted(map(_row_to_job, rows), key=_fifo)
+                    leases.extend(Lease(job, token, expires) for job in jobs)
                     if state == "queued" and rows:
                         counts.add(queue, "queued", -len(rows))
                         counts.add(queue, "running", len(rows))
@@ -540,7 +519,8 @@ class SqliteQueue(QueueBackend):
                 marks = ",".join("?" * len(chunk))
                 sql = f"SELECT {COLUMNS} FROM jobs WHERE id IN ({marks})"
                 for row in conn.execute(sql, chunk):
-                    found[row[0]] = _row_to_job(row)
+                    job = _row_to_job(row)
+                    found[job.id] = job
             return [found.get(i) for i in ids]
 
         return await self._reader.run(work)
@@ -606,6 +586,10 @@ class SqliteQueue(QueueBackend):
 
     async def ping(self) -> None:
         await self._reader.run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+
+def _fifo(job: Job) -> tuple[datetime, str]:
+    return job.ready_at, job.id
 
 
 def _insert_params(new: NewJob) -> tuple[Any, ...]:

@@ -1,0 +1,58 @@
+"""A worker process for process-level tests: ``python -m tests.procs CONFIG`` runs an
+``arqd.App`` until SIGTERM. Its handlers write what they do to files, so a test can check from
+outside what ran where and how often."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import arqd
+from arqd import logs
+
+
+def _append(path: str, line: str) -> None:
+    # O_APPEND writes of one short line are atomic, so processes can share the file.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+async def record(ctx: arqd.JobContext, payload: Any) -> int:
+    """Log start and end of every execution with this process's pid."""
+    log = payload["log"]
+    _append(log, f"{ctx.job.id} start {os.getpid()} {time.time()}\n")
+    await asyncio.sleep(payload.get("sleep", 0))
+    _append(log, f"{ctx.job.id} end {os.getpid()} {time.time()}\n")
+    return os.getpid()
+
+
+async def hang_first(ctx: arqd.JobContext, payload: Any) -> int:
+    """The first attempt announces itself and hangs (to be killed); later attempts succeed."""
+    _append(payload["log"], f"{ctx.job.id} attempt {ctx.attempt} {os.getpid()}\n")
+    if ctx.attempt == 1:
+        Path(payload["marker"]).write_text(str(os.getpid()))
+        await asyncio.sleep(3600)
+    return ctx.attempt
+
+
+async def main(config_path: str) -> None:
+    logs.configure("warning", "json")
+    app = arqd.App.from_config(config_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    async with app:
+        print("ready", flush=True)
+        await stop.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1]))

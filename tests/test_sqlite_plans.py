@@ -1,0 +1,53 @@
+"""The sqlite backend's hot statements use indexes, so their cost grows with log n, not n.
+
+Checked on the query plan rather than by timing (timings belong in benchmarks/scale.py)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from arqd.backends import sqlite as S
+
+HOT = {
+    "lease": (
+        S.SQL_LEASE,
+        {
+            "now": 1,
+            "token": "t",
+            "expires": 2,
+            "worker": "w",
+            "queue": "q",
+            "state": "queued",
+            "limit": 100,
+        },
+    ),
+    "heartbeat": (S.SQL_HEARTBEAT, (1, "id", "t")),
+    "progress": (S.SQL_PROGRESS, (b"{}", "id", "t")),
+    "requeue": (S.SQL_REQUEUE, (0, 1, 1, None, "id", "t")),
+    "end": (S.SQL_END, ("succeeded", 0, 1, None, None, None, "id", "t")),
+    "get": (S.SQL_GET, ("id",)),
+    "oldest": (S.SQL_OLDEST, ("q", 1)),
+    "key holder": (S.SQL_KEY_HOLDER, ("k", 1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOT))
+def test_hot_statement_never_scans_jobs(name: str):
+    """No hot-path statement walks the whole jobs table."""
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(S.SCHEMA)
+    sql, params = HOT[name]
+    plan = " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+    assert "SCAN jobs" not in plan, plan
+    assert "SEARCH" in plan, plan
+
+
+def test_lease_walks_the_visibility_index():
+    """Leasing finds ready jobs through jobs_visible, in visibility order, without sorting."""
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(S.SCHEMA)
+    sql, params = HOT["lease"]
+    plan = " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+    assert "jobs_visible" in plan and "TEMP B-TREE" not in plan, plan
