@@ -235,6 +235,7 @@ class Config(_Section, frozen=True):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Config:
+        _check_tables(data, source)
         try:
             cfg = msgspec.convert(dict(data), cls, dec_hook=_dec_hook, strict=False)
         except msgspec.ValidationError as exc:
@@ -244,14 +245,29 @@ class Config(_Section, frozen=True):
         return cfg
 
 
-def _explain(source: str, message: str) -> str:
+def _check_tables(data: Mapping[str, Any], source: str) -> None:
+    """Validate named tables one entry at a time, so an error names the entry (msgspec's own
+    path for a dict value is ``handlers[...]``)."""
+    for section, kind in (("handlers", str | HandlerConfig), ("groups", GroupConfig)):
+        table = data.get(section)
+        if not isinstance(table, Mapping):
+            continue
+        for name, value in table.items():
+            try:
+                msgspec.convert(value, kind, dec_hook=_dec_hook, strict=False)
+            except msgspec.ValidationError as exc:
+                raise ConfigError(_explain(source, str(exc), f"{section}.{name}")) from None
+
+
+def _explain(source: str, message: str, prefix: str = "") -> str:
     """Turn msgspec's ``reason - at `$.workers.concurrency` `` into ``file: setting: reason``."""
     reason, _, where = message.partition(" - at ")
-    setting = where.strip("`").removeprefix("$").lstrip(".") or "(top level)"
+    parts = [prefix, where.strip("`").removeprefix("$").lstrip(".")]
     m = re.match(r"Object contains unknown field `(.+)`", reason)
     if m:
-        setting = f"{setting}.{m.group(1)}" if setting != "(top level)" else m.group(1)
+        parts.append(m.group(1))
         reason = "unknown setting"
+    setting = ".".join(p for p in parts if p) or "(top level)"
     return f"{source}: {setting}: {reason}"
 
 

@@ -38,7 +38,7 @@ async def hang_first(ctx: arqd.JobContext, payload: Any) -> int:
     """The first attempt announces itself and hangs (to be killed); later attempts succeed."""
     _append(payload["log"], f"{ctx.job.id} attempt {ctx.attempt} {os.getpid()}\n")
     if ctx.attempt == 1:
-        Path(payload["marker"]).write_text(str(os.getpid()))
+        await asyncio.to_thread(Path(payload["marker"]).write_text, str(os.getpid()))
         await asyncio.sleep(3600)
     return ctx.attempt
 

@@ -8,11 +8,11 @@ import sqlite3
 
 import pytest
 
-from arqd.backends import sqlite as S
+from arqd.backends import sqlite as sq
 
 HOT = {
     "lease": (
-        S.SQL_LEASE,
+        sq.SQL_LEASE,
         {
             "now": 1,
             "token": "t",
@@ -23,13 +23,13 @@ HOT = {
             "limit": 100,
         },
     ),
-    "heartbeat": (S.SQL_HEARTBEAT, (1, "id", "t")),
-    "progress": (S.SQL_PROGRESS, (b"{}", "id", "t")),
-    "requeue": (S.SQL_REQUEUE, (0, 1, 1, None, "id", "t")),
-    "end": (S.SQL_END, ("succeeded", 0, 1, None, None, None, "id", "t")),
-    "get": (S.SQL_GET, ("id",)),
-    "oldest": (S.SQL_OLDEST, ("q", 1)),
-    "key holder": (S.SQL_KEY_HOLDER, ("k", 1)),
+    "heartbeat": (sq.SQL_HEARTBEAT, (1, "id", "t")),
+    "progress": (sq.SQL_PROGRESS, (b"{}", "id", "t")),
+    "requeue": (sq.SQL_REQUEUE, (0, 1, 1, None, "id", "t")),
+    "end": (sq.SQL_END, ("succeeded", 0, 1, None, None, None, "id", "t")),
+    "get": (sq.SQL_GET, ("id",)),
+    "oldest": (sq.SQL_OLDEST, ("q", 1)),
+    "key holder": (sq.SQL_KEY_HOLDER, ("k", 1)),
 }
 
 
@@ -37,7 +37,7 @@ HOT = {
 def test_hot_statement_never_scans_jobs(name: str):
     """No hot-path statement walks the whole jobs table."""
     conn = sqlite3.connect(":memory:")
-    conn.executescript(S.SCHEMA)
+    conn.executescript(sq.SCHEMA)
     sql, params = HOT[name]
     plan = " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
     assert "SCAN jobs" not in plan, plan
@@ -47,7 +47,7 @@ def test_hot_statement_never_scans_jobs(name: str):
 def test_lease_walks_the_visibility_index():
     """Leasing finds ready jobs through jobs_visible, in visibility order, without sorting."""
     conn = sqlite3.connect(":memory:")
-    conn.executescript(S.SCHEMA)
+    conn.executescript(sq.SCHEMA)
     sql, params = HOT["lease"]
     plan = " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
     assert "jobs_visible" in plan and "TEMP B-TREE" not in plan, plan
