@@ -33,7 +33,7 @@ import msgspec
 import structlog
 
 from arqd import logs
-from arqd.backends.base import Area, Lease, Outcome
+from arqd.backends.base import Area, Lease, Outcome, WorkerInfo
 from arqd.core import JSON, Core
 from arqd.errors import BackendError, Fail, Retry
 from arqd.handlers import JobContext
@@ -45,6 +45,7 @@ Reason = Literal["cancelled", "lost", "shutdown", "timeout"]
 
 POLL_MIN = 0.005  # first idle poll after activity: other processes' submits are seen within ms
 PROGRESS_INTERVAL = 0.25  # at most four progress writes per second per job
+REGISTER_INTERVAL = 2.0  # the worker row is refreshed this often (API.md: at least every 5 s)
 DEADLINE_TICK = 0.05  # attempt timeouts are enforced within this much (one sweep, not a timer each)
 BACKEND_RETRY_MAX = 5.0  # longest pause between retries of a failing backend call
 ERROR_MESSAGE_MAX = 2000
@@ -106,6 +107,7 @@ class Pool:
             asyncio.create_task(self._heartbeat_loop(), name="arqd-heartbeat"),
             asyncio.create_task(self._progress_loop(), name="arqd-progress"),
             asyncio.create_task(self._deadline_loop(), name="arqd-deadlines"),
+            asyncio.create_task(self._register_loop(), name="arqd-register"),
         ]
         self.resize(self.concurrency)
 
@@ -141,6 +143,10 @@ class Pool:
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, *self._consumers, return_exceptions=True)
+        try:
+            await self.core.queue.remove_worker(self.worker_id)
+        except BackendError as exc:
+            log.warning("backend.unregister_failed", error=str(exc))
         self.core.hub.remove_listener(self._on_change)
         self._started = False
 
@@ -455,6 +461,24 @@ class Pool:
                     self._lost(job_id, token)
                 elif reply.cancel_requested and job_id in self._running:
                     self._interrupt(self._running[job_id], "cancelled")
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            id=self.worker_id,
+            host=socket.gethostname(),
+            started_at=self.started_at or 0.0,
+            last_seen=self.core.clock.time(),
+            running=len(self._running),
+            concurrency=self.concurrency,
+        )
+
+    async def _register_loop(self) -> None:
+        while True:
+            try:
+                await self.core.queue.register_worker(self.info())
+            except BackendError as exc:
+                log.warning("backend.register_failed", error=str(exc))
+            await asyncio.sleep(REGISTER_INTERVAL)
 
     async def _deadline_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -371,3 +371,23 @@ async def test_get_many_keeps_order_and_gaps(queue: QueueBackend, clock: ManualC
 async def test_ping_answers(queue: QueueBackend):
     """A healthy backend answers ping."""
     await queue.ping()
+
+
+async def test_worker_registry(queue: QueueBackend, clock: ManualClock):
+    """Workers register and refresh their rows; stale and removed ones are not listed."""
+    from arqd.backends.base import WorkerInfo
+
+    now = clock.time()
+    a = WorkerInfo(id="a", host="h1", started_at=now, last_seen=now, running=1, concurrency=4)
+    b = WorkerInfo(id="b", host="h2", started_at=now, last_seen=now - 60, running=0, concurrency=8)
+    await queue.register_worker(a)
+    await queue.register_worker(b)
+    assert [w.id for w in await queue.list_workers(now - 10)] == ["a"]
+    assert [w.id for w in await queue.list_workers(now - 100)] == ["a", "b"]
+    await queue.register_worker(
+        WorkerInfo(id="a", host="h1", started_at=now, last_seen=now + 5, running=3, concurrency=4)
+    )
+    (fresh,) = await queue.list_workers(now + 1)
+    assert fresh.running == 3
+    await queue.remove_worker("a")
+    assert [w.id for w in await queue.list_workers(now - 100)] == ["b"]

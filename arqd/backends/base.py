@@ -70,6 +70,17 @@ class QueueStats(msgspec.Struct, frozen=True):
     oldest_queued_seconds: float | None = None
 
 
+class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One live daemon (or embedded pool) sharing the backend; refreshed every few seconds."""
+
+    id: str
+    host: str
+    started_at: float
+    last_seen: float
+    running: int
+    concurrency: int
+
+
 class Enqueued(msgspec.Struct, frozen=True):
     job: Job
     created: bool  # False: a live job already held the key, and ``job`` is that job
@@ -178,6 +189,17 @@ class QueueBackend(_AsyncClosing, abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> None:
         """Raise :class:`BackendError` unless the storage answers."""
+
+    @abc.abstractmethod
+    async def register_worker(self, info: WorkerInfo) -> None:
+        """Insert or refresh this worker's row."""
+
+    @abc.abstractmethod
+    async def remove_worker(self, worker_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_workers(self, seen_since: float) -> list[WorkerInfo]:
+        """Workers whose ``last_seen`` is at or after ``seen_since``, by id."""
 
 
 class ResultWriter(abc.ABC):

@@ -26,6 +26,7 @@ from arqd.backends.base import (
     QueueStats,
     ResultStore,
     ResultWriter,
+    WorkerInfo,
 )
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import ResultExpired
@@ -52,6 +53,7 @@ class _Store:
     rows: dict[str, _Row] = field(default_factory=dict)
     heaps: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
     keys: dict[str, _Key] = field(default_factory=dict)
+    workers: dict[str, WorkerInfo] = field(default_factory=dict)
 
 
 class MemoryQueue(QueueBackend):
@@ -298,6 +300,18 @@ class MemoryQueue(QueueBackend):
 
     async def ping(self) -> None:
         return None
+
+    async def register_worker(self, info: WorkerInfo) -> None:
+        self._s.workers[info.id] = info
+
+    async def remove_worker(self, worker_id: str) -> None:
+        self._s.workers.pop(worker_id, None)
+
+    async def list_workers(self, seen_since: float) -> list[WorkerInfo]:
+        return sorted(
+            (w for w in self._s.workers.values() if w.last_seen >= seen_since),
+            key=lambda w: w.id,
+        )
 
 
 def _replace(job: Job, **changes: object) -> Job:

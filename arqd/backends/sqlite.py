@@ -38,6 +38,7 @@ from arqd.backends.base import (
     Outcome,
     QueueBackend,
     QueueStats,
+    WorkerInfo,
 )
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import BackendError, BackendUnavailable
@@ -92,6 +93,15 @@ CREATE TABLE IF NOT EXISTS dedupe (
     key        TEXT PRIMARY KEY,
     job_id     TEXT NOT NULL,
     expires_at REAL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS workers (
+    id          TEXT PRIMARY KEY,
+    host        TEXT NOT NULL,
+    started_at  REAL NOT NULL,
+    last_seen   REAL NOT NULL,
+    running     INTEGER NOT NULL,
+    concurrency INTEGER NOT NULL
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS queue_counts (
@@ -581,6 +591,43 @@ class SqliteQueue(QueueBackend):
                     oldest = None if first is None else now - first
                 out.append(QueueStats(name=queue, **per, oldest_queued_seconds=oldest))
             return out
+
+        return await self._reader.run(work)
+
+    async def register_worker(self, info: WorkerInfo) -> None:
+        row = (info.id, info.host, info.started_at, info.last_seen, info.running, info.concurrency)
+
+        def body(conn: sqlite3.Connection, counts: _Counts) -> None:
+            conn.execute("INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?, ?, ?)", row)
+            # Rows of workers gone for a day are dropped by whoever registers next.
+            conn.execute("DELETE FROM workers WHERE last_seen < ?", (info.last_seen - 86400,))
+
+        await self._write(body)
+
+    async def remove_worker(self, worker_id: str) -> None:
+        def body(conn: sqlite3.Connection, counts: _Counts) -> None:
+            conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+        await self._write(body)
+
+    async def list_workers(self, seen_since: float) -> list[WorkerInfo]:
+        def work(conn: sqlite3.Connection) -> list[WorkerInfo]:
+            rows = conn.execute(
+                "SELECT id, host, started_at, last_seen, running, concurrency FROM workers "
+                "WHERE last_seen >= ? ORDER BY id",
+                (seen_since,),
+            )
+            return [
+                WorkerInfo(
+                    id=r[0],
+                    host=r[1],
+                    started_at=r[2],
+                    last_seen=r[3],
+                    running=r[4],
+                    concurrency=r[5],
+                )
+                for r in rows
+            ]
 
         return await self._reader.run(work)
 
