@@ -24,6 +24,7 @@ from arqd.errors import (
     UnknownHandler,
 )
 from arqd.handlers import JobContext
+from arqd.http.client import HttpClient
 from arqd.model import ErrorInfo, Job, Progress, State
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = [
     "ConfigError",
     "ErrorInfo",
     "Fail",
+    "HttpClient",
     "InvalidRequest",
     "Job",
     "JobCancelled",

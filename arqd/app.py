@@ -48,6 +48,9 @@ class App:
         self.core = Core(self._queue, self._results, self.config, Registry())
         self.pool: Pool | None = None
         self.client = Client(_core=self.core)
+        self._open = False
+        self.reloads = 0
+        self.reload_failures = 0
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str]) -> App:
@@ -72,9 +75,14 @@ class App:
 
         return register
 
-    def reconfigure(self, config: Config) -> None:
+    @property
+    def extra_handlers(self) -> dict[str, HandlerDef]:
+        """Handlers registered with ``@app.handler`` (they survive config reloads)."""
+        return dict(self._extra)
+
+    def reconfigure(self, config: Config, registry: Registry | None = None) -> None:
         """Apply a new config to a running app: handlers, workers, defaults (not backends)."""
-        registry = Registry.from_config(config, self._extra)
+        registry = registry or Registry.from_config(config, self._extra)
         self.config = config
         self.core.config = config
         self.core.registry = registry
@@ -88,6 +96,7 @@ class App:
             await self._queue.open()
         if self._owned[1]:
             await self._results.open()
+        self._open = True
         self.pool = Pool(self.core)
         await self.pool.start()
         return self
@@ -102,10 +111,12 @@ class App:
         if self.pool is not None:
             await self.pool.stop(grace)
             self.pool = None
-        if self._owned[0]:
-            await self._queue.aclose()
-        if self._owned[1]:
-            await self._results.aclose()
+        if self._open:
+            self._open = False
+            if self._owned[0]:
+                await self._queue.aclose()
+            if self._owned[1]:
+                await self._results.aclose()
 
     async def drain(self) -> None:
         """Return once no job is ready or running."""

@@ -52,11 +52,12 @@ def parse_spec(data: Mapping[str, Any] | bytes) -> JobSpec:
             return _spec_decoder.decode(data)
         return msgspec.convert(data, JobSpec)
     except msgspec.ValidationError as exc:
-        raise InvalidRequest(_explain(str(exc))) from None
+        raise InvalidRequest(explain(exc)) from None
 
 
-def _explain(message: str) -> str:
-    reason, _, where = message.partition(" - at ")
+def explain(exc: msgspec.ValidationError) -> str:
+    """msgspec's ``reason - at `$.jobs[0].queue` `` as ``jobs[0].queue: reason``."""
+    reason, _, where = str(exc).partition(" - at ")
     where = where.strip("`").removeprefix("$").lstrip(".")
     return f"{where}: {reason}" if where else reason
 
@@ -122,7 +123,9 @@ class Core:
             meta=spec.meta or {},
             max_attempts=spec.max_attempts
             or (hdef.max_attempts if hdef and hdef.max_attempts else defaults.max_attempts),
-            timeout=spec.timeout or (hdef.timeout if hdef and hdef.timeout else defaults.timeout),
+            timeout=float(
+                spec.timeout or (hdef.timeout if hdef and hdef.timeout else defaults.timeout)
+            ),
             created_at=now,
             ready_at=ready_at,
             group_id=group_id,
@@ -190,6 +193,12 @@ class Core:
         assert ref.name is not None, "a blob result always has a name"
         async for chunk in self.results.read(_area(ref.area or ""), ref.name, start, end):
             yield chunk
+
+    async def blob_size(self, ref: ResultRef) -> int | None:
+        """The stored size of a blob result; ``None`` once the store dropped it."""
+        if ref.name is None:
+            return None
+        return await self.results.size(_area(ref.area or ""), ref.name)
 
     @staticmethod
     def result_size(ref: ResultRef) -> int:

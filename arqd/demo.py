@@ -45,12 +45,23 @@ async def progress(ctx: JobContext, payload: Any) -> dict[str, int]:
     return {"steps": steps}
 
 
-async def blob(ctx: JobContext, payload: Any) -> AsyncIterator[bytes]:
-    """Streams ``size`` bytes (default 1 MiB) of a repeating pattern, in 64 KiB chunks."""
+async def blob(ctx: JobContext, payload: Any) -> AsyncIterator[bytes] | bytes:
+    """``size`` bytes (default 1 MiB) of a repeating pattern: streamed in 64 KiB chunks, or with
+    ``{"stream": false}`` returned whole as ``bytes``."""
     size = int((payload or {}).get("size", 1024 * 1024))
-    pattern = bytes(range(256)) * 256
+    if not (payload or {}).get("stream", True):
+        return _pattern(size)
+    return _chunks(size)
+
+
+def _pattern(size: int) -> bytes:
+    return (bytes(range(256)) * (size // 256 + 1))[:size]
+
+
+async def _chunks(size: int) -> AsyncIterator[bytes]:
+    chunk = _pattern(64 * 1024)
     sent = 0
     while sent < size:
-        chunk = pattern[: min(len(pattern), size - sent)]
-        sent += len(chunk)
-        yield chunk
+        piece = chunk[: min(len(chunk), size - sent)]
+        sent += len(piece)
+        yield piece

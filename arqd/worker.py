@@ -90,6 +90,7 @@ class Pool:
         self._waiting: set[asyncio.Task[None]] = set()  # consumers blocked on an empty buffer
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._hurry = asyncio.Event()
         self._started = False
         self.started_at: float | None = None
 
@@ -127,9 +128,9 @@ class Pool:
             self._complete(lease, self._release(lease))
         for task in list(self._waiting):
             task.cancel()
-        busy = [t for t in self._consumers if t not in self._waiting]
+        busy = {t for t in self._consumers if t not in self._waiting}
         if busy:
-            _, late = await asyncio.wait(busy, timeout=grace)
+            late = await self._grace(busy, grace)
             if late:
                 log.warning("pool.interrupting", running=len(self._running), grace_s=grace)
                 for r in list(self._running.values()):
@@ -149,6 +150,27 @@ class Pool:
             log.warning("backend.unregister_failed", error=str(exc))
         self.core.hub.remove_listener(self._on_change)
         self._started = False
+
+    def hurry(self) -> None:
+        """Cut a running ``stop()``'s grace period short (a second SIGTERM)."""
+        self._hurry.set()
+
+    async def _grace(self, busy: set[asyncio.Task[None]], grace: float) -> set[asyncio.Task[None]]:
+        """Wait for ``busy`` consumers to finish their jobs, at most ``grace`` seconds or until
+        ``hurry()``; answer those still busy."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        hurry: asyncio.Future[Any] = asyncio.ensure_future(self._hurry.wait())
+        pending: set[asyncio.Future[Any]] = set(busy)
+        try:
+            while pending and not self._hurry.is_set() and (left := deadline - loop.time()) > 0:
+                _, pending = await asyncio.wait(
+                    pending | {hurry}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                pending.discard(hurry)
+        finally:
+            hurry.cancel()
+        return {t for t in busy if t in pending}
 
     def resize(self, concurrency: int) -> None:
         """Grow at once; shrink by letting idle consumers go and busy ones leave after their job."""

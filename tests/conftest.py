@@ -6,7 +6,7 @@ Adding a backend here puts it under the whole contract suite (``test_contract_*.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,8 @@ from arqd.backends.files import FileResults
 from arqd.backends.memory import MemoryQueue, MemoryResults
 from arqd.backends.sqlite import SqliteQueue
 from arqd.clock import ManualClock
+
+from .daemons import Daemons
 
 QueueFactory = Callable[[ManualClock], QueueBackend]
 
@@ -72,3 +74,11 @@ async def results(
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("ARQD_TEST", "1")
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Daemons]:
+    """Start ``arqd serve`` processes; every one still running is killed after the test."""
+    pool = Daemons(tmp_path)
+    yield pool
+    pool.stop_all()

@@ -16,6 +16,7 @@ def test_all_is_pinned():
             "ConfigError",
             "ErrorInfo",
             "Fail",
+            "HttpClient",
             "InvalidRequest",
             "Job",
             "JobCancelled",

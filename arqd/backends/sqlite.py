@@ -226,6 +226,7 @@ class _Thread:
     def __init__(self, path: str, name: str) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._path = path
+        self._closed = False
         self.conn: sqlite3.Connection | None = None
 
     def _connect(self) -> None:
@@ -252,6 +253,10 @@ class _Thread:
         return fn(self.conn)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
         def _close() -> None:
             if self.conn is not None:
                 self.conn.close()

@@ -1,0 +1,5 @@
+"""``python -m arqd`` is the ``arqd`` command."""
+
+from arqd.cli import main
+
+main()

@@ -1,0 +1,306 @@
+"""The ``arqd`` command (API.md section 7).
+
+Client commands talk to a running daemon over HTTP (``--url``/``ARQD_URL``,
+``--token``/``ARQD_TOKEN``). Exit status: 0 on success, 1 on a failed job or a refused request,
+2 on bad usage (argparse's own convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import secrets
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from arqd.config import load_config
+from arqd.errors import ArqdError, ConfigError
+from arqd.http.client import HttpClient
+from arqd.http.wire import job_dict
+from arqd.model import Job, State
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+SCOPES = ("submit", "read", "cancel", "admin")
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(msgspec.to_builtins(value), indent=2, sort_keys=False))
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    return str(args.config or os.environ.get("ARQD_CONFIG") or "config.toml")
+
+
+# --- commands that need no daemon -----------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from arqd.daemon import serve
+
+    return serve(_config_path(args))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from arqd.daemon import check_exposure
+    from arqd.handlers import Registry
+
+    path = _config_path(args)
+    try:
+        config = load_config(path)
+        check_exposure(config)
+        registry = Registry.from_config(config)
+    except ConfigError as exc:
+        print(f"arqd: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{path}: ok ({config.queue.backend} queue, {config.results.backend} results, "
+        f"{len(registry.names())} handlers, concurrency {config.workers.concurrency})"
+    )
+    return 0
+
+
+def cmd_token_new(args: argparse.Namespace) -> int:
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    bad = [s for s in scopes if s not in SCOPES]
+    if bad or not scopes:
+        print(f"arqd: --scopes takes a comma list of {', '.join(SCOPES)}", file=sys.stderr)
+        return 2
+    secret = secrets.token_urlsafe(32)
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    print(f"secret (shown once, store it now): {secret}")
+    print("add to [auth] tokens in config.toml:")
+    print(f'  {{ name = "{args.name}", sha256 = "{digest}", scopes = {json.dumps(scopes)} }}')
+    return 0
+
+
+# --- client commands ------------------------------------------------------------------------------
+
+ClientCommand = Callable[[HttpClient, argparse.Namespace], Awaitable[int]]
+
+
+def client_command(fn: ClientCommand) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        async def go() -> int:
+            async with HttpClient(args.url, args.token) as client:
+                return await fn(client, args)
+
+        try:
+            return asyncio.run(go())
+        except ArqdError as exc:
+            print(f"arqd: {exc.code}: {exc}", file=sys.stderr)
+            return 1
+        except TimeoutError:
+            print("arqd: timed out", file=sys.stderr)
+            return 1
+
+    return run
+
+
+async def _submit(client: HttpClient, args: argparse.Namespace) -> int:
+    try:
+        payload = json.loads(args.payload) if args.payload is not None else None
+    except json.JSONDecodeError as exc:
+        print(f"arqd: --payload is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    job = await client.submit(
+        args.handler, payload, key=args.key, sticky=args.sticky, queue=args.queue, delay=args.delay
+    )
+    if not args.wait:
+        _print_json(job_dict(job))
+        return 0
+    job = await _follow(client, job)
+    if job.state is not State.SUCCEEDED:
+        _print_json(job_dict(job))
+        return 1
+    result = await client.result(job.id)
+    if isinstance(result, bytes):
+        sys.stdout.buffer.write(result)
+    else:
+        _print_json(result)
+    return 0
+
+
+async def _follow(client: HttpClient, job: Job) -> Job:
+    """Long-poll the job with a progress bar on stderr until it is terminal."""
+    from tqdm import tqdm
+
+    with tqdm(
+        total=100,
+        desc=f"{job.handler} {job.state.value}",
+        unit="%",
+        file=sys.stderr,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}",
+    ) as bar:
+        while not job.state.terminal:
+            status, body, _ = await client._call(
+                "GET",
+                f"/v1/jobs/{job.id}",
+                params={"wait": "30"},
+                headers={"If-None-Match": job.etag},
+            )
+            if status == 200:
+                job = await client.get(job.id) if not body else _job(body)
+            fraction = job.progress.fraction if job.progress else None
+            if fraction is not None:
+                bar.n = round(fraction * 100)
+            bar.set_description(f"{job.handler} {job.state.value}")
+            bar.set_postfix_str(job.progress.message or "" if job.progress else "")
+            bar.refresh()
+        if job.state is State.SUCCEEDED:
+            bar.n = 100
+            bar.refresh()
+    return job
+
+
+def _job(body: bytes) -> Job:
+    from arqd.http.wire import job_from_dict
+
+    return job_from_dict(msgspec.json.decode(body))
+
+
+async def _status(client: HttpClient, args: argparse.Namespace) -> int:
+    _print_json(job_dict(await client.get(args.id)))
+    return 0
+
+
+async def _result(client: HttpClient, args: argparse.Namespace) -> int:
+    if args.output:
+        with open(args.output, "wb") as out:  # noqa: ASYNC230 -- a CLI: nothing else runs
+            async for chunk in client.stream_result(args.id):
+                out.write(chunk)
+        return 0
+    async for chunk in client.stream_result(args.id):
+        sys.stdout.buffer.write(chunk)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+async def _cancel(client: HttpClient, args: argparse.Namespace) -> int:
+    _print_json(job_dict(await client.cancel(args.id)))
+    return 0
+
+
+async def _jobs(client: HttpClient, args: argparse.Namespace) -> int:
+    jobs, nxt = await client.list(state=args.state, queue=args.queue, limit=args.limit)
+    print(f"{'id':32}  {'queue':12} {'handler':16} {'state':10} {'attempts':>8}")
+    for j in jobs:
+        print(f"{j.id:32}  {j.queue:12} {j.handler:16} {j.state.value:10} {j.attempts:>8}")
+    if nxt:
+        print(f"(more: --cursor {nxt})")
+    return 0
+
+
+async def _queues(client: HttpClient, args: argparse.Namespace) -> int:
+    data = await client.request_json("GET", "/v1/queues")
+    cols = ("queued", "running", "succeeded", "failed", "cancelled")
+    print(f"{'queue':16} " + " ".join(f"{c:>10}" for c in cols) + "  oldest")
+    for q in data["queues"]:
+        age = q["oldest_queued_seconds"]
+        print(
+            f"{q['name']:16} "
+            + " ".join(f"{q[c]:>10}" for c in cols)
+            + (f"  {age:.1f}s" if age is not None else "  -")
+        )
+    return 0
+
+
+async def _redrive(client: HttpClient, args: argparse.Namespace) -> int:
+    data = await client.request_json("POST", f"/v1/queues/{args.queue}/redrive")
+    print(f"requeued {data['requeued']} failed jobs of {args.queue}")
+    return 0
+
+
+async def _purge(client: HttpClient, args: argparse.Namespace) -> int:
+    data = await client.request_json("DELETE", f"/v1/cache?area={args.area}")
+    print(f"purged {data['purged']} results from the {args.area} area")
+    return 0
+
+
+async def _trigger(client: HttpClient, args: argparse.Namespace) -> int:
+    _print_json(await client.request_json("POST", f"/v1/groups/{args.group}"))
+    return 0
+
+
+# --- the parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arqd", description="arqd: an async request queue")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str,
+        fn: Callable[[argparse.Namespace], int],
+        help: str,
+        client: bool = False,
+        config: bool = False,
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(run=fn)
+        if client:
+            p.add_argument(
+                "--url",
+                default=os.environ.get("ARQD_URL", DEFAULT_URL),
+                help="daemon URL (env ARQD_URL)",
+            )
+            p.add_argument(
+                "--token",
+                default=os.environ.get("ARQD_TOKEN"),
+                help="bearer token (env ARQD_TOKEN)",
+            )
+        if config:
+            p.add_argument("-c", "--config", help="config file (env ARQD_CONFIG; config.toml)")
+        return p
+
+    add("serve", cmd_serve, "run the daemon: HTTP API and consumer pool", config=True)
+    add(
+        "check-config",
+        cmd_check_config,
+        "validate a config file and import its handlers",
+        config=True,
+    )
+    p = add("submit", client_command(_submit), "submit a job", client=True)
+    p.add_argument("handler")
+    p.add_argument("--payload", help="JSON payload")
+    p.add_argument("--key", help="dedupe key")
+    p.add_argument("--queue")
+    p.add_argument("--delay", type=float, help="seconds before the job may run")
+    p.add_argument("--sticky", action="store_true", help="keep the result until purged")
+    p.add_argument("--wait", action="store_true", help="show progress, then print the result")
+    p = add("status", client_command(_status), "show a job", client=True)
+    p.add_argument("id")
+    p = add("result", client_command(_result), "print or save a job's result", client=True)
+    p.add_argument("id")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p = add("cancel", client_command(_cancel), "cancel a job", client=True)
+    p.add_argument("id")
+    p = add("jobs", client_command(_jobs), "list jobs, newest first", client=True)
+    p.add_argument("--state", choices=[s.value for s in State])
+    p.add_argument("--queue")
+    p.add_argument("--limit", type=int, default=50)
+    add("queues", client_command(_queues), "show queue counts", client=True)
+    p = add("redrive", client_command(_redrive), "requeue a queue's failed jobs", client=True)
+    p.add_argument("queue")
+    p = add("purge", client_command(_purge), "drop cached results of an area", client=True)
+    p.add_argument("--area", required=True, choices=["temporary", "persistent"])
+    p = add("trigger", client_command(_trigger), "submit a group defined in config", client=True)
+    p.add_argument("group")
+    token = sub.add_parser("token", help="manage auth tokens").add_subparsers(
+        dest="token_command", required=True, metavar="ACTION"
+    )
+    p = token.add_parser("new", help="make a token: prints the secret once and its config line")
+    p.add_argument("name")
+    p.add_argument("--scopes", required=True, help="comma list of submit,read,cancel,admin")
+    p.set_defaults(run=cmd_token_new)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.run(args))

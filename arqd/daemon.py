@@ -1,0 +1,197 @@
+"""``arqd serve``: the HTTP control API next to the consumer pool, run as a Unix service.
+
+- Starts: load and validate the config, open the backends, start the pool, listen, then tell
+  systemd ``READY=1``.
+- SIGHUP: re-read the config. A valid one is applied without dropping in-flight jobs (handlers,
+  workers, defaults, groups, schedules, auth, http_steps, log); changed ``server``, ``queue`` or
+  ``results`` settings need a restart, which the reload says while keeping the running values.
+  An invalid one is refused with the reason logged, and the running config stays in force.
+- SIGTERM / SIGINT: stop leasing, let running jobs finish for ``workers.shutdown_grace``, then
+  interrupt and release them (another daemon takes them at once), exit 0. A second signal skips
+  the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import signal
+import sys
+from pathlib import Path
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from arqd import logs, systemd
+from arqd.app import App
+from arqd.config import Config, load_config
+from arqd.errors import ConfigError
+from arqd.handlers import Registry
+from arqd.http.server import make_app
+
+log = structlog.get_logger("arqd.daemon")
+
+RESTART_SECTIONS = ("server", "queue", "results")
+HTTP_SHUTDOWN = 2.0  # seconds open long-polls and event streams get once the pool has stopped
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        return host, int(port)
+    except ValueError:
+        raise ConfigError(f"server.listen: expected host:port, got {listen!r}") from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: Config) -> None:
+    """Listening beyond loopback needs auth tokens, or an explicit ``allow_anonymous``."""
+    host, _ = split_listen(config.server.listen)
+    if not is_loopback(host) and not config.auth.tokens and not config.server.allow_anonymous:
+        raise ConfigError(
+            f"{config.source}: server.listen: {config.server.listen} is reachable beyond this "
+            "host, but [auth] lists no tokens; add tokens (arqd token new) or set "
+            "server.allow_anonymous = true"
+        )
+
+
+class Daemon:
+    def __init__(self, config_path: str | os.PathLike[str] | None) -> None:
+        self.config_path = None if config_path is None else Path(config_path)
+        self.app: App | None = None
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._reloading: asyncio.Task[None] | None = None
+        self.port: int | None = None
+
+    async def run(self) -> int:
+        try:
+            config = load_config(self.config_path)
+            check_exposure(config)
+            registry = Registry.from_config(config)
+        except ConfigError as exc:
+            print(f"arqd: {exc}", file=sys.stderr)
+            return 2
+        logs.configure(config.log.level, config.log.format)
+        self.app = App(config)
+        self.app.core.registry = registry
+        async with self.app:
+            runner = web.AppRunner(
+                make_app(self.app),
+                access_log=None,
+                handle_signals=False,
+                shutdown_timeout=HTTP_SHUTDOWN,
+            )
+            await runner.setup()
+            host, port = split_listen(config.server.listen)
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            await site.start()
+            self.port = _bound_port(runner) or port
+            self._install_signals()
+            watchdog = asyncio.create_task(self._watchdog())
+            log.info(
+                "daemon.ready",
+                listen=f"{host}:{self.port}",
+                pid=os.getpid(),
+                worker=self.app.pool.worker_id if self.app.pool else None,
+                config=config.source,
+            )
+            systemd.notify("READY=1", f"STATUS=serving on {host}:{self.port}")
+            await self._stop.wait()
+            systemd.notify("STOPPING=1")
+            log.info("daemon.stopping", grace_s=self.app.config.workers.shutdown_grace)
+            watchdog.cancel()
+            await self.app.stop()
+            await runner.cleanup()
+        log.info("daemon.stopped")
+        return 0
+
+    # --- signals ----------------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop, sig)
+
+    def _on_stop(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("daemon.signal", signal=sig.name, action="drain")
+            self._stop.set()
+        elif self.app is not None and self.app.pool is not None:
+            log.warning("daemon.signal", signal=sig.name, action="skip the grace period")
+            self.app.pool.hurry()
+
+    def _on_hup(self) -> None:
+        if self._reloading is not None and not self._reloading.done():
+            log.info("config.reload_pending")
+            return
+        self._reloading = asyncio.create_task(self.reload())
+
+    async def reload(self) -> None:
+        assert self.app is not None
+        systemd.reloading()
+        try:
+            await self._apply(self.app)
+        finally:
+            systemd.notify("READY=1")
+
+    async def _apply(self, app: App) -> None:
+        old = app.config
+        try:
+            new = load_config(self.config_path)
+            registry = Registry.from_config(new, app.extra_handlers)
+        except ConfigError as exc:
+            log.error("config.reload_failed", error=str(exc), kept=old.source)
+            app.reload_failures += 1
+            return
+        kept = [name for name in RESTART_SECTIONS if getattr(new, name) != getattr(old, name)]
+        if kept:
+            new = msgspec.structs.replace(new, **{name: getattr(old, name) for name in kept})
+            log.warning(
+                "config.restart_required",
+                sections=kept,
+                message="these sections change only on restart; running values kept",
+            )
+        app.reconfigure(new, registry)
+        logs.configure(new.log.level, new.log.format)
+        app.reloads += 1
+        log.info(
+            "config.reloaded",
+            concurrency=new.workers.concurrency,
+            queues=new.workers.queues,
+            handlers=sorted(new.handlers),
+            restart_required=kept,
+        )
+
+    async def _watchdog(self) -> None:
+        interval = systemd.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+
+def _bound_port(runner: web.AppRunner) -> int | None:
+    for server in runner.sites:
+        sock = getattr(getattr(server, "_server", None), "sockets", None)
+        if sock:
+            return int(sock[0].getsockname()[1])
+    return None
+
+
+def serve(config_path: str | None) -> int:
+    return asyncio.run(Daemon(config_path).run())

@@ -1,0 +1,1 @@
+"""The HTTP face of arqd: the aiohttp control API (``server``) and ``arqd.HttpClient``."""

@@ -1,0 +1,193 @@
+"""``arqd.HttpClient``: the in-process client's methods over the HTTP API, with the same return
+types and the same exceptions."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+import msgspec
+
+from arqd.errors import ArqdError, BackendUnavailable
+from arqd.http.wire import ERRORS, job_from_dict
+from arqd.model import Job, State
+
+WAIT_SLICE = 60  # the server holds a long-poll at most this long
+
+
+class HttpClient:
+    """``async with arqd.HttpClient("http://127.0.0.1:8080", token=...) as client: ...``"""
+
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 90.0) -> None:
+        self.url = url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        self._session = aiohttp.ClientSession(
+            self.url, headers=self._headers, timeout=self._timeout
+        )
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # --- transport --------------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, bytes, Mapping[str, str]]:
+        assert self._session is not None, "use HttpClient inside `async with`"
+        try:
+            async with self._session.request(
+                method, path, json=json, params=params, headers=headers
+            ) as resp:
+                body = await resp.read()
+                if resp.status >= 400:
+                    raise _error(resp.status, body)
+                return resp.status, body, resp.headers
+        except aiohttp.ClientError as exc:
+            raise BackendUnavailable(f"cannot reach arqd at {self.url}: {exc}") from exc
+
+    async def _job(self, method: str, path: str, **kw: Any) -> Job:
+        _, body, _ = await self._call(method, path, **kw)
+        return job_from_dict(msgspec.json.decode(body))
+
+    # --- the client's methods ---------------------------------------------------------------------
+
+    async def submit(
+        self,
+        handler: str,
+        payload: Any = None,
+        *,
+        queue: str | None = None,
+        key: str | None = None,
+        sticky: bool = False,
+        delay: float | None = None,
+        run_at: datetime | str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Job:
+        spec: dict[str, Any] = {"handler": handler, "payload": payload, "sticky": sticky}
+        for name, value in (
+            ("queue", queue),
+            ("key", key),
+            ("delay", delay),
+            ("run_at", run_at.isoformat() if isinstance(run_at, datetime) else run_at),
+            ("max_attempts", max_attempts),
+            ("timeout", timeout),
+            ("meta", meta),
+        ):
+            if value is not None:
+                spec[name] = value
+        return await self._job("POST", "/v1/jobs", json=spec)
+
+    async def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> builtins.list[Job]:
+        plain = [
+            {**s, "run_at": s["run_at"].isoformat()}
+            if isinstance(s.get("run_at"), datetime)
+            else dict(s)
+            for s in specs
+        ]
+        _, body, _ = await self._call("POST", "/v1/jobs/batch", json={"jobs": plain})
+        return [job_from_dict(j) for j in msgspec.json.decode(body)["jobs"]]
+
+    async def get(self, job_id: str) -> Job:
+        return await self._job("GET", f"/v1/jobs/{job_id}")
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Long-polls the status until the job is terminal."""
+        async with asyncio.timeout(timeout):
+            job = await self.get(job_id)
+            while not job.state.terminal:
+                status, body, _ = await self._call(
+                    "GET",
+                    f"/v1/jobs/{job_id}",
+                    params={"wait": str(WAIT_SLICE)},
+                    headers={"If-None-Match": job.etag},
+                )
+                if status == 200:
+                    job = job_from_dict(msgspec.json.decode(body))
+            return job
+
+    async def result(self, job_id: str) -> Any:
+        _, body, headers = await self._call("GET", f"/v1/jobs/{job_id}/result")
+        if headers.get("Content-Type", "").startswith("application/json"):
+            return msgspec.json.decode(body)
+        return body
+
+    async def stream_result(self, job_id: str) -> AsyncIterator[bytes]:
+        assert self._session is not None, "use HttpClient inside `async with`"
+        try:
+            async with self._session.get(f"/v1/jobs/{job_id}/result") as resp:
+                if resp.status >= 400:
+                    raise _error(resp.status, await resp.read())
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    yield chunk
+        except aiohttp.ClientError as exc:
+            raise BackendUnavailable(f"cannot reach arqd at {self.url}: {exc}") from exc
+
+    async def cancel(self, job_id: str) -> Job:
+        return await self._job("POST", f"/v1/jobs/{job_id}/cancel")
+
+    async def delete(self, job_id: str) -> None:
+        await self._call("DELETE", f"/v1/jobs/{job_id}")
+
+    async def list(
+        self,
+        *,
+        queue: str | None = None,
+        state: State | str | None = None,
+        handler: str | None = None,
+        group_id: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[builtins.list[Job], str | None]:
+        params = {"limit": str(limit)}
+        for name, value in (
+            ("queue", queue),
+            ("state", state.value if isinstance(state, State) else state),
+            ("handler", handler),
+            ("group_id", group_id),
+            ("cursor", cursor),
+        ):
+            if value is not None:
+                params[name] = value
+        _, body, _ = await self._call("GET", "/v1/jobs", params=params)
+        data = msgspec.json.decode(body)
+        return [job_from_dict(j) for j in data["jobs"]], data["next"]
+
+    # --- operator calls (used by the CLI) ---------------------------------------------------------
+
+    async def request_json(self, method: str, path: str, json: Any = None) -> Any:
+        """Any API call answering JSON, e.g. ``("GET", "/v1/queues")``."""
+        _, body, _ = await self._call(method, path, json=json)
+        return msgspec.json.decode(body) if body else None
+
+
+def _error(status: int, body: bytes) -> ArqdError:
+    try:
+        err = msgspec.json.decode(body)["error"]
+        code, message = err["code"], err["message"]
+    except (msgspec.DecodeError, KeyError, TypeError):
+        code, message = "error", body[:200].decode(errors="replace") or f"HTTP {status}"
+    exc = ERRORS.get(code, ArqdError)(message)
+    if type(exc) is ArqdError:
+        exc.code, exc.status = code, status
+    return exc

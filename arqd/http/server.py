@@ -1,0 +1,494 @@
+"""The HTTP control API (API.md section 2) as an aiohttp application.
+
+``make_app(app)`` builds the ``web.Application`` around a running ``arqd.App``; the daemon
+(``arqd.daemon``) serves it, and tests serve it in-process or as ``arqd serve``.
+
+Status polling is cheap by design: a small change cache remembers the ETag of recently served
+jobs; a local change (from this process's consumers or clients, through the hub) drops the entry
+at once, and an entry older than ``CACHE_TTL`` is re-read, which bounds how long a change made by
+another process can go unseen. An ``If-None-Match`` that matches a fresh entry is answered 304
+without touching the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from arqd.app import App
+from arqd.backends.base import ListFilter
+from arqd.core import JSON, Core, explain, parse_spec
+from arqd.errors import (
+    ArqdError,
+    BackendError,
+    InvalidRequest,
+    JobNotFound,
+)
+from arqd.http.wire import encode, error_body, job_dict
+from arqd.model import JOB_ID_RE, Job, JobSpec, State, from_ts
+
+log = structlog.get_logger("arqd.http")
+
+CACHE_TTL = 1.0  # seconds a cached ETag may answer 304 without asking the backend
+CACHE_SIZE = 100_000  # ETags remembered (about 100 bytes each)
+POLL = 1.0  # long-polls and event streams re-read the job this often (changes elsewhere)
+WAIT_MAX = 60.0
+KEEPALIVE = 15.0  # an SSE comment line this often keeps proxies from closing the stream
+BATCH_MAX = 1000
+LIST_MAX = 1000
+WORKER_STALE = 15.0  # a worker row older than this is not listed (rows refresh every 2 s)
+READY_TIMEOUT = 2.0
+
+
+class ChangeCache:
+    """ETags of recently served jobs; see the module docstring."""
+
+    def __init__(self, ttl: float = CACHE_TTL, size: int = CACHE_SIZE) -> None:
+        self._ttl, self._size = ttl, size
+        self._etags: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def fresh(self, job_id: str) -> str | None:
+        entry = self._etags.get(job_id)
+        if entry is None or time.monotonic() - entry[1] > self._ttl:
+            return None
+        return entry[0]
+
+    def put(self, job: Job) -> None:
+        self._etags[job.id] = (job.etag, time.monotonic())
+        self._etags.move_to_end(job.id)
+        if len(self._etags) > self._size:
+            self._etags.popitem(last=False)
+
+    def changed(self, job_id: str, job: Job | None = None) -> None:
+        self._etags.pop(job_id, None)
+
+
+@dataclass
+class ServerState:
+    app: App
+    cache: ChangeCache = field(default_factory=ChangeCache)
+
+    @property
+    def core(self) -> Core:
+        return self.app.core
+
+
+STATE = web.AppKey("state", ServerState)
+
+
+class BatchSpec(msgspec.Struct, forbid_unknown_fields=True):
+    jobs: list[JobSpec]
+
+
+_batch_decoder = msgspec.json.Decoder(BatchSpec)
+
+
+# --- responses ------------------------------------------------------------------------------------
+
+
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=encode(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.Response(
+        body=error_body(code, message), status=status, content_type="application/json"
+    )
+
+
+def job_response(job: Job, status: int = 200, **headers: str) -> web.Response:
+    return json_response(job_dict(job), status, {"ETag": job.etag, **headers})
+
+
+_HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    416: "range_not_satisfiable",
+    429: "rate_limited",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error is the JSON error body with a truthful status; never a traceback."""
+    try:
+        return await handler(request)
+    except ArqdError as exc:
+        if isinstance(exc, BackendError):
+            log.warning("http.backend_error", path=request.path, error=str(exc))
+            return error_response(503, "unavailable", "the queue backend is unavailable")
+        return error_response(exc.status, exc.code, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 413:
+            return error_response(413, "too_large", "the request body is larger than allowed")
+        code = _HTTP_CODES.get(exc.status, "error")
+        return error_response(exc.status, code, exc.reason or code)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("http.internal_error", method=request.method, path=request.path)
+        return error_response(500, "internal", "internal error; the daemon's log has details")
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def state_of(request: web.Request) -> ServerState:
+    return request.app[STATE]
+
+
+def job_id_of(request: web.Request) -> str:
+    job_id = request.match_info["id"]
+    if not JOB_ID_RE.match(job_id):
+        raise JobNotFound(f"no job {job_id}")
+    return job_id
+
+
+async def read_body(request: web.Request) -> bytes:
+    body = await request.read()
+    if not body:
+        raise InvalidRequest("the request needs a JSON body")
+    return body
+
+
+def query(request: web.Request, allowed: set[str]) -> dict[str, str]:
+    unknown = set(request.query) - allowed
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter {sorted(unknown)[0]!r}")
+    return dict(request.query)
+
+
+def etags(header: str | None) -> set[str]:
+    if not header:
+        return set()
+    return {part.strip().removeprefix("W/") for part in header.split(",")}
+
+
+# --- routes: jobs ---------------------------------------------------------------------------------
+
+
+async def submit(request: web.Request) -> web.Response:
+    body = await read_body(request)
+    try:
+        spec = parse_spec(body)
+    except msgspec.DecodeError:
+        return error_response(400, "invalid_json", "the body is not valid JSON")
+    (stored,) = await state_of(request).core.submit([spec])
+    job = stored.job
+    if not stored.created:
+        return job_response(msgspec.structs.replace(job, deduplicated=True), 200)
+    return job_response(job, 202, Location=job.links["self"])
+
+
+async def submit_batch(request: web.Request) -> web.Response:
+    body = await read_body(request)
+    try:
+        batch = _batch_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(explain(exc)) from None
+    except msgspec.DecodeError:
+        return error_response(400, "invalid_json", "the body is not valid JSON")
+    if not 1 <= len(batch.jobs) <= BATCH_MAX:
+        raise InvalidRequest(f"jobs: a batch holds 1 to {BATCH_MAX} jobs")
+    stored = await state_of(request).core.submit(batch.jobs)
+    jobs = [
+        job_dict(e.job if e.created else msgspec.structs.replace(e.job, deduplicated=True))
+        for e in stored
+    ]
+    return json_response({"jobs": jobs}, 202)
+
+
+async def get_job(request: web.Request) -> web.Response:
+    st = state_of(request)
+    job_id = job_id_of(request)
+    params = query(request, {"wait"})
+    wanted = etags(request.headers.get("If-None-Match"))
+    wait = 0.0
+    if "wait" in params:
+        try:
+            wait = float(params["wait"])
+        except ValueError:
+            raise InvalidRequest("wait: a number of seconds") from None
+        if not 0 <= wait <= WAIT_MAX:
+            raise InvalidRequest(f"wait: between 0 and {WAIT_MAX:g} seconds")
+    if wanted and wait == 0 and st.cache.fresh(job_id) in wanted:
+        return web.Response(status=304, headers={"ETag": st.cache.fresh(job_id) or ""})
+    job = await read_job(st, job_id)
+    if wait > 0:
+        baseline = wanted or {job.etag}
+        job = await wait_for_change(st, job, baseline, wait)
+    if job.etag in wanted:
+        return web.Response(status=304, headers={"ETag": job.etag})
+    return job_response(job)
+
+
+async def read_job(st: ServerState, job_id: str) -> Job:
+    job = await st.core.get(job_id)
+    st.cache.put(job)
+    return job
+
+
+async def wait_for_change(st: ServerState, job: Job, baseline: set[str], wait: float) -> Job:
+    """Hold until the job's ETag leaves ``baseline`` or ``wait`` seconds pass."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    hub = st.core.hub
+    while job.etag in baseline and not job.state.terminal:
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        fut = hub.watch(job.id)
+        try:
+            await asyncio.wait([fut], timeout=min(left, POLL))
+        finally:
+            hub.unwatch(job.id, fut)
+        job = await read_job(st, job.id)
+    return job
+
+
+async def get_result(request: web.Request) -> web.StreamResponse:
+    core = state_of(request).core
+    job = await core.get(job_id_of(request))
+    ref = core.check_result(job)
+    if ref.is_inline:
+        size, content_type = core.result_size(ref), JSON
+    else:
+        stored = await core.blob_size(ref)
+        if stored is None:
+            return error_response(410, "expired", f"the result of job {job.id} has expired")
+        size, content_type = stored, ref.content_type or "application/octet-stream"
+    span = parse_range(request.headers.get("Range"), size)
+    start, end = span if span else (0, size)
+    resp = web.StreamResponse(status=206 if span else 200)
+    resp.content_type = content_type
+    resp.content_length = end - start
+    resp.headers["Accept-Ranges"] = "bytes"
+    resp.headers["ETag"] = job.etag
+    if span:
+        resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    await resp.prepare(request)
+    async for chunk in core.read_result(ref, start, end):
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """One ``bytes=a-b`` range as a half-open (start, end); None for no Range header."""
+    if header is None:
+        return None
+    m = _RANGE_RE.match(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+    if not m.group(1):  # the last n bytes
+        start, end = max(0, size - int(m.group(2))), size
+    else:
+        start = int(m.group(1))
+        end = min(size, int(m.group(2)) + 1) if m.group(2) else size
+    if start >= size or start >= end:
+        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+    return start, end
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: the current state first, then ``state`` and ``progress`` events as
+    they happen; the stream closes after the terminal state."""
+    st = state_of(request)
+    job = await read_job(st, job_id_of(request))
+    resp = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    resp.content_type = "text/event-stream"
+    await resp.prepare(request)
+    await resp.write(sse("state", job))
+    loop = asyncio.get_running_loop()
+    quiet_since = loop.time()
+    while not job.state.terminal:
+        try:
+            new = await wait_for_change(st, job, {job.etag}, POLL)
+        except JobNotFound:
+            break
+        if new.etag != job.etag:
+            event = (
+                "progress" if new.state == job.state and new.progress != job.progress else "state"
+            )
+            await resp.write(sse(event, new))
+            quiet_since = loop.time()
+        elif loop.time() - quiet_since > KEEPALIVE:
+            await resp.write(b": keepalive\n\n")
+            quiet_since = loop.time()
+        job = new
+    await resp.write_eof()
+    return resp
+
+
+def sse(event: str, job: Job) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + encode(job_dict(job)) + b"\n\n"
+
+
+async def delete_job(request: web.Request) -> web.Response:
+    core = state_of(request).core
+    job_id = job_id_of(request)
+    job = await core.get(job_id)
+    if job.state.terminal:
+        await core.delete(job_id)
+        return web.Response(status=204)
+    job = await core.cancel(job_id)
+    return job_response(job, 200 if job.state is State.CANCELLED else 202)
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """An addition to API.md: cancel without ever deleting (``DELETE`` deletes terminal jobs);
+    a terminal job is answered unchanged. ``arqd.HttpClient.cancel`` uses it."""
+    job = await state_of(request).core.cancel(job_id_of(request))
+    return job_response(job, 202 if job.state is State.RUNNING else 200)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    params = query(request, {"queue", "state", "handler", "group_id", "limit", "cursor"})
+    try:
+        limit = int(params.get("limit", "100"))
+    except ValueError:
+        raise InvalidRequest("limit: a whole number") from None
+    if not 1 <= limit <= LIST_MAX:
+        raise InvalidRequest(f"limit: between 1 and {LIST_MAX}")
+    state = params.get("state")
+    if state is not None and state not in State.__members__.values():
+        raise InvalidRequest(f"state: one of {', '.join(s.value for s in State)}")
+    cursor = params.get("cursor")
+    if cursor is not None and not JOB_ID_RE.match(cursor):
+        raise InvalidRequest("cursor: not a cursor this API gave out")
+    where = ListFilter(
+        queue=params.get("queue"),
+        state=State(state) if state else None,
+        handler=params.get("handler"),
+        group_id=params.get("group_id"),
+    )
+    jobs, nxt = await state_of(request).core.queue.list_jobs(where, limit, cursor)
+    return json_response({"jobs": [job_dict(j) for j in jobs], "next": nxt})
+
+
+# --- routes: queues, workers, health --------------------------------------------------------------
+
+
+async def list_queues(request: web.Request) -> web.Response:
+    core = state_of(request).core
+    stats = {s.name: s for s in await core.queue.stats()}
+    names = sorted(set(stats) | set(core.config.workers.queues))
+    out = []
+    for name in names:
+        s = stats.get(name)
+        out.append(
+            {
+                "name": name,
+                "queued": s.queued if s else 0,
+                "running": s.running if s else 0,
+                "succeeded": s.succeeded if s else 0,
+                "failed": s.failed if s else 0,
+                "cancelled": s.cancelled if s else 0,
+                "oldest_queued_seconds": s.oldest_queued_seconds if s else None,
+            }
+        )
+    return json_response({"queues": out})
+
+
+async def redrive(request: web.Request) -> web.Response:
+    core = state_of(request).core
+    name = request.match_info["name"]
+    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
+        raise JobNotFound(f"no queue {name!r}")
+    count = await core.queue.redrive(name)
+    if count:
+        core.hub.jobs_ready()
+    return json_response({"requeued": count})
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    core = state_of(request).core
+    workers = await core.queue.list_workers(core.clock.time() - WORKER_STALE)
+    return json_response(
+        {
+            "workers": [
+                {
+                    "id": w.id,
+                    "host": w.host,
+                    "started_at": from_ts(w.started_at),
+                    "last_seen": from_ts(w.last_seen),
+                    "running": w.running,
+                    "concurrency": w.concurrency,
+                }
+                for w in workers
+            ]
+        }
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    core = state_of(request).core
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            await core.queue.ping()
+            await core.results.ping()
+    except (ArqdError, TimeoutError) as exc:
+        message = str(exc) or "the backends did not answer in time"
+        return error_response(503, "unavailable", message)
+    return json_response({"status": "ready"})
+
+
+# --- the application ------------------------------------------------------------------------------
+
+
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("POST", "/v1/jobs", submit),
+    ("POST", "/v1/jobs/batch", submit_batch),
+    ("GET", "/v1/jobs", list_jobs),
+    ("GET", "/v1/jobs/{id}", get_job),
+    ("DELETE", "/v1/jobs/{id}", delete_job),
+    ("POST", "/v1/jobs/{id}/cancel", cancel_job),
+    ("GET", "/v1/jobs/{id}/result", get_result),
+    ("GET", "/v1/jobs/{id}/events", job_events),
+    ("GET", "/v1/queues", list_queues),
+    ("POST", "/v1/queues/{name}/redrive", redrive),
+    ("GET", "/v1/workers", list_workers),
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
+]
+
+
+def make_app(app: App) -> web.Application:
+    """The aiohttp application serving ``app`` (whose pool and backends the caller runs)."""
+    web_app = web.Application(
+        middlewares=[errors_middleware], client_max_size=app.config.server.max_body
+    )
+    state = ServerState(app)
+    web_app[STATE] = state
+    app.core.hub.add_listener(state.cache.changed)
+    for method, path, handler in ROUTES:
+        web_app.router.add_route(method, path, handler)
+    return web_app
