@@ -125,13 +125,13 @@ def await_result(job: arqd.Job) -> object:
 
 async def test_two_processes_share_one_sqlite_file(tmp_path: Path, workers: Workers):
     """Two worker processes on one database run each of 2,000 jobs exactly once, and both work."""
-    config = write_config(tmp_path, concurrency=8, visibility_timeout="30s")
+    config = write_config(tmp_path, concurrency=8, visibility_timeout="30s", poll_max="50ms")
     log = tmp_path / "runs.log"
+    workers.start(config)
+    workers.start(config)
     async with arqd.Client.from_config(config) as client:
-        specs = [{"handler": "record", "payload": {"log": str(log)}} for _ in range(2000)]
+        specs = [{"handler": "record", "payload": {"log": str(log), "sleep": 0.005}}] * 2000
         jobs = await client.submit_many(specs)
-        workers.start(config)
-        workers.start(config)
 
         async def all_done() -> bool:
             stats = {s.name: s for s in await client.core.queue.stats()}
