@@ -3,11 +3,12 @@
 ``make_app(app)`` builds the ``web.Application`` around a running ``arqd.App``; the daemon
 (``arqd.daemon``) serves it, and tests serve it in-process or as ``arqd serve``.
 
-Status polling is cheap by design: a small change cache remembers the ETag of recently served
-jobs; a local change (from this process's consumers or clients, through the hub) drops the entry
-at once, and an entry older than ``CACHE_TTL`` is re-read, which bounds how long a change made by
-another process can go unseen. An ``If-None-Match`` that matches a fresh entry is answered 304
-without touching the backend.
+Status polling is cheap by design: a small change cache remembers recently served jobs (their
+ETag and encoded body); a local change (from this process's consumers or clients, through the
+hub) drops the entry at once, and an entry older than ``CACHE_TTL`` is read again, which bounds
+how long a change made by another process can go unseen. A poll of a fresh entry is answered
+from memory: 304 when ``If-None-Match`` matches, else 200 with the cached body; neither touches
+the backend.
 """
 
 from __future__ import annotations
@@ -49,27 +50,36 @@ WORKER_STALE = 15.0  # a worker row older than this is not listed (rows refresh 
 READY_TIMEOUT = 2.0
 
 
+@dataclass(slots=True)
+class Cached:
+    job: Job
+    body: bytes
+    at: float
+
+
 class ChangeCache:
-    """ETags of recently served jobs; see the module docstring."""
+    """Recently served jobs, with their encoded body; see the module docstring."""
 
     def __init__(self, ttl: float = CACHE_TTL, size: int = CACHE_SIZE) -> None:
         self._ttl, self._size = ttl, size
-        self._etags: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._entries: OrderedDict[str, Cached] = OrderedDict()
 
-    def fresh(self, job_id: str) -> str | None:
-        entry = self._etags.get(job_id)
-        if entry is None or time.monotonic() - entry[1] > self._ttl:
+    def fresh(self, job_id: str) -> Cached | None:
+        entry = self._entries.get(job_id)
+        if entry is None or time.monotonic() - entry.at > self._ttl:
             return None
-        return entry[0]
+        return entry
 
-    def put(self, job: Job) -> None:
-        self._etags[job.id] = (job.etag, time.monotonic())
-        self._etags.move_to_end(job.id)
-        if len(self._etags) > self._size:
-            self._etags.popitem(last=False)
+    def put(self, job: Job) -> Cached:
+        entry = Cached(job, encode(job_dict(job)), time.monotonic())
+        self._entries[job.id] = entry
+        self._entries.move_to_end(job.id)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return entry
 
     def changed(self, job_id: str, job: Job | None = None) -> None:
-        self._etags.pop(job_id, None)
+        self._entries.pop(job_id, None)
 
 
 @dataclass
@@ -232,21 +242,24 @@ async def get_job(request: web.Request) -> web.Response:
             raise InvalidRequest("wait: a number of seconds") from None
         if not 0 <= wait <= WAIT_MAX:
             raise InvalidRequest(f"wait: between 0 and {WAIT_MAX:g} seconds")
-    if wanted and wait == 0 and st.cache.fresh(job_id) in wanted:
-        return web.Response(status=304, headers={"ETag": st.cache.fresh(job_id) or ""})
-    job = await read_job(st, job_id)
+    entry = st.cache.fresh(job_id)
+    if entry is None or wait > 0:
+        entry = await read_entry(st, job_id)
     if wait > 0:
-        baseline = wanted or {job.etag}
-        job = await wait_for_change(st, job, baseline, wait)
-    if job.etag in wanted:
-        return web.Response(status=304, headers={"ETag": job.etag})
-    return job_response(job)
+        job = await wait_for_change(st, entry.job, wanted or {entry.job.etag}, wait)
+        entry = st.cache.fresh(job.id) or st.cache.put(job)
+    etag = entry.job.etag
+    if etag in wanted:
+        return web.Response(status=304, headers={"ETag": etag})
+    return web.Response(body=entry.body, content_type="application/json", headers={"ETag": etag})
+
+
+async def read_entry(st: ServerState, job_id: str) -> Cached:
+    return st.cache.put(await st.core.get(job_id))
 
 
 async def read_job(st: ServerState, job_id: str) -> Job:
-    job = await st.core.get(job_id)
-    st.cache.put(job)
-    return job
+    return (await read_entry(st, job_id)).job
 
 
 async def wait_for_change(st: ServerState, job: Job, baseline: set[str], wait: float) -> Job:
