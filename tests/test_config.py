@@ -76,6 +76,25 @@ def test_environment_overrides(tmp_path: Path):
     assert cfg.queue.path == "/tmp/elsewhere.sqlite3"
 
 
+def test_handlers_short_and_long_form(tmp_path: Path):
+    """A handler is a "module:function" string or a table with per-handler defaults."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[handlers]\necho = "arqd.demo:echo"\n'
+        'report = { call = "arqd.demo:sleep", timeout = "1h", max_attempts = 3, cache = true,'
+        ' queue = "reports" }\n'
+    )
+    handlers = load_config(path, environ={}).handler_configs()
+    assert handlers["echo"].call == "arqd.demo:echo" and handlers["echo"].timeout is None
+    report = handlers["report"]
+    assert (report.timeout, report.max_attempts, report.cache, report.queue) == (
+        3600,
+        3,
+        True,
+        "reports",
+    )
+
+
 def test_missing_file_is_a_clear_error(tmp_path: Path):
     """A config path that does not exist says so."""
     with pytest.raises(ConfigError, match="no such file"):

@@ -54,6 +54,13 @@ async def test_json_bytes_and_streamed_results(tmp_path: Path, daemons: Daemons)
             assert await r.read() == bytes(range(10, 20))
         async with http.get(f"/v1/jobs/{whole.id}/result", headers={"Range": "bytes=9000-"}) as r:
             assert r.status == 416
+    canonical = d.events("job.succeeded")
+    assert len(canonical) == 4
+    for line in canonical:
+        assert {"job_id", "handler", "queue", "attempt", "state", "queued_ms", "run_ms"} <= set(
+            line
+        )
+    assert {line["job_id"] for line in canonical} == {small.id, big.id, whole.id, streamed.id}
 
 
 async def test_status_304_long_poll_and_events(tmp_path: Path, daemons: Daemons):
