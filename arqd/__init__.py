@@ -23,6 +23,7 @@ from arqd.errors import (
     UnknownGroup,
     UnknownHandler,
 )
+from arqd.groups import Group, GroupJob, GroupStatus
 from arqd.handlers import JobContext
 from arqd.http.client import HttpClient
 from arqd.model import ErrorInfo, Job, Progress, State
@@ -39,6 +40,9 @@ __all__ = [
     "ConfigError",
     "ErrorInfo",
     "Fail",
+    "Group",
+    "GroupJob",
+    "GroupStatus",
     "HttpClient",
     "InvalidRequest",
     "Job",

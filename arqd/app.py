@@ -12,21 +12,29 @@ async with app:                 # opens the backends, runs the pool in the backg
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
 import msgspec
+import structlog
 
 from arqd.backends.base import QueueBackend, ResultStore
 from arqd.client import Client
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.config import Config, load_config
-from arqd.core import Core
+from arqd.core import SWEEP_BATCH, Core
+from arqd.errors import ArqdError
 from arqd.handlers import Handler, HandlerDef, Registry
+from arqd.schedules import Scheduler
 from arqd.stores import make_queue, make_results
 from arqd.worker import Pool
+
+log = structlog.get_logger("arqd.app")
+
+SWEEP_INTERVAL = 10.0  # seconds between sweeps of expired results (more often while behind)
 
 
 class App:
@@ -49,6 +57,8 @@ class App:
         self.pool: Pool | None = None
         self.client = Client(_core=self.core)
         self._open = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self.scheduler: Scheduler | None = None
         self.reloads = 0
         self.reload_failures = 0
 
@@ -89,6 +99,8 @@ class App:
         if self.pool is not None:
             self.pool.queues = list(config.workers.queues)
             self.pool.resize(config.workers.concurrency)
+        if self.scheduler is not None:
+            self.scheduler.update(config)
 
     async def __aenter__(self) -> Self:
         self.core.registry = Registry.from_config(self.config, self._extra)
@@ -99,7 +111,24 @@ class App:
         self._open = True
         self.pool = Pool(self.core)
         await self.pool.start()
+        self.scheduler = Scheduler(self.core, self.config)
+        self._tasks = [
+            asyncio.create_task(self.scheduler.run(), name="arqd-scheduler"),
+            asyncio.create_task(self._sweep_loop(), name="arqd-sweeper"),
+        ]
         return self
+
+    async def _sweep_loop(self) -> None:
+        """Expired results and records go, a bounded batch at a time, in every daemon."""
+        while True:
+            try:
+                swept = await self.core.sweep()
+            except ArqdError as exc:
+                log.warning("cache.sweep_failed", error=str(exc))
+                swept = 0
+            if swept:
+                log.info("cache.swept", jobs=swept)
+            await asyncio.sleep(0.1 if swept >= SWEEP_BATCH else SWEEP_INTERVAL)
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -108,6 +137,10 @@ class App:
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: stop leasing, finish or release running jobs, close what this app opened."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
         if self.pool is not None:
             await self.pool.stop(grace)
             self.pool = None

@@ -17,8 +17,9 @@ import msgspec
 from arqd.backends.base import ListFilter, QueueBackend, ResultStore
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.config import Config, load_config
-from arqd.core import JSON, Core, parse_spec
+from arqd.core import JSON, Core, parse_group, parse_spec
 from arqd.errors import InvalidRequest
+from arqd.groups import Group, GroupStatus, group_of, status_of
 from arqd.handlers import Registry
 from arqd.model import Job, State
 from arqd.stores import make_queue, make_results
@@ -162,6 +163,34 @@ class Client:
             raise InvalidRequest(f"state: unknown state {state!r}") from None
         where = ListFilter(queue=queue, state=state, handler=handler, group_id=group_id)
         return await self._core.queue.list_jobs(where, limit, cursor)
+
+    # --- groups and the cache -------------------------------------------------------------------
+
+    async def trigger_group(self, name: str) -> Group:
+        """Submit the group ``name`` defined in config (``arqd.UnknownGroup`` if none)."""
+        record, _ = await self._core.submit_group(name, self._core.group_specs(name))
+        return group_of(record)
+
+    async def submit_group(
+        self, jobs: Sequence[Mapping[str, Any]], name: str | None = None
+    ) -> Group:
+        """An ad-hoc group: job specs, each with an optional ``name``; all stored or none."""
+        spec = parse_group({"name": name, "jobs": [_plain(j) for j in jobs]})
+        record, _ = await self._core.submit_group(spec.name or "group", spec.jobs)
+        return group_of(record)
+
+    async def group(self, group_id: str) -> GroupStatus:
+        """A group's aggregate state, counts and progress, with its jobs."""
+        record, jobs = await self._core.group(group_id)
+        return status_of(record, jobs)
+
+    async def cancel_group(self, group_id: str) -> int:
+        """Cancel every job of the group that is not terminal; answers how many."""
+        return await self._core.cancel_group(group_id)
+
+    async def purge(self, area: str) -> int:
+        """Drop every cached result of ``area`` (``temporary`` or ``persistent``)."""
+        return await self._core.purge(area)
 
     # --- changing ---------------------------------------------------------------------------------
 

@@ -15,8 +15,10 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
+from croniter import croniter
 
 from arqd.errors import ConfigError
 
@@ -288,6 +290,25 @@ def _check_references(cfg: Config) -> None:
         if sched.name in seen:
             raise ConfigError(f"{cfg.source}: schedules.{sched.name}: duplicate schedule name")
         seen.add(sched.name)
+        _check_schedule(sched, cfg.source)
+
+
+def _check_schedule(sched: ScheduleConfig, source: str) -> None:
+    where = f"{source}: schedules.{sched.name}"
+    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", sched.name):
+        raise ConfigError(f"{where}: a name of letters, digits, '_', '.', '-'")
+    if sched.cron is not None:
+        fields = len(sched.cron.split())
+        if fields not in (5, 6) or not croniter.is_valid(
+            sched.cron, second_at_beginning=fields == 6
+        ):
+            raise ConfigError(f"{where}.cron: not a 5- or 6-field cron expression: {sched.cron!r}")
+    if sched.every is not None and sched.every < 1:
+        raise ConfigError(f"{where}.every: at least 1s")
+    try:
+        ZoneInfo(sched.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{where}.timezone: unknown time zone {sched.timezone!r}") from None
 
 
 def _env_value(raw: str) -> Any:

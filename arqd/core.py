@@ -24,13 +24,19 @@ from arqd.errors import (
     JobNotFound,
     NotReady,
     ResultExpired,
+    UnknownGroup,
     UnknownHandler,
 )
 from arqd.handlers import Registry, cache_key
 from arqd.hub import hub_for
 from arqd.model import (
+    DROPPED,
     JOB_ID_RE,
     ErrorInfo,
+    GroupMember,
+    GroupMemberSpec,
+    GroupRecord,
+    GroupSpec,
     Job,
     JobSpec,
     NewJob,
@@ -40,6 +46,10 @@ from arqd.model import (
 )
 
 META_MAX = 4096
+GROUP_MAX = 1000
+SCHEDULE_KEY = "schedule:"  # keys of schedule ticks (arqd/schedules.py); reserved
+SWEEP_BATCH = 500  # expired records deleted per sweep (one short write transaction)
+PURGE_BATCH = 1000
 JSON = "application/json"
 
 _spec_decoder = msgspec.json.Decoder(JobSpec)
@@ -51,6 +61,19 @@ def parse_spec(data: Mapping[str, Any] | bytes) -> JobSpec:
         if isinstance(data, bytes | bytearray | memoryview):
             return _spec_decoder.decode(data)
         return msgspec.convert(data, JobSpec)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(explain(exc)) from None
+
+
+_group_decoder = msgspec.json.Decoder(GroupSpec)
+
+
+def parse_group(data: Mapping[str, Any] | bytes) -> GroupSpec:
+    """Validate an ad-hoc group (``{"name"?: str, "jobs": [spec + "name"?]}``)."""
+    try:
+        if isinstance(data, bytes | bytearray | memoryview):
+            return _group_decoder.decode(data)
+        return msgspec.convert({k: v for k, v in data.items() if v is not None}, GroupSpec)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(explain(exc)) from None
 
@@ -85,9 +108,18 @@ class Core:
     # --- submitting -------------------------------------------------------------------------------
 
     def new_job(
-        self, spec: JobSpec, now: float, owner: str | None = None, group_id: str | None = None
+        self,
+        spec: JobSpec,
+        now: float,
+        owner: str | None = None,
+        group_id: str | None = None,
+        internal: bool = False,
+        name: str | None = None,
     ) -> NewJob:
-        """Resolve every default of ``spec``; raise :class:`InvalidRequest` if it cannot run."""
+        """Resolve every default of ``spec``; raise :class:`InvalidRequest` if it cannot run.
+        ``internal`` submits (the scheduler's) may use the reserved ``schedule:`` keys."""
+        if spec.key is not None and spec.key.startswith(SCHEDULE_KEY) and not internal:
+            raise InvalidRequest(f"key: the {SCHEDULE_KEY!r} prefix is reserved for schedules")
         if spec.steps is not None:
             raise InvalidRequest("steps: multi-step HTTP jobs are not available in this version")
         if spec.handler is None:
@@ -130,18 +162,89 @@ class Core:
             ready_at=ready_at,
             group_id=group_id,
             owner=owner,
+            name=name,
         )
 
     async def submit(
-        self, specs: Sequence[JobSpec], owner: str | None = None, group_id: str | None = None
+        self,
+        specs: Sequence[JobSpec],
+        owner: str | None = None,
+        group_id: str | None = None,
+        internal: bool = False,
     ) -> list[Enqueued]:
         """Store all specs atomically (all or none fail validation first)."""
         now = self.clock.time()
-        new = [self.new_job(spec, now, owner, group_id) for spec in specs]
+        new = [self.new_job(spec, now, owner, group_id, internal) for spec in specs]
         stored = await self.queue.enqueue(new)
         if any(e.created for e in stored):
             self.hub.jobs_ready()
         return stored
+
+    # --- groups ---------------------------------------------------------------------------------
+
+    def group_specs(self, name: str) -> list[GroupMemberSpec]:
+        """The jobs of a group defined in config; :class:`UnknownGroup` if there is none."""
+        group = self.config.groups.get(name)
+        if group is None:
+            raise UnknownGroup(f"no group is defined as {name!r}")
+        return [
+            GroupMemberSpec(
+                handler=j.handler,
+                name=j.name,
+                payload=j.payload,
+                queue=j.queue,
+                key=j.key,
+                sticky=j.sticky,
+                max_attempts=j.max_attempts,
+                timeout=None if j.timeout is None else float(j.timeout),
+                meta=j.meta,
+            )
+            for j in group.jobs
+        ]
+
+    async def submit_group(
+        self, name: str, members: Sequence[GroupMemberSpec], owner: str | None = None
+    ) -> tuple[GroupRecord, list[Enqueued]]:
+        """Store a group's jobs atomically (all or none), then its record."""
+        if not 1 <= len(members) <= GROUP_MAX:
+            raise InvalidRequest(f"jobs: a group holds 1 to {GROUP_MAX} jobs")
+        names = [m.name or f"job{i + 1}" for i, m in enumerate(members)]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("jobs: job names within a group must be unique")
+        now = self.clock.time()
+        group_id = new_job_id()
+        new = [
+            self.new_job(m, now, owner, group_id, name=n)
+            for m, n in zip(members, names, strict=True)
+        ]
+        stored = await self.queue.enqueue(new)
+        record = GroupRecord(
+            id=group_id,
+            name=name,
+            created_at=now,
+            owner=owner,
+            members=[GroupMember(n, e.job.id) for n, e in zip(names, stored, strict=True)],
+        )
+        await self.queue.save_group(record)
+        self.hub.jobs_ready()
+        return record, stored
+
+    async def group(self, group_id: str, owner: str | None = None) -> tuple[GroupRecord, list[Job]]:
+        record = await self.queue.get_group(group_id) if JOB_ID_RE.match(group_id) else None
+        if record is None or (owner is not None and record.owner != owner):
+            raise JobNotFound(f"no group {group_id}")
+        found = await self.queue.get_many([m.id for m in record.members])
+        return record, [j for j in found if j is not None]
+
+    async def cancel_group(self, group_id: str, owner: str | None = None) -> int:
+        """Cancel every job of the group that is not terminal; answers how many."""
+        _, jobs = await self.group(group_id, owner)
+        count = 0
+        for job in jobs:
+            if not job.state.terminal:
+                await self.cancel(job.id)
+                count += 1
+        return count
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -178,7 +281,7 @@ class Core:
             raise NotReady(f"job {job.id} is {job.state.value}, it has no result yet")
         if job.expires_at is not None and job.expires_at.timestamp() <= self.clock.time():
             raise ResultExpired(f"the result of job {job.id} has expired")
-        if job.result.area == "expired":
+        if job.result.area == DROPPED:
             raise ResultExpired(f"the result of job {job.id} was purged from the cache")
         return job.result
 
@@ -224,12 +327,38 @@ class Core:
             raise JobNotFound(f"no job {job_id}")
         if not deleted.state.terminal:  # it changed under us: it cannot have, but never delete live
             return deleted
-        ref = deleted.result
-        if ref is not None and not ref.is_inline and ref.area in ("temporary", "persistent"):
-            assert ref.name is not None
-            await self.results.delete(_area(ref.area), ref.name)
+        await self._delete_blob(deleted.result)
         self.hub.job_changed(job_id, None)
         return None
+
+    # --- the result cache ------------------------------------------------------------------------
+
+    async def sweep(self, limit: int = SWEEP_BATCH) -> int:
+        """Delete up to ``limit`` expired job records and their result blobs; answers how many.
+        Bounded, and safe with every daemon running it (the backend hands each job to one)."""
+        jobs = await self.queue.sweep_expired(limit)
+        for job in jobs:
+            await self._delete_blob(job.result)
+            self.hub.job_changed(job.id, None)
+        return len(jobs)
+
+    async def purge(self, area: str) -> int:
+        """``DELETE /v1/cache?area=``: drop every result of the area (and its dedupe entry);
+        their jobs stay, answering 410 ``expired`` for the result."""
+        if area not in ("temporary", "persistent"):
+            raise InvalidRequest("area: temporary or persistent")
+        total = 0
+        while batch := await self.queue.drop_results(area == "persistent", PURGE_BATCH):
+            for job in batch:
+                await self._delete_blob(job.result)
+                self.hub.job_changed(job.id, None)
+            total += len(batch)
+        await self.results.purge(_area(area))  # blobs no record points to any more
+        return total
+
+    async def _delete_blob(self, ref: ResultRef | None) -> None:
+        if ref is not None and ref.name is not None and ref.area in ("temporary", "persistent"):
+            await self.results.delete(_area(ref.area), ref.name)
 
     # --- the end of an attempt --------------------------------------------------------------------
 
@@ -253,6 +382,15 @@ class Core:
             )
         return self.final_failure(job, token, error)
 
+    @staticmethod
+    def frees_key(job: Job) -> bool:
+        """A failed or cancelled job frees its key (API.md section 4), except a schedule tick's:
+        a late daemon must not run a failed tick again."""
+        return job.key is None or not job.key.startswith(SCHEDULE_KEY)
+
+    def cancelled(self, job: Job, token: str) -> Outcome:
+        return Outcome(job=job, token=token, state=State.CANCELLED, free_key=self.frees_key(job))
+
     def final_failure(self, job: Job, token: str, error: ErrorInfo) -> Outcome:
         """Failed for good; a lease beyond ``max_attempts`` (found expired) is not counted."""
         return Outcome(
@@ -260,7 +398,7 @@ class Core:
             token=token,
             state=State.FAILED,
             error=error,
-            free_key=True,
+            free_key=self.frees_key(job),
             count_attempt=job.attempts <= job.max_attempts,
         )
 

@@ -18,8 +18,13 @@ import msgspec
 
 __all__ = [
     "BLOB_NAME_RE",
+    "DROPPED",
     "JOB_ID_RE",
     "ErrorInfo",
+    "GroupMember",
+    "GroupMemberSpec",
+    "GroupRecord",
+    "GroupSpec",
     "Job",
     "JobSpec",
     "NewJob",
@@ -123,6 +128,9 @@ class Progress(msgspec.Struct, frozen=True):
     message: str | None = None
 
 
+DROPPED = "dropped"  # ResultRef.area of a result the cache dropped (purged): reads answer 410
+
+
 class ResultRef(msgspec.Struct, frozen=True, omit_defaults=True):
     """Where a succeeded job's result is: inline JSON, or a blob in the result store's ``area``."""
 
@@ -171,6 +179,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     owner: str | None = None
     version: int = 1
     expires_at: datetime | None = None
+    name: str | None = None  # the job's name within its group
     deduplicated: bool = False  # set on the answer to a submit that matched a live job's key
 
     @property
@@ -200,6 +209,7 @@ class NewJob(msgspec.Struct, frozen=True, kw_only=True):
     group_id: str | None = None
     owner: str | None = None
     steps: list[StepState] | None = None
+    name: str | None = None
 
     def to_job(self) -> Job:
         """The record as first stored: queued, no attempt yet."""
@@ -219,7 +229,24 @@ class NewJob(msgspec.Struct, frozen=True, kw_only=True):
             group_id=self.group_id,
             owner=self.owner,
             steps=self.steps,
+            name=self.name,
         )
+
+
+class GroupMember(msgspec.Struct, frozen=True):
+    name: str
+    id: str
+
+
+class GroupRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A group as stored: which job answers for which member name (a member whose key matched
+    a live job is that job)."""
+
+    id: str
+    name: str
+    created_at: float
+    owner: str | None = None
+    members: list[GroupMember]
 
 
 # --- what clients submit --------------------------------------------------------------------------
@@ -246,3 +273,19 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     timeout: PositiveSeconds | None = None
     meta: dict[str, Any] | None = None
     credentials: dict[str, str] | None = None
+
+
+MemberName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class GroupMemberSpec(JobSpec, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A job of an ad-hoc group: a job spec with an optional ``name`` within the group."""
+
+    name: MemberName | None = None
+
+
+class GroupSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/groups``: an ad-hoc group."""
+
+    name: MemberName | None = None
+    jobs: list[GroupMemberSpec]

@@ -321,7 +321,7 @@ class Pool:
     def _refuse(self, job: Job, token: str, unknown: bool) -> Outcome | None:
         """An outcome reached without running the handler, if any."""
         if job.cancel_requested:
-            return Outcome(job=job, token=token, state=State.CANCELLED, free_key=True)
+            return self.core.cancelled(job, token)
         if job.attempts > job.max_attempts:
             return self.core.final_failure(job, token, _lease_expired(job))
         if unknown:
@@ -350,7 +350,7 @@ class Pool:
     def _interrupted(self, r: _Running) -> Outcome | None:
         job, token = r.lease.job, r.lease.token
         if r.reason == "cancelled":
-            return Outcome(job=job, token=token, state=State.CANCELLED, free_key=True)
+            return self.core.cancelled(job, token)
         if r.reason == "shutdown":
             return self._release(r.lease)
         return None  # lost: another consumer owns the job now; write nothing

@@ -15,16 +15,9 @@ import pytest
 import arqd
 
 from .daemons import Daemons, sqlite_config
+from .util import eventually
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def eventually(predicate, limit: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(limit):
-        while True:
-            if await predicate():
-                return
-            await asyncio.sleep(0.05)
 
 
 async def test_json_bytes_and_streamed_results(tmp_path: Path, daemons: Daemons):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,12 @@ from arqd.clock import ManualClock
 from arqd.config import Config
 from arqd.model import Progress
 
-from .conftest import QUEUE_BACKENDS
+from .util import eventually
+
+POOL_BACKENDS = [
+    "memory",
+    "sqlite",
+]  # dynamodb: covered by tests/test_aws_*.py and the contract suite
 
 
 def make_config(backend: str, tmp_path: Path, **workers: Any) -> Config:
@@ -37,7 +42,7 @@ def make_config(backend: str, tmp_path: Path, **workers: Any) -> Config:
     )
 
 
-@pytest.fixture(params=QUEUE_BACKENDS)
+@pytest.fixture(params=POOL_BACKENDS)
 async def app(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[arqd.App]:
     application = arqd.App(make_config(request.param, tmp_path))
     register_test_handlers(application)
@@ -101,15 +106,6 @@ async def wait_state(client: arqd.Client, job_id: str, *states: str) -> arqd.Job
             job = await client.get(job_id)
             if job.state in states or (job.cancel_requested and "cancel_requested" in states):
                 return job
-            await asyncio.sleep(0.01)
-
-
-async def eventually(predicate: Callable[[], bool], limit: float = 5.0) -> None:
-    """Poll ``predicate`` until it holds, failing after ``limit`` seconds."""
-    async with asyncio.timeout(limit):
-        while True:
-            if predicate():
-                return
             await asyncio.sleep(0.01)
 
 

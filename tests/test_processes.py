@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import os
 import signal
@@ -15,6 +14,8 @@ from pathlib import Path
 import pytest
 
 import arqd
+
+from .util import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,14 +89,6 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
     pool.stop_all()
 
 
-async def wait_until(predicate, limit: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(limit):
-        while True:
-            if await predicate():
-                return
-            await asyncio.sleep(0.05)
-
-
 async def test_killed_worker_job_completes_once_after_visibility_timeout(
     tmp_path: Path, workers: Workers
 ):
@@ -106,7 +99,7 @@ async def test_killed_worker_job_completes_once_after_visibility_timeout(
     first = workers.start(config)
     async with arqd.Client.from_config(config) as client:
         job = await client.submit("hang_first", {"log": str(log), "marker": str(marker)})
-        await wait_until(lambda: asyncio.sleep(0, marker.exists()))
+        await eventually(marker.exists)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         assert (await client.get(job.id)).state == "running"
@@ -137,7 +130,7 @@ async def test_two_processes_share_one_sqlite_file(tmp_path: Path, workers: Work
             stats = {s.name: s for s in await client.core.queue.stats()}
             return stats["default"].succeeded == 2000
 
-        await wait_until(all_done, 60)
+        await eventually(all_done, 60)
     events = collections.Counter()
     pids: set[str] = set()
     for line in log.read_text().splitlines():

@@ -33,6 +33,10 @@ def test_unit_is_hardened():
     """A dedicated user and the hardening options the operations guide relies on."""
     service = load()["Service"]
     assert service["User"] == "arqd"
-    for option, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict",
-                          "ProtectHome": "yes", "PrivateTmp": "yes"}.items():
+    for option, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+    }.items():
         assert service[option] == value

@@ -23,7 +23,7 @@ from typing import Any, Literal, Self
 import msgspec
 
 from arqd.clock import SYSTEM_CLOCK, Clock
-from arqd.model import ErrorInfo, Job, NewJob, Progress, ResultRef, State
+from arqd.model import ErrorInfo, GroupRecord, Job, NewJob, Progress, ResultRef, State
 
 Area = Literal["temporary", "persistent"]
 AREAS: tuple[Area, ...] = ("temporary", "persistent")
@@ -189,6 +189,26 @@ class QueueBackend(_AsyncClosing, abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> None:
         """Raise :class:`BackendError` unless the storage answers."""
+
+    async def save_group(self, record: GroupRecord) -> None:
+        """Store a group's record (its jobs are stored first, by ``enqueue``)."""
+        raise NotImplementedError(f"{self.name}: save_group")
+
+    async def get_group(self, group_id: str) -> GroupRecord | None:
+        raise NotImplementedError(f"{self.name}: get_group")
+
+    async def sweep_expired(self, limit: int) -> list[Job]:
+        """Delete up to ``limit`` terminal jobs whose ``expires_at`` has passed (freeing their
+        keys) and answer them, so the caller can delete their result blobs. Safe to run from
+        many processes at once: each job is answered to exactly one of them."""
+        raise NotImplementedError(f"{self.name}: sweep_expired")
+
+    async def drop_results(self, sticky: bool, limit: int) -> list[Job]:
+        """Drop the results of up to ``limit`` succeeded jobs with this ``sticky`` flag (the
+        persistent area when true, the temporary one when false): their result becomes
+        ``ResultRef(area="dropped")`` and their keys are freed. Answers the jobs as they were,
+        so the caller can delete their blobs; an empty answer means none are left."""
+        raise NotImplementedError(f"{self.name}: drop_results")
 
     @abc.abstractmethod
     async def register_worker(self, info: WorkerInfo) -> None:

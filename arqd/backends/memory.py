@@ -30,7 +30,17 @@ from arqd.backends.base import (
 )
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import ResultExpired
-from arqd.model import Job, NewJob, Progress, State, from_ts, new_token
+from arqd.model import (
+    DROPPED,
+    GroupRecord,
+    Job,
+    NewJob,
+    Progress,
+    ResultRef,
+    State,
+    from_ts,
+    new_token,
+)
 
 _ids = itertools.count()
 
@@ -54,6 +64,7 @@ class _Store:
     heaps: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
     keys: dict[str, _Key] = field(default_factory=dict)
     workers: dict[str, WorkerInfo] = field(default_factory=dict)
+    groups: dict[str, GroupRecord] = field(default_factory=dict)
 
 
 class MemoryQueue(QueueBackend):
@@ -300,6 +311,43 @@ class MemoryQueue(QueueBackend):
 
     async def ping(self) -> None:
         return None
+
+    async def save_group(self, record: GroupRecord) -> None:
+        self._s.groups[record.id] = record
+
+    async def get_group(self, group_id: str) -> GroupRecord | None:
+        return self._s.groups.get(group_id)
+
+    async def sweep_expired(self, limit: int) -> list[Job]:
+        now = self.clock.time()
+        doomed = [
+            row.job
+            for row in self._s.rows.values()
+            if row.job.state.terminal
+            and row.job.expires_at is not None
+            and row.job.expires_at.timestamp() <= now
+        ][:limit]
+        for job in doomed:
+            del self._s.rows[job.id]
+            self._free_key(job)
+        return doomed
+
+    async def drop_results(self, sticky: bool, limit: int) -> list[Job]:
+        dropped: list[Job] = []
+        for row in self._s.rows.values():
+            job = row.job
+            if len(dropped) >= limit:
+                break
+            if (
+                job.state is State.SUCCEEDED
+                and job.sticky is sticky
+                and job.result is not None
+                and job.result.area != DROPPED
+            ):
+                dropped.append(job)
+                row.job = _replace(job, result=ResultRef(area=DROPPED), version=job.version + 1)
+                self._free_key(job)
+        return dropped
 
     async def register_worker(self, info: WorkerInfo) -> None:
         self._s.workers[info.id] = info

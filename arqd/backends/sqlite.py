@@ -43,9 +43,12 @@ from arqd.backends.base import (
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import BackendError, BackendUnavailable
 from arqd.model import (
+    DROPPED,
+    GroupRecord,
     Job,
     NewJob,
     Progress,
+    ResultRef,
     State,
     new_token,
 )
@@ -80,7 +83,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     expires_at       REAL,
     visible_at       REAL,
     lease_token      TEXT,
-    worker           TEXT
+    worker           TEXT,
+    name             TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_visible ON jobs (queue, state, visible_at)
     WHERE visible_at IS NOT NULL;
@@ -93,6 +97,12 @@ CREATE TABLE IF NOT EXISTS dedupe (
     key        TEXT PRIMARY KEY,
     job_id     TEXT NOT NULL,
     expires_at REAL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS groups (
+    id         TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    record     TEXT NOT NULL
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS workers (
@@ -125,13 +135,13 @@ COLUMNS = (
     "'finished_at', finished_at, 'progress', json(progress), 'error', json(error), "
     "'result', json(result), 'steps', json(steps), 'group_id', group_id, "
     "'cancel_requested', cancel_requested, 'owner', owner, 'version', version, "
-    "'expires_at', expires_at)"
+    "'expires_at', expires_at, 'name', name)"
 )
 
 SQL_INSERT = (
     "INSERT INTO jobs (id, queue, handler, state, payload, key, sticky, meta, max_attempts, "
-    "timeout, created_at, ready_at, steps, group_id, owner, visible_at) "
-    "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "timeout, created_at, ready_at, steps, group_id, owner, visible_at, name) "
+    "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 SQL_KEY_HOLDER = (
     "SELECT job_id FROM dedupe WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)"
@@ -188,6 +198,18 @@ SQL_REDRIVE = (
     "WHERE queue = :queue AND state = 'failed' RETURNING id, key"
 )
 SQL_DELETE = "DELETE FROM jobs WHERE id = ?"
+# Expired terminal jobs, found through jobs_expires; bounded per call.
+SQL_SWEEP = (
+    "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs WHERE expires_at <= ? "
+    "AND state IN ('succeeded', 'cancelled', 'failed') ORDER BY expires_at LIMIT ?) "
+    f"RETURNING {COLUMNS}"
+)
+# A purge (DELETE /v1/cache) is an operator's rare act: it walks the succeeded jobs in batches.
+SQL_DROPPABLE = (
+    f"SELECT {COLUMNS} FROM jobs WHERE state = 'succeeded' AND sticky = ? "
+    "AND result IS NOT NULL AND result ->> 'area' IS NOT 'dropped' LIMIT ?"
+)
+SQL_DROP = "UPDATE jobs SET result = ?, version = version + 1 WHERE id = ?"
 SQL_STATS = "SELECT queue, state, n FROM queue_counts WHERE n > 0"
 SQL_OLDEST = (
     "SELECT min(visible_at) FROM jobs WHERE queue = ? AND visible_at <= ? AND state = 'queued'"
@@ -206,6 +228,7 @@ PRAGMAS = (
 CHECKPOINT_INTERVAL = 1.0  # seconds between passive checkpoints
 
 _decode_job = msgspec.json.Decoder(Job, strict=False).decode
+_decode_group = msgspec.json.Decoder(GroupRecord).decode
 
 
 def _enc(value: Any) -> str:
@@ -599,6 +622,49 @@ class SqliteQueue(QueueBackend):
 
         return await self._reader.run(work)
 
+    async def save_group(self, record: GroupRecord) -> None:
+        def body(conn: sqlite3.Connection, counts: _Counts) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO groups VALUES (?, ?, ?)",
+                (record.id, record.created_at, _enc(record)),
+            )
+
+        await self._write(body)
+
+    async def get_group(self, group_id: str) -> GroupRecord | None:
+        def work(conn: sqlite3.Connection) -> GroupRecord | None:
+            row = conn.execute("SELECT record FROM groups WHERE id = ?", (group_id,)).fetchone()
+            return None if row is None else _decode_group(row[0])
+
+        return await self._reader.run(work)
+
+    async def sweep_expired(self, limit: int) -> list[Job]:
+        now = self.clock.time()
+
+        def body(conn: sqlite3.Connection, counts: _Counts) -> list[Job]:
+            jobs = [_row_to_job(r) for r in conn.execute(SQL_SWEEP, (now, limit))]
+            for job in jobs:
+                counts.add(job.queue, job.state.value, -1)
+                if job.key is not None:
+                    conn.execute(SQL_KEY_FREE, (job.key, job.id))
+            return jobs
+
+        return await self._write(body)
+
+    async def drop_results(self, sticky: bool, limit: int) -> list[Job]:
+        dropped = _enc(ResultRef(area=DROPPED))
+
+        def body(conn: sqlite3.Connection, counts: _Counts) -> list[Job]:
+            rows = conn.execute(SQL_DROPPABLE, (int(sticky), limit)).fetchall()
+            jobs = [_row_to_job(r) for r in rows]
+            for job in jobs:
+                conn.execute(SQL_DROP, (dropped, job.id))
+                if job.key is not None:
+                    conn.execute(SQL_KEY_FREE, (job.key, job.id))
+            return jobs
+
+        return await self._write(body)
+
     async def register_worker(self, info: WorkerInfo) -> None:
         row = (info.id, info.host, info.started_at, info.last_seen, info.running, info.concurrency)
 
@@ -661,4 +727,5 @@ def _insert_params(new: NewJob) -> tuple[Any, ...]:
         new.group_id,
         new.owner,
         new.ready_at,
+        new.name,
     )

@@ -14,6 +14,7 @@ import aiohttp
 import msgspec
 
 from arqd.errors import ArqdError, BackendUnavailable
+from arqd.groups import Group, GroupStatus
 from arqd.http.wire import ERRORS, job_from_dict
 from arqd.model import Job, State
 
@@ -172,6 +173,35 @@ class HttpClient:
         _, body, _ = await self._call("GET", "/v1/jobs", params=params)
         data = msgspec.json.decode(body)
         return [job_from_dict(j) for j in data["jobs"]], data["next"]
+
+    # --- groups and the cache -------------------------------------------------------------------
+
+    async def trigger_group(self, name: str) -> Group:
+        _, body, _ = await self._call("POST", f"/v1/groups/{name}")
+        return msgspec.convert(msgspec.json.decode(body)["group"], Group)
+
+    async def submit_group(
+        self, jobs: Sequence[Mapping[str, Any]], name: str | None = None
+    ) -> Group:
+        payload: dict[str, Any] = {"jobs": [dict(j) for j in jobs]}
+        if name is not None:
+            payload["name"] = name
+        _, body, _ = await self._call("POST", "/v1/groups", json=payload)
+        return msgspec.convert(msgspec.json.decode(body)["group"], Group)
+
+    async def group(self, group_id: str) -> GroupStatus:
+        _, body, _ = await self._call("GET", f"/v1/groups/{group_id}")
+        data = msgspec.json.decode(body)
+        jobs = [job_from_dict(j) for j in data.pop("jobs")]
+        return GroupStatus(jobs=jobs, **data)
+
+    async def cancel_group(self, group_id: str) -> int:
+        _, body, _ = await self._call("DELETE", f"/v1/groups/{group_id}")
+        return int(msgspec.json.decode(body)["cancelled"])
+
+    async def purge(self, area: str) -> int:
+        _, body, _ = await self._call("DELETE", "/v1/cache", params={"area": area})
+        return int(msgspec.json.decode(body)["purged"])
 
     # --- operator calls (used by the CLI) ---------------------------------------------------------
 

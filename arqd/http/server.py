@@ -27,13 +27,14 @@ from aiohttp import web
 
 from arqd.app import App
 from arqd.backends.base import ListFilter
-from arqd.core import JSON, Core, explain, parse_spec
+from arqd.core import JSON, Core, explain, parse_group, parse_spec
 from arqd.errors import (
     ArqdError,
     BackendError,
     InvalidRequest,
     JobNotFound,
 )
+from arqd.groups import Group, GroupStatus, group_of, status_of
 from arqd.http.wire import encode, error_body, job_dict
 from arqd.model import JOB_ID_RE, Job, JobSpec, State, from_ts
 
@@ -403,6 +404,65 @@ async def list_jobs(request: web.Request) -> web.Response:
     return json_response({"jobs": [job_dict(j) for j in jobs], "next": nxt})
 
 
+# --- routes: groups, cache, schedules ---
+
+
+def group_answer(group: Group) -> dict[str, Any]:
+    return {"group": msgspec.to_builtins(group)}
+
+
+def group_status_answer(status: GroupStatus) -> dict[str, Any]:
+    return {
+        "id": status.id,
+        "name": status.name,
+        "state": status.state,
+        "counts": status.counts,
+        "progress": status.progress,
+        "jobs": [job_dict(j) for j in status.jobs],
+    }
+
+
+async def trigger_group(request: web.Request) -> web.Response:
+    core = state_of(request).core
+    name = request.match_info["name"]
+    record, _ = await core.submit_group(name, core.group_specs(name))
+    return json_response(group_answer(group_of(record)), 202)
+
+
+async def submit_group(request: web.Request) -> web.Response:
+    body = await read_body(request)
+    try:
+        spec = parse_group(body)
+    except msgspec.DecodeError:
+        return error_response(400, "invalid_json", "the body is not valid JSON")
+    record, _ = await state_of(request).core.submit_group(spec.name or "group", spec.jobs)
+    return json_response(group_answer(group_of(record)), 202)
+
+
+async def get_group(request: web.Request) -> web.Response:
+    record, jobs = await state_of(request).core.group(request.match_info["id"])
+    return json_response(group_status_answer(status_of(record, jobs)))
+
+
+async def cancel_group(request: web.Request) -> web.Response:
+    core = state_of(request).core
+    group_id = request.match_info["id"]
+    cancelled = await core.cancel_group(group_id)
+    record, jobs = await core.group(group_id)
+    return json_response({"cancelled": cancelled, **group_status_answer(status_of(record, jobs))})
+
+
+async def purge_cache(request: web.Request) -> web.Response:
+    params = query(request, {"area"})
+    purged = await state_of(request).core.purge(params.get("area", ""))
+    return json_response({"purged": purged})
+
+
+async def list_schedules(request: web.Request) -> web.Response:
+    scheduler = state_of(request).app.scheduler
+    return json_response({"schedules": scheduler.status() if scheduler else []})
+
+
 # --- routes: queues, workers, health --------------------------------------------------------------
 
 
@@ -486,6 +546,12 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/jobs/{id}/cancel", cancel_job),
     ("GET", "/v1/jobs/{id}/result", get_result),
     ("GET", "/v1/jobs/{id}/events", job_events),
+    ("POST", "/v1/groups", submit_group),
+    ("POST", "/v1/groups/{name}", trigger_group),
+    ("GET", "/v1/groups/{id}", get_group),
+    ("DELETE", "/v1/groups/{id}", cancel_group),
+    ("DELETE", "/v1/cache", purge_cache),
+    ("GET", "/v1/schedules", list_schedules),
     ("GET", "/v1/queues", list_queues),
     ("POST", "/v1/queues/{name}/redrive", redrive),
     ("GET", "/v1/workers", list_workers),

@@ -37,6 +37,7 @@ def job_dict(job: Job) -> dict[str, Any]:
         "result": result_dict(job.result),
         "steps": job.steps,
         "group_id": job.group_id,
+        "name": job.name,
         "cancel_requested": job.cancel_requested,
         "links": job.links,
     }
