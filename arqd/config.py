@@ -194,7 +194,7 @@ class ScheduleConfig(_Section, frozen=True):
 
 
 class TokenConfig(_Section, frozen=True):
-    name: str
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
     scopes: list[Literal["submit", "read", "cancel", "admin"]]
 

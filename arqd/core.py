@@ -78,6 +78,17 @@ def parse_group(data: Mapping[str, Any] | bytes) -> GroupSpec:
         raise InvalidRequest(explain(exc)) from None
 
 
+def owned_key(owner: str, key: str) -> str:
+    return f"@{owner}/{key}"
+
+
+def public_key(job: Job) -> str | None:
+    """The key as its submitter gave it (without the owner's namespace)."""
+    if job.key is not None and job.owner is not None:
+        return job.key.removeprefix(f"@{job.owner}/")
+    return job.key
+
+
 def explain(exc: msgspec.ValidationError) -> str:
     """msgspec's ``reason - at `$.jobs[0].queue` `` as ``jobs[0].queue: reason``."""
     reason, _, where = str(exc).partition(" - at ")
@@ -145,6 +156,8 @@ class Core:
         key = spec.key
         if key is None and hdef is not None and hdef.cache:
             key = cache_key(spec.handler, spec.payload)
+        if key is not None and owner is not None:
+            key = owned_key(owner, key)  # tenants never share dedupe keys or cached results
         return NewJob(
             id=new_job_id(),
             queue=spec.queue or (hdef.queue if hdef and hdef.queue else "default"),

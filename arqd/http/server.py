@@ -35,6 +35,7 @@ from arqd.errors import (
     JobNotFound,
 )
 from arqd.groups import Group, GroupStatus, group_of, status_of
+from arqd.http.auth import ANONYMOUS, Principal, Scope, Tokens
 from arqd.http.wire import encode, error_body, job_dict
 from arqd.model import JOB_ID_RE, Job, JobSpec, State, from_ts
 
@@ -87,13 +88,24 @@ class ChangeCache:
 class ServerState:
     app: App
     cache: ChangeCache = field(default_factory=ChangeCache)
+    scopes: dict[Any, Scope] = field(default_factory=dict)
+    _tokens: tuple[object, Tokens] | None = None
 
     @property
     def core(self) -> Core:
         return self.app.core
 
+    @property
+    def tokens(self) -> Tokens:
+        """The configured tokens, rebuilt when a reload replaced the auth section."""
+        auth = self.app.config.auth
+        if self._tokens is None or self._tokens[0] is not auth:
+            self._tokens = (auth, Tokens(auth))
+        return self._tokens[1]
+
 
 STATE = web.AppKey("state", ServerState)
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 class BatchSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -162,11 +174,41 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, "internal", "internal error; the daemon's log has details")
 
 
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route has a scope (see ROUTES); unknown routes fall through to a 404."""
+    st = state_of(request)
+    scope = st.scopes.get(request.match_info.route.handler)
+    if scope is None or scope == "public":
+        return await handler(request)
+    principal = st.tokens.authenticate(request.headers.get("Authorization"))
+    if principal is None:
+        return web.Response(
+            body=error_body("unauthorized", "a valid bearer token is required"),
+            status=401,
+            content_type="application/json",
+            headers={"WWW-Authenticate": 'Bearer realm="arqd"'},
+        )
+    if not principal.allows(scope):
+        return error_response(403, "forbidden", f"this token lacks the {scope!r} scope")
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
 # --- helpers --------------------------------------------------------------------------------------
 
 
 def state_of(request: web.Request) -> ServerState:
     return request.app[STATE]
+
+
+def principal_of(request: web.Request) -> Principal:
+    return request[PRINCIPAL] if PRINCIPAL in request else ANONYMOUS
+
+
+def sees(request: web.Request) -> str | None:
+    """Whose jobs this request may see: its token's name, or ``None`` for everyone's."""
+    return principal_of(request).sees
 
 
 def job_id_of(request: web.Request) -> str:
@@ -205,7 +247,7 @@ async def submit(request: web.Request) -> web.Response:
         spec = parse_spec(body)
     except msgspec.DecodeError:
         return error_response(400, "invalid_json", "the body is not valid JSON")
-    (stored,) = await state_of(request).core.submit([spec])
+    (stored,) = await state_of(request).core.submit([spec], owner=principal_of(request).name)
     job = stored.job
     if not stored.created:
         return job_response(msgspec.structs.replace(job, deduplicated=True), 200)
@@ -222,7 +264,7 @@ async def submit_batch(request: web.Request) -> web.Response:
         return error_response(400, "invalid_json", "the body is not valid JSON")
     if not 1 <= len(batch.jobs) <= BATCH_MAX:
         raise InvalidRequest(f"jobs: a batch holds 1 to {BATCH_MAX} jobs")
-    stored = await state_of(request).core.submit(batch.jobs)
+    stored = await state_of(request).core.submit(batch.jobs, owner=principal_of(request).name)
     jobs = [
         job_dict(e.job if e.created else msgspec.structs.replace(e.job, deduplicated=True))
         for e in stored
@@ -243,11 +285,14 @@ async def get_job(request: web.Request) -> web.Response:
             raise InvalidRequest("wait: a number of seconds") from None
         if not 0 <= wait <= WAIT_MAX:
             raise InvalidRequest(f"wait: between 0 and {WAIT_MAX:g} seconds")
+    owner = sees(request)
     entry = st.cache.fresh(job_id)
     if entry is None or wait > 0:
-        entry = await read_entry(st, job_id)
+        entry = await read_entry(st, job_id, owner)
+    elif owner is not None and entry.job.owner != owner:
+        raise JobNotFound(f"no job {job_id}")
     if wait > 0:
-        job = await wait_for_change(st, entry.job, wanted or {entry.job.etag}, wait)
+        job = await wait_for_change(st, entry.job, wanted or {entry.job.etag}, wait, owner)
         entry = st.cache.fresh(job.id) or st.cache.put(job)
     etag = entry.job.etag
     if etag in wanted:
@@ -255,15 +300,17 @@ async def get_job(request: web.Request) -> web.Response:
     return web.Response(body=entry.body, content_type="application/json", headers={"ETag": etag})
 
 
-async def read_entry(st: ServerState, job_id: str) -> Cached:
-    return st.cache.put(await st.core.get(job_id))
+async def read_entry(st: ServerState, job_id: str, owner: str | None) -> Cached:
+    return st.cache.put(await st.core.get(job_id, owner))
 
 
-async def read_job(st: ServerState, job_id: str) -> Job:
-    return (await read_entry(st, job_id)).job
+async def read_job(st: ServerState, job_id: str, owner: str | None) -> Job:
+    return (await read_entry(st, job_id, owner)).job
 
 
-async def wait_for_change(st: ServerState, job: Job, baseline: set[str], wait: float) -> Job:
+async def wait_for_change(
+    st: ServerState, job: Job, baseline: set[str], wait: float, owner: str | None
+) -> Job:
     """Hold until the job's ETag leaves ``baseline`` or ``wait`` seconds pass."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
@@ -277,13 +324,13 @@ async def wait_for_change(st: ServerState, job: Job, baseline: set[str], wait: f
             await asyncio.wait([fut], timeout=min(left, POLL))
         finally:
             hub.unwatch(job.id, fut)
-        job = await read_job(st, job.id)
+        job = await read_job(st, job.id, owner)
     return job
 
 
 async def get_result(request: web.Request) -> web.StreamResponse:
     core = state_of(request).core
-    job = await core.get(job_id_of(request))
+    job = await core.get(job_id_of(request), sees(request))
     ref = core.check_result(job)
     if ref.is_inline:
         size, content_type = core.result_size(ref), JSON
@@ -332,7 +379,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: the current state first, then ``state`` and ``progress`` events as
     they happen; the stream closes after the terminal state."""
     st = state_of(request)
-    job = await read_job(st, job_id_of(request))
+    owner = sees(request)
+    job = await read_job(st, job_id_of(request), owner)
     resp = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     resp.content_type = "text/event-stream"
     await resp.prepare(request)
@@ -341,7 +389,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     quiet_since = loop.time()
     while not job.state.terminal:
         try:
-            new = await wait_for_change(st, job, {job.etag}, POLL)
+            new = await wait_for_change(st, job, {job.etag}, POLL, owner)
         except JobNotFound:
             break
         if new.etag != job.etag:
@@ -365,18 +413,19 @@ def sse(event: str, job: Job) -> bytes:
 async def delete_job(request: web.Request) -> web.Response:
     core = state_of(request).core
     job_id = job_id_of(request)
-    job = await core.get(job_id)
+    owner = sees(request)
+    job = await core.get(job_id, owner)
     if job.state.terminal:
-        await core.delete(job_id)
+        await core.delete(job_id, owner)
         return web.Response(status=204)
-    job = await core.cancel(job_id)
+    job = await core.cancel(job_id, owner)
     return job_response(job, 200 if job.state is State.CANCELLED else 202)
 
 
 async def cancel_job(request: web.Request) -> web.Response:
     """An addition to API.md: cancel without ever deleting (``DELETE`` deletes terminal jobs);
     a terminal job is answered unchanged. ``arqd.HttpClient.cancel`` uses it."""
-    job = await state_of(request).core.cancel(job_id_of(request))
+    job = await state_of(request).core.cancel(job_id_of(request), sees(request))
     return job_response(job, 202 if job.state is State.RUNNING else 200)
 
 
@@ -399,6 +448,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         state=State(state) if state else None,
         handler=params.get("handler"),
         group_id=params.get("group_id"),
+        owner=sees(request),
     )
     jobs, nxt = await state_of(request).core.queue.list_jobs(where, limit, cursor)
     return json_response({"jobs": [job_dict(j) for j in jobs], "next": nxt})
@@ -425,7 +475,7 @@ def group_status_answer(status: GroupStatus) -> dict[str, Any]:
 async def trigger_group(request: web.Request) -> web.Response:
     core = state_of(request).core
     name = request.match_info["name"]
-    record, _ = await core.submit_group(name, core.group_specs(name))
+    record, _ = await core.submit_group(name, core.group_specs(name), principal_of(request).name)
     return json_response(group_answer(group_of(record)), 202)
 
 
@@ -435,20 +485,21 @@ async def submit_group(request: web.Request) -> web.Response:
         spec = parse_group(body)
     except msgspec.DecodeError:
         return error_response(400, "invalid_json", "the body is not valid JSON")
-    record, _ = await state_of(request).core.submit_group(spec.name or "group", spec.jobs)
+    owner = principal_of(request).name
+    record, _ = await state_of(request).core.submit_group(spec.name or "group", spec.jobs, owner)
     return json_response(group_answer(group_of(record)), 202)
 
 
 async def get_group(request: web.Request) -> web.Response:
-    record, jobs = await state_of(request).core.group(request.match_info["id"])
+    record, jobs = await state_of(request).core.group(request.match_info["id"], sees(request))
     return json_response(group_status_answer(status_of(record, jobs)))
 
 
 async def cancel_group(request: web.Request) -> web.Response:
     core = state_of(request).core
     group_id = request.match_info["id"]
-    cancelled = await core.cancel_group(group_id)
-    record, jobs = await core.group(group_id)
+    cancelled = await core.cancel_group(group_id, sees(request))
+    record, jobs = await core.group(group_id, sees(request))
     return json_response({"cancelled": cancelled, **group_status_answer(status_of(record, jobs))})
 
 
@@ -537,37 +588,41 @@ async def readyz(request: web.Request) -> web.Response:
 # --- the application ------------------------------------------------------------------------------
 
 
-ROUTES: list[tuple[str, str, Handler]] = [
-    ("POST", "/v1/jobs", submit),
-    ("POST", "/v1/jobs/batch", submit_batch),
-    ("GET", "/v1/jobs", list_jobs),
-    ("GET", "/v1/jobs/{id}", get_job),
-    ("DELETE", "/v1/jobs/{id}", delete_job),
-    ("POST", "/v1/jobs/{id}/cancel", cancel_job),
-    ("GET", "/v1/jobs/{id}/result", get_result),
-    ("GET", "/v1/jobs/{id}/events", job_events),
-    ("POST", "/v1/groups", submit_group),
-    ("POST", "/v1/groups/{name}", trigger_group),
-    ("GET", "/v1/groups/{id}", get_group),
-    ("DELETE", "/v1/groups/{id}", cancel_group),
-    ("DELETE", "/v1/cache", purge_cache),
-    ("GET", "/v1/schedules", list_schedules),
-    ("GET", "/v1/queues", list_queues),
-    ("POST", "/v1/queues/{name}/redrive", redrive),
-    ("GET", "/v1/workers", list_workers),
-    ("GET", "/healthz", healthz),
-    ("GET", "/readyz", readyz),
+# Every route with its auth decision: a route missing here is not served, and
+# tests/test_auth.py checks each decision against the router.
+ROUTES: list[tuple[str, str, Handler, Scope]] = [
+    ("POST", "/v1/jobs", submit, "submit"),
+    ("POST", "/v1/jobs/batch", submit_batch, "submit"),
+    ("GET", "/v1/jobs", list_jobs, "read"),
+    ("GET", "/v1/jobs/{id}", get_job, "read"),
+    ("DELETE", "/v1/jobs/{id}", delete_job, "cancel"),
+    ("POST", "/v1/jobs/{id}/cancel", cancel_job, "cancel"),
+    ("GET", "/v1/jobs/{id}/result", get_result, "read"),
+    ("GET", "/v1/jobs/{id}/events", job_events, "read"),
+    ("POST", "/v1/groups", submit_group, "submit"),
+    ("POST", "/v1/groups/{name}", trigger_group, "submit"),
+    ("GET", "/v1/groups/{id}", get_group, "read"),
+    ("DELETE", "/v1/groups/{id}", cancel_group, "cancel"),
+    ("DELETE", "/v1/cache", purge_cache, "admin"),
+    ("GET", "/v1/schedules", list_schedules, "admin"),
+    ("GET", "/v1/queues", list_queues, "admin"),
+    ("POST", "/v1/queues/{name}/redrive", redrive, "admin"),
+    ("GET", "/v1/workers", list_workers, "admin"),
+    ("GET", "/healthz", healthz, "public"),
+    ("GET", "/readyz", readyz, "public"),
 ]
 
 
 def make_app(app: App) -> web.Application:
     """The aiohttp application serving ``app`` (whose pool and backends the caller runs)."""
     web_app = web.Application(
-        middlewares=[errors_middleware], client_max_size=app.config.server.max_body
+        middlewares=[errors_middleware, auth_middleware],
+        client_max_size=app.config.server.max_body,
     )
     state = ServerState(app)
     web_app[STATE] = state
     app.core.hub.add_listener(state.cache.changed)
-    for method, path, handler in ROUTES:
-        web_app.router.add_route(method, path, handler)
+    for method, path, handler, scope in ROUTES:
+        route = web_app.router.add_route(method, path, handler)
+        state.scopes[route.handler] = scope
     return web_app

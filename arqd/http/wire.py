@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 
 from arqd import errors
+from arqd.core import public_key
 from arqd.model import Job, ResultRef
 
 _encode = msgspec.json.Encoder().encode
@@ -21,7 +22,7 @@ def job_dict(job: Job) -> dict[str, Any]:
         "handler": job.handler,
         "state": job.state,
         "payload": job.payload,
-        "key": job.key,
+        "key": public_key(job),
         "sticky": job.sticky,
         "meta": job.meta,
         "attempts": job.attempts,
