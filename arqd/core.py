@@ -29,6 +29,7 @@ from arqd.errors import (
 )
 from arqd.handlers import Registry, cache_key
 from arqd.hub import hub_for
+from arqd.metrics import Metrics, instrument
 from arqd.model import (
     DROPPED,
     JOB_ID_RE,
@@ -111,6 +112,8 @@ class Core:
         self.config = config
         self.registry = registry
         self.hub = hub_for(queue.identity)
+        self.metrics = Metrics()
+        instrument(queue, self.metrics)
 
     @property
     def clock(self) -> Clock:
@@ -189,9 +192,15 @@ class Core:
         now = self.clock.time()
         new = [self.new_job(spec, now, owner, group_id, internal) for spec in specs]
         stored = await self.queue.enqueue(new)
-        if any(e.created for e in stored):
-            self.hub.jobs_ready()
+        self._stored(stored)
         return stored
+
+    def _stored(self, stored: list[Enqueued]) -> None:
+        created = [e.job for e in stored if e.created]
+        if created:
+            self.hub.jobs_ready()
+            for job in created:
+                self.metrics.submitted.labels(job.queue, job.handler).inc()
 
     # --- groups ---------------------------------------------------------------------------------
 
@@ -231,6 +240,7 @@ class Core:
             for m, n in zip(members, names, strict=True)
         ]
         stored = await self.queue.enqueue(new)
+        self._stored(stored)
         record = GroupRecord(
             id=group_id,
             name=name,

@@ -156,6 +156,7 @@ class Daemon:
         except ConfigError as exc:
             log.error("config.reload_failed", error=str(exc), kept=old.source)
             app.reload_failures += 1
+            app.core.metrics.reloads.labels("failed").inc()
             return
         kept = [name for name in RESTART_SECTIONS if getattr(new, name) != getattr(old, name)]
         if kept:
@@ -168,6 +169,7 @@ class Daemon:
         app.reconfigure(new, registry)
         logs.configure(new.log.level, new.log.format)
         app.reloads += 1
+        app.core.metrics.reloads.labels("ok").inc()
         log.info(
             "config.reloaded",
             concurrency=new.workers.concurrency,

@@ -240,12 +240,24 @@ class Pool:
                 for lease in leases:
                     self._held[lease.job.id] = lease
                     self._buffer.put_nowait(lease)
+                self._observe_leases(leases)
                 poll = POLL_MIN
                 continue
             if not self._held:
                 await self._mark_idle(seq)
             await self.core.hub.wait_ready(poll)
             poll = min(poll * 2, cfg.poll_max)
+
+    def _observe_leases(self, leases: list[Lease]) -> None:
+        m = self.core.metrics
+        for lease in leases:
+            job = lease.job
+            if job.started_at is not None:
+                m.queue_wait.labels(job.queue).observe(
+                    max(0.0, (job.started_at - job.ready_at).total_seconds())
+                )
+            if lease.recovered:
+                m.lease_expiries.labels(job.queue).inc()
 
     async def _mark_idle(self, seq: int) -> None:
         async with self._idle:
@@ -437,6 +449,7 @@ class Pool:
     async def _landed(self, lease: Lease, outcome: Outcome, applied: bool) -> None:
         self._forget(lease)
         ref = outcome.result
+        self._observe_outcome(lease, outcome, applied)
         if not applied:
             log.warning(
                 "job.lease_lost",
@@ -450,6 +463,20 @@ class Pool:
             return
         self.core.hub.job_changed(lease.job.id)
         _canonical(lease, outcome, self.core.clock.time())
+
+    def _observe_outcome(self, lease: Lease, outcome: Outcome, applied: bool) -> None:
+        m, job = self.core.metrics, lease.job
+        if not applied:
+            m.lease_conflicts.labels("finish").inc()
+            return
+        if outcome.state.terminal:
+            m.finished.labels(job.queue, job.handler, outcome.state.value).inc()
+        elif outcome.count_attempt:
+            m.retries.labels(job.queue, job.handler).inc()
+        if job.started_at is not None and outcome.count_attempt:
+            ran = self.core.clock.time() - job.started_at.timestamp()
+            label = outcome.state.value if outcome.state.terminal else "retry"
+            m.handler_seconds.labels(job.handler, label).observe(max(0.0, ran))
 
     async def _flush_outcomes(self, limit: float) -> None:
         async def flushed() -> None:
@@ -516,6 +543,7 @@ class Pool:
         if held is None or held.token != token or job_id in self._ending:
             return  # already ended by us: the heartbeat raced the outcome's write
         log.warning("job.lease_lost", job_id=job_id, where="heartbeat")
+        self.core.metrics.lease_conflicts.labels("heartbeat").inc()
         r = self._running.get(job_id)
         if r is not None and r.lease.token == token:
             self._interrupt(r, "lost")

@@ -35,6 +35,7 @@ class Lease(msgspec.Struct, frozen=True):
     job: Job
     token: str
     expires: float
+    recovered: bool = False  # the job's previous lease expired (its consumer died or stalled)
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):

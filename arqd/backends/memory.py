@@ -141,6 +141,7 @@ class MemoryQueue(QueueBackend):
                 if row is None or row.visible_at != at:
                     continue  # stale entry
                 job = row.job
+                recovered = job.state is State.RUNNING
                 row.job = _replace(
                     job,
                     state=State.RUNNING,
@@ -150,7 +151,7 @@ class MemoryQueue(QueueBackend):
                 )
                 row.token = token
                 self._set_visible(row, expires)
-                out.append(Lease(row.job, token, expires))
+                out.append(Lease(row.job, token, expires, recovered))
         return out
 
     async def heartbeat(

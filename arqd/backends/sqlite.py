@@ -397,7 +397,8 @@ class SqliteQueue(QueueBackend):
                     params.update(queue=queue, state=state, limit=limit - len(leases))
                     rows = conn.execute(SQL_LEASE, params).fetchall()
                     jobs = sorted(map(_row_to_job, rows), key=_fifo)
-                    leases.extend(Lease(job, token, expires) for job in jobs)
+                    recovered = state == "running"
+                    leases.extend(Lease(job, token, expires, recovered) for job in jobs)
                     if state == "queued" and rows:
                         counts.add(queue, "queued", -len(rows))
                         counts.add(queue, "running", len(rows))

@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 import structlog
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from arqd.app import App
 from arqd.backends.base import ListFilter
@@ -203,7 +204,8 @@ def state_of(request: web.Request) -> ServerState:
 
 
 def principal_of(request: web.Request) -> Principal:
-    return request[PRINCIPAL] if PRINCIPAL in request else ANONYMOUS
+    principal: Principal = request.get(PRINCIPAL, ANONYMOUS)
+    return principal
 
 
 def sees(request: web.Request) -> str | None:
@@ -569,6 +571,16 @@ async def list_workers(request: web.Request) -> web.Response:
     )
 
 
+async def metrics(request: web.Request) -> web.Response:
+    st = state_of(request)
+    m = st.core.metrics
+    pool = st.app.pool
+    m.in_flight.set(pool.running if pool else 0)
+    m.concurrency.set(pool.concurrency if pool else 0)
+    m.set_queue_stats(await st.core.queue.stats())
+    return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
@@ -608,6 +620,7 @@ ROUTES: list[tuple[str, str, Handler, Scope]] = [
     ("GET", "/v1/queues", list_queues, "admin"),
     ("POST", "/v1/queues/{name}/redrive", redrive, "admin"),
     ("GET", "/v1/workers", list_workers, "admin"),
+    ("GET", "/metrics", metrics, "admin"),
     ("GET", "/healthz", healthz, "public"),
     ("GET", "/readyz", readyz, "public"),
 ]

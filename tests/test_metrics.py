@@ -1,0 +1,88 @@
+"""GET /metrics: every family is arqd_-prefixed and moves as jobs flow."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+import arqd
+from arqd.backends.memory import MemoryQueue, MemoryResults
+from arqd.clock import ManualClock
+from arqd.config import Config
+from arqd.http.server import make_app
+
+from .util import eventually
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[arqd.App, TestServer, ManualClock]]:
+    clock = ManualClock()
+    config = Config.from_dict(
+        {
+            "workers": {"concurrency": 2, "poll_max": "50ms"},
+            "defaults": {"max_attempts": 2, "backoff": {"base": "1ms", "max": "1ms"}},
+            "handlers": {"echo": "arqd.demo:echo", "fail": "arqd.demo:fail"},
+        }
+    )
+    app = arqd.App(config, queue=MemoryQueue(clock=clock), results=MemoryResults(clock=clock))
+    async with app:
+        server = TestServer(make_app(app), host="127.0.0.1")
+        await server.start_server()
+        try:
+            yield app, server, clock
+        finally:
+            await server.close()
+
+
+async def scrape(server: TestServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with aiohttp.ClientSession() as http, http.get(server.make_url("/metrics")) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = await r.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        assert family.name.startswith("arqd_"), family.name
+        for s in family.samples:
+            samples[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return samples
+
+
+async def test_metrics_move_as_jobs_flow(served: tuple[arqd.App, TestServer, ManualClock]):
+    """Submits, finishes by state, retries, queue gauges, backend latency and lease expiries
+    all show up in the scrape."""
+    app, server, clock = served
+    for i in range(3):
+        await app.client.wait((await app.client.submit("echo", i)).id, timeout=10)
+    failing = await app.client.submit("fail")
+
+    async def failed() -> bool:
+        clock.advance(1)  # past the retry's backoff, on the injected clock
+        return (await app.client.get(failing.id)).state == "failed"
+
+    await eventually(failed)
+    await app.client.submit("echo", "later", delay=3600)
+    m = await scrape(server)
+    q, h = ("handler", "echo"), ("queue", "default")
+    assert m["arqd_jobs_submitted_total", (q, h)] == 4
+    assert m["arqd_jobs_finished_total", (q, h, ("state", "succeeded"))] == 3
+    assert m["arqd_jobs_finished_total", (("handler", "fail"), h, ("state", "failed"))] == 1
+    assert m["arqd_job_retries_total", (("handler", "fail"), h)] == 1
+    assert m["arqd_queue_jobs", (h, ("state", "succeeded"))] == 3
+    assert m["arqd_queue_jobs", (h, ("state", "queued"))] == 1
+    assert m["arqd_backend_request_seconds_count", (("operation", "lease"),)] >= 1
+    assert m["arqd_workers_concurrency", ()] == 2
+    assert m["arqd_handler_duration_seconds_count", (q, ("outcome", "succeeded"))] == 3
+    # a lease that expires (its consumer "died") is counted when the job is leased again
+    await app.core.queue.lease(["expiring"], 1, 30, "gone")
+    job = await app.client.submit("echo", "x", queue="expiring")
+    await app.core.queue.lease(["expiring"], 1, 30, "a-dying-worker")
+    clock.advance(31)
+    app.with_workers(queues=["default", "expiring"])
+    await app.client.wait(job.id, timeout=10)
+    m = await scrape(server)
+    assert m["arqd_lease_expiries_total", (("queue", "expiring"),)] == 1
