@@ -205,6 +205,11 @@ class AuthConfig(_Section, frozen=True):
 
 class HttpStepsConfig(_Section, frozen=True):
     allow_hosts: list[str] = msgspec.field(default_factory=list)
+    # Step secrets are stored encrypted with this Fernet key: ``key`` (e.g. from the
+    # environment, ARQD_HTTP_STEPS_KEY) or else the file ``key_file``, made on first use.
+    # Every daemon sharing a backend needs the same key.
+    key: str | None = None
+    key_file: str = "var/steps.key"
 
 
 class LogConfig(_Section, frozen=True):
@@ -281,6 +286,7 @@ def _check_references(cfg: Config) -> None:
         for job in spec.jobs:
             if job.handler not in names:
                 raise ConfigError(f"{cfg.source}: groups.{group}: unknown handler {job.handler!r}")
+    _check_allow_hosts(cfg)
     seen: set[str] = set()
     for sched in cfg.schedules:
         if sched.handler not in names:
@@ -291,6 +297,15 @@ def _check_references(cfg: Config) -> None:
             raise ConfigError(f"{cfg.source}: schedules.{sched.name}: duplicate schedule name")
         seen.add(sched.name)
         _check_schedule(sched, cfg.source)
+
+
+def _check_allow_hosts(cfg: Config) -> None:
+    from arqd.steps import parse_allow_hosts  # the HTTP machinery loads only when needed
+
+    try:
+        parse_allow_hosts(cfg.http_steps.allow_hosts)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.source}: http_steps.{exc}") from None
 
 
 def _check_schedule(sched: ScheduleConfig, source: str) -> None:
@@ -364,4 +379,5 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     """Relative storage paths are relative to the config file, not to the working directory."""
     queue = msgspec.structs.replace(cfg.queue, path=str(base / cfg.queue.path))
     results = msgspec.structs.replace(cfg.results, path=str(base / cfg.results.path))
-    return msgspec.structs.replace(cfg, queue=queue, results=results)
+    steps = msgspec.structs.replace(cfg.http_steps, key_file=str(base / cfg.http_steps.key_file))
+    return msgspec.structs.replace(cfg, queue=queue, results=results, http_steps=steps)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -43,10 +44,13 @@ from arqd.model import (
     NewJob,
     ResultRef,
     State,
+    StepState,
     new_job_id,
 )
 
 META_MAX = 4096
+STEPS_HANDLER = "arqd.steps"  # the built-in handler of multi-step HTTP jobs
+SEALED = "sealed"  # the payload field holding a multi-step job's encrypted secrets
 GROUP_MAX = 1000
 SCHEDULE_KEY = "schedule:"  # keys of schedule ticks (arqd/schedules.py); reserved
 SWEEP_BATCH = 500  # expired records deleted per sweep (one short write transaction)
@@ -77,6 +81,16 @@ def parse_group(data: Mapping[str, Any] | bytes) -> GroupSpec:
         return msgspec.convert({k: v for k, v in data.items() if v is not None}, GroupSpec)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(explain(exc)) from None
+
+
+def _ready_at(spec: JobSpec, now: float) -> float:
+    if spec.run_at is None:
+        return now + (spec.delay or 0.0)
+    if spec.delay is not None:
+        raise InvalidRequest("run_at: give run_at or delay, not both")
+    if spec.run_at.tzinfo is None:
+        raise InvalidRequest("run_at: an RFC 3339 time needs a UTC offset")
+    return spec.run_at.timestamp()
 
 
 def owned_key(owner: str, key: str) -> str:
@@ -114,6 +128,7 @@ class Core:
         self.hub = hub_for(queue.identity)
         self.metrics = Metrics()
         instrument(queue, self.metrics)
+        self._steps_key: bytes | None = None
 
     @property
     def clock(self) -> Clock:
@@ -134,38 +149,21 @@ class Core:
         ``internal`` submits (the scheduler's) may use the reserved ``schedule:`` keys."""
         if spec.key is not None and spec.key.startswith(SCHEDULE_KEY) and not internal:
             raise InvalidRequest(f"key: the {SCHEDULE_KEY!r} prefix is reserved for schedules")
-        if spec.steps is not None:
-            raise InvalidRequest("steps: multi-step HTTP jobs are not available in this version")
-        if spec.handler is None:
-            raise InvalidRequest("handler: a job needs a handler")
-        if spec.credentials is not None:
-            raise InvalidRequest("credentials: only multi-step HTTP jobs take credentials")
-        hdef = None
-        if self.registry is not None:
-            hdef = self.registry.get(spec.handler)
-            if hdef is None:
-                raise UnknownHandler(f"no handler is registered as {spec.handler!r}")
-        if spec.run_at is not None and spec.delay is not None:
-            raise InvalidRequest("run_at: give run_at or delay, not both")
         if spec.meta and len(msgspec.json.encode(spec.meta)) > META_MAX:
             raise InvalidRequest(f"meta: at most {META_MAX} bytes of JSON")
-        if spec.run_at is not None:
-            if spec.run_at.tzinfo is None:
-                raise InvalidRequest("run_at: an RFC 3339 time needs a UTC offset")
-            ready_at = spec.run_at.timestamp()
-        else:
-            ready_at = now + (spec.delay or 0.0)
+        handler, payload, steps = self._work_of(spec)
+        hdef = self.registry.get(handler) if self.registry is not None else None
         defaults = self.config.defaults
         key = spec.key
         if key is None and hdef is not None and hdef.cache:
-            key = cache_key(spec.handler, spec.payload)
+            key = cache_key(handler, spec.payload)
         if key is not None and owner is not None:
             key = owned_key(owner, key)  # tenants never share dedupe keys or cached results
         return NewJob(
             id=new_job_id(),
             queue=spec.queue or (hdef.queue if hdef and hdef.queue else "default"),
-            handler=spec.handler,
-            payload=spec.payload,
+            handler=handler,
+            payload=payload,
             key=key,
             sticky=spec.sticky or bool(hdef and hdef.sticky),
             meta=spec.meta or {},
@@ -175,11 +173,49 @@ class Core:
                 spec.timeout or (hdef.timeout if hdef and hdef.timeout else defaults.timeout)
             ),
             created_at=now,
-            ready_at=ready_at,
+            ready_at=_ready_at(spec, now),
             group_id=group_id,
             owner=owner,
             name=name,
+            steps=steps,
         )
+
+    def _work_of(self, spec: JobSpec) -> tuple[str, Any, list[StepState] | None]:
+        """The handler and payload a spec runs; a multi-step job runs the built-in runner on a
+        payload whose secrets (credentials, secret headers) are sealed with the steps key."""
+        if spec.steps is None:
+            if spec.handler is None:
+                raise InvalidRequest("handler: a job needs a handler (or steps)")
+            if spec.credentials is not None:
+                raise InvalidRequest("credentials: only multi-step HTTP jobs take credentials")
+            if self.registry is not None and spec.handler not in self.registry:
+                raise UnknownHandler(f"no handler is registered as {spec.handler!r}")
+            return spec.handler, spec.payload, None
+        from arqd import steps as http_steps  # the HTTP machinery loads only when used
+
+        if spec.handler is not None:
+            raise InvalidRequest("steps: a job has a handler or steps, not both")
+        if spec.payload is not None:
+            raise InvalidRequest("payload: a multi-step job takes none (its steps carry bodies)")
+        parsed = http_steps.parse_steps(spec.steps)
+        creds = http_steps.parse_credentials(spec.credentials)
+        sealed = http_steps.seal(
+            {"steps": spec.steps, "credentials": creds.to_dict() if creds else None},
+            self.steps_key(),
+        )
+        payload = {"steps": http_steps.redact_steps(spec.steps), SEALED: sealed}
+        return STEPS_HANDLER, payload, http_steps.Checkpoint.start(parsed).states
+
+    def steps_key(self) -> bytes:
+        """The Fernet key sealing step secrets: ``http_steps.key``, else the key file."""
+        if self._steps_key is None:
+            from arqd import steps as http_steps
+
+            cfg = self.config.http_steps
+            self._steps_key = (
+                cfg.key.encode() if cfg.key else http_steps.load_or_create_key(Path(cfg.key_file))
+            )
+        return self._steps_key
 
     async def submit(
         self,

@@ -80,7 +80,7 @@ class Registry:
         return self._handlers.get(name)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._handlers
+        return name in self._handlers or name == "arqd.steps"  # built in, run by the pool
 
     def names(self) -> list[str]:
         return sorted(self._handlers)

@@ -180,6 +180,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     version: int = 1
     expires_at: datetime | None = None
     name: str | None = None  # the job's name within its group
+    checkpoint: dict[str, Any] | None = None  # succeeded steps' outcomes (multi-step jobs)
     deduplicated: bool = False  # set on the answer to a submit that matched a live job's key
 
     @property

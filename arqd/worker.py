@@ -20,6 +20,7 @@ reschedule the scope to now.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -34,9 +35,9 @@ import structlog
 
 from arqd import logs
 from arqd.backends.base import Area, Lease, Outcome, WorkerInfo
-from arqd.core import JSON, Core
+from arqd.core import JSON, SEALED, STEPS_HANDLER, Core
 from arqd.errors import BackendError, Fail, Retry
-from arqd.handlers import JobContext
+from arqd.handlers import Handler, JobContext
 from arqd.model import ErrorInfo, Job, Progress, ResultRef, State, blob_name, new_token
 
 log = structlog.get_logger("arqd.worker")
@@ -298,9 +299,9 @@ class Pool:
     async def _attempt(self, r: _Running) -> Outcome | None:
         job, token = r.lease.job, r.lease.token
         core = self.core
-        hdef = core.registry.get(job.handler) if core.registry is not None else None
-        early = self._refuse(job, token, hdef is None)
-        if early is not None or hdef is None:
+        fn = self._handler_for(r)
+        early = self._refuse(job, token, fn is None)
+        if early is not None or fn is None:
             return early
         ctx = r.ctx = JobContext(job, lambda p: self._report(r, p))
         r.deadline = asyncio.get_running_loop().time() + job.timeout
@@ -310,7 +311,7 @@ class Pool:
                 r.timer = timer
                 if r.reason is not None:
                     timer.reschedule(-1)
-                value = hdef.fn(ctx, job.payload)
+                value = fn(ctx, job.payload)
                 if inspect.isawaitable(value):  # an async generator handler is not awaited
                     value = await value
                 ref = await self._store(job, token, value)
@@ -330,6 +331,33 @@ class Pool:
         expires = core.result_expiry(job, core.clock.time())
         return Outcome(job=job, token=token, state=State.SUCCEEDED, result=ref, expires_at=expires)
 
+    def _handler_for(self, r: _Running) -> Handler | None:
+        if r.lease.job.handler == STEPS_HANDLER:
+            return functools.partial(self._run_steps, r)
+        registry = self.core.registry
+        hdef = registry.get(r.lease.job.handler) if registry is not None else None
+        return None if hdef is None else hdef.fn
+
+    async def _run_steps(self, r: _Running, ctx: JobContext, payload: Any) -> Any:
+        """The built-in handler of multi-step HTTP jobs: unseal the steps, resume from the
+        checkpoint, and save each step's outcome with a write fenced by this lease."""
+        from arqd import steps as http_steps  # the HTTP machinery loads only when used
+
+        job, token = r.lease.job, r.lease.token
+        sealed = http_steps.unseal(payload[SEALED], self.core.steps_key())
+        specs = http_steps.parse_steps(sealed["steps"])
+        creds = http_steps.parse_credentials(sealed["credentials"])
+        checkpoint = http_steps.Checkpoint(dict(job.checkpoint or {}), list(job.steps or []))
+
+        async def save(cp: http_steps.Checkpoint) -> None:
+            if await self.core.queue.save_steps(job.id, token, cp.states, cp.outcomes):
+                self.core.hub.job_changed(job.id)
+            else:
+                self._lost(job.id, token)
+
+        allow = self.core.config.http_steps.allow_hosts
+        return await http_steps.run_steps(specs, creds, allow, checkpoint, save)
+
     def _refuse(self, job: Job, token: str, unknown: bool) -> Outcome | None:
         """An outcome reached without running the handler, if any."""
         if job.cancel_requested:
@@ -348,6 +376,20 @@ class Pool:
         if isinstance(exc, Retry):
             error = _error("Retry", str(exc), job)
             return self.core.failed_attempt(job, token, error, exc.delay)
+        step = getattr(exc, "step", None)
+        if step is not None:  # arqd.steps.StepFailed: the job is poisoned at this step
+            error = ErrorInfo(
+                type=getattr(exc, "type", "StepFailed"),
+                message=str(exc)[:2000],
+                attempt=job.attempts,
+                step=step,
+                status=getattr(exc, "status", None),
+            )
+            return self.core.final_failure(job, token, error)
+        if getattr(exc, "code", None) == "credentials_unreadable":
+            return self.core.final_failure(
+                job, token, _error("CredentialsUnreadable", str(exc), job)
+            )
         error = _error(type(exc).__name__, str(exc) or repr(exc), job)
         log.warning(
             "job.attempt_failed",

@@ -148,9 +148,10 @@ async def test_tenants_see_only_their_own_jobs(server: TestServer):
         with pytest.raises(arqd.JobNotFound):
             await bob.group(group.id)
         assert (await alice.group(group.id)).id == group.id
-    async with aiohttp.ClientSession() as http, http.get(
-        server.make_url(f"/v1/jobs/{mine.id}/events"), headers=bearer("bob")
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(server.make_url(f"/v1/jobs/{mine.id}/events"), headers=bearer("bob")) as r,
+    ):
         assert r.status == 404
 
 

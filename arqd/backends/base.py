@@ -23,7 +23,16 @@ from typing import Any, Literal, Self
 import msgspec
 
 from arqd.clock import SYSTEM_CLOCK, Clock
-from arqd.model import ErrorInfo, GroupRecord, Job, NewJob, Progress, ResultRef, State
+from arqd.model import (
+    ErrorInfo,
+    GroupRecord,
+    Job,
+    NewJob,
+    Progress,
+    ResultRef,
+    State,
+    StepState,
+)
 
 Area = Literal["temporary", "persistent"]
 AREAS: tuple[Area, ...] = ("temporary", "persistent")
@@ -190,6 +199,12 @@ class QueueBackend(_AsyncClosing, abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> None:
         """Raise :class:`BackendError` unless the storage answers."""
+
+    async def save_steps(
+        self, job_id: str, token: str, steps: list[StepState], checkpoint: dict[str, Any]
+    ) -> bool:
+        """Record a multi-step job's step states and checkpoint, if ``token`` still holds it."""
+        raise NotImplementedError(f"{self.name}: save_steps")
 
     async def save_group(self, record: GroupRecord) -> None:
         """Store a group's record (its jobs are stored first, by ``enqueue``)."""

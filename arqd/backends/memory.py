@@ -12,6 +12,7 @@ import heapq
 import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -38,6 +39,7 @@ from arqd.model import (
     Progress,
     ResultRef,
     State,
+    StepState,
     from_ts,
     new_token,
 )
@@ -312,6 +314,16 @@ class MemoryQueue(QueueBackend):
 
     async def ping(self) -> None:
         return None
+
+    async def save_steps(
+        self, job_id: str, token: str, steps: list[StepState], checkpoint: dict[str, Any]
+    ) -> bool:
+        row = self._held(job_id, token)
+        if row is not None:
+            row.job = _replace(
+                row.job, steps=list(steps), checkpoint=dict(checkpoint), version=row.job.version + 1
+            )
+        return row is not None
 
     async def save_group(self, record: GroupRecord) -> None:
         self._s.groups[record.id] = record

@@ -50,6 +50,7 @@ from arqd.model import (
     Progress,
     ResultRef,
     State,
+    StepState,
     new_token,
 )
 
@@ -84,7 +85,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     visible_at       REAL,
     lease_token      TEXT,
     worker           TEXT,
-    name             TEXT
+    name             TEXT,
+    checkpoint       TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_visible ON jobs (queue, state, visible_at)
     WHERE visible_at IS NOT NULL;
@@ -135,7 +137,7 @@ COLUMNS = (
     "'finished_at', finished_at, 'progress', json(progress), 'error', json(error), "
     "'result', json(result), 'steps', json(steps), 'group_id', group_id, "
     "'cancel_requested', cancel_requested, 'owner', owner, 'version', version, "
-    "'expires_at', expires_at, 'name', name)"
+    "'expires_at', expires_at, 'name', name, 'checkpoint', json(checkpoint))"
 )
 
 SQL_INSERT = (
@@ -167,6 +169,10 @@ SQL_COUNT = (
 SQL_HEARTBEAT = (
     "UPDATE jobs SET visible_at = ? WHERE id = ? AND lease_token = ? AND state = 'running' "
     "RETURNING cancel_requested"
+)
+SQL_STEPS = (
+    "UPDATE jobs SET steps = ?, checkpoint = ?, version = version + 1 "
+    "WHERE id = ? AND lease_token = ? AND state = 'running'"
 )
 SQL_PROGRESS = (
     "UPDATE jobs SET progress = ?, version = version + 1 "
@@ -622,6 +628,16 @@ class SqliteQueue(QueueBackend):
             return out
 
         return await self._reader.run(work)
+
+    async def save_steps(
+        self, job_id: str, token: str, steps: list[StepState], checkpoint: dict[str, Any]
+    ) -> bool:
+        params = (_enc(steps), _enc(checkpoint), job_id, token)
+
+        def body(conn: sqlite3.Connection, counts: _Counts) -> bool:
+            return conn.execute(SQL_STEPS, params).rowcount == 1
+
+        return await self._write(body)
 
     async def save_group(self, record: GroupRecord) -> None:
         def body(conn: sqlite3.Connection, counts: _Counts) -> None:

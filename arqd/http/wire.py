@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from arqd import errors
-from arqd.core import public_key
+from arqd.core import SEALED, STEPS_HANDLER, public_key
 from arqd.model import Job, ResultRef
 
 _encode = msgspec.json.Encoder().encode
@@ -21,7 +21,7 @@ def job_dict(job: Job) -> dict[str, Any]:
         "queue": job.queue,
         "handler": job.handler,
         "state": job.state,
-        "payload": job.payload,
+        "payload": _shown_payload(job),
         "key": public_key(job),
         "sticky": job.sticky,
         "meta": job.meta,
@@ -45,6 +45,13 @@ def job_dict(job: Job) -> dict[str, Any]:
     if job.deduplicated:
         out["deduplicated"] = True
     return out
+
+
+def _shown_payload(job: Job) -> Any:
+    """A multi-step job's payload without its sealed secrets (they are encrypted anyway)."""
+    if job.handler == STEPS_HANDLER and isinstance(job.payload, dict):
+        return {k: v for k, v in job.payload.items() if k != SEALED}
+    return job.payload
 
 
 def result_dict(ref: ResultRef | None) -> dict[str, Any] | None:
