@@ -37,6 +37,8 @@ from arqd.errors import (
 )
 from arqd.groups import Group, GroupStatus, group_of, status_of
 from arqd.http.auth import ANONYMOUS, Principal, Scope, Tokens
+from arqd.http.dashboard import dashboard
+from arqd.http.openapi import openapi
 from arqd.http.wire import encode, error_body, job_dict
 from arqd.model import JOB_ID_RE, Job, JobSpec, State, from_ts
 
@@ -621,6 +623,8 @@ ROUTES: list[tuple[str, str, Handler, Scope]] = [
     ("POST", "/v1/queues/{name}/redrive", redrive, "admin"),
     ("GET", "/v1/workers", list_workers, "admin"),
     ("GET", "/metrics", metrics, "admin"),
+    ("GET", "/v1/openapi.json", openapi, "authenticated"),
+    ("GET", "/", dashboard, "public"),
     ("GET", "/healthz", healthz, "public"),
     ("GET", "/readyz", readyz, "public"),
 ]
