@@ -20,9 +20,27 @@ from arqd.errors import BackendError
 
 # Backend operations timed by ``instrument`` (every primitive a daemon calls in steady state).
 OPERATIONS = (
-    "enqueue", "lease", "heartbeat", "set_progress", "finish", "cancel", "get", "get_many",
-    "find_by_key", "list_jobs", "stats", "delete", "redrive", "ping", "sweep_expired",
-    "drop_results", "save_group", "get_group", "register_worker", "list_workers",
+    "enqueue",
+    "lease",
+    "heartbeat",
+    "set_progress",
+    "finish",
+    "cancel",
+    "get",
+    "get_many",
+    "find_by_key",
+    "list_jobs",
+    "stats",
+    "delete",
+    "redrive",
+    "ping",
+    "sweep_expired",
+    "drop_results",
+    "save_group",
+    "get_group",
+    "save_steps",
+    "register_worker",
+    "list_workers",
 )
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 BACKEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
@@ -31,46 +49,81 @@ BACKEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.submitted = Counter("arqd_jobs_submitted_total", "Jobs stored by submits.",
-                                 ["queue", "handler"], registry=r)
-        self.finished = Counter("arqd_jobs_finished_total",
-                                "Jobs that reached a terminal state in this process.",
-                                ["queue", "handler", "state"], registry=r)
-        self.retries = Counter("arqd_job_retries_total",
-                               "Failed attempts sent back to the queue for another try.",
-                               ["queue", "handler"], registry=r)
+        self.submitted = Counter(
+            "arqd_jobs_submitted_total", "Jobs stored by submits.", ["queue", "handler"], registry=r
+        )
+        self.finished = Counter(
+            "arqd_jobs_finished_total",
+            "Jobs that reached a terminal state in this process.",
+            ["queue", "handler", "state"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "arqd_job_retries_total",
+            "Failed attempts sent back to the queue for another try.",
+            ["queue", "handler"],
+            registry=r,
+        )
         self.lease_expiries = Counter(
             "arqd_lease_expiries_total",
             "Jobs leased again after their lease expired: recovered from a dead or stalled "
-            "consumer.", ["queue"], registry=r)
+            "consumer.",
+            ["queue"],
+            registry=r,
+        )
         self.lease_conflicts = Counter(
             "arqd_lease_conflicts_total",
             "Writes refused because this process had lost the job's lease.",
-            ["operation"], registry=r)
-        self.queue_jobs = Gauge("arqd_queue_jobs", "Jobs per queue and state.",
-                                ["queue", "state"], registry=r)
-        self.queue_oldest = Gauge("arqd_queue_oldest_ready_seconds",
-                                  "Age of the oldest job ready to run, per queue.",
-                                  ["queue"], registry=r)
-        self.handler_seconds = Histogram("arqd_handler_duration_seconds",
-                                         "Duration of attempts, by handler and outcome.",
-                                         ["handler", "outcome"], buckets=DURATION_BUCKETS,
-                                         registry=r)
-        self.queue_wait = Histogram("arqd_queue_wait_seconds",
-                                    "Time from ready to leased, per queue.", ["queue"],
-                                    buckets=DURATION_BUCKETS, registry=r)
-        self.backend_seconds = Histogram("arqd_backend_request_seconds",
-                                         "Latency of queue backend calls.", ["operation"],
-                                         buckets=BACKEND_BUCKETS, registry=r)
-        self.backend_errors = Counter("arqd_backend_errors_total",
-                                      "Queue backend calls that failed.", ["operation"],
-                                      registry=r)
-        self.in_flight = Gauge("arqd_jobs_in_flight", "Attempts running in this process.",
-                               registry=r)
-        self.concurrency = Gauge("arqd_workers_concurrency",
-                                 "Configured consumer concurrency of this process.", registry=r)
-        self.reloads = Counter("arqd_config_reloads_total", "Config reloads (SIGHUP).",
-                               ["result"], registry=r)
+            ["operation"],
+            registry=r,
+        )
+        self.queue_jobs = Gauge(
+            "arqd_queue_jobs", "Jobs per queue and state.", ["queue", "state"], registry=r
+        )
+        self.queue_oldest = Gauge(
+            "arqd_queue_oldest_ready_seconds",
+            "Age of the oldest job ready to run, per queue.",
+            ["queue"],
+            registry=r,
+        )
+        self.handler_seconds = Histogram(
+            "arqd_handler_duration_seconds",
+            "Duration of attempts, by handler and outcome.",
+            ["handler", "outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "arqd_queue_wait_seconds",
+            "Time from ready to leased, per queue.",
+            ["queue"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.backend_seconds = Histogram(
+            "arqd_backend_request_seconds",
+            "Latency of queue backend calls.",
+            ["operation"],
+            buckets=BACKEND_BUCKETS,
+            registry=r,
+        )
+        self.backend_errors = Counter(
+            "arqd_backend_errors_total",
+            "Queue backend calls that failed.",
+            ["operation"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "arqd_jobs_in_flight", "Attempts running in this process.", registry=r
+        )
+        self.concurrency = Gauge(
+            "arqd_workers_concurrency",
+            "Configured consumer concurrency of this process.",
+            registry=r,
+        )
+        self.reloads = Counter(
+            "arqd_config_reloads_total", "Config reloads (SIGHUP).", ["result"], registry=r
+        )
 
     def set_queue_stats(self, stats: list[QueueStats]) -> None:
         self.queue_jobs.clear()
