@@ -236,7 +236,7 @@ class Core:
         if created:
             self.hub.jobs_ready()
             for job in created:
-                self.metrics.submitted.labels(job.queue, job.handler).inc()
+                self.metrics.submitted_of(job.queue, job.handler).inc()
 
     # --- groups ---------------------------------------------------------------------------------
 

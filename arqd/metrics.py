@@ -46,6 +46,21 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 BACKEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 
 
+class Children:
+    """A metric's labelled children, remembered: ``labels()`` costs more than the increment
+    itself, and the hot path asks for the same few label sets over and over."""
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *labels: str) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -124,6 +139,12 @@ class Metrics:
         self.reloads = Counter(
             "arqd_config_reloads_total", "Config reloads (SIGHUP).", ["result"], registry=r
         )
+        # The hot path's label lookups, cached (see Children).
+        self.submitted_of = Children(self.submitted)
+        self.finished_of = Children(self.finished)
+        self.retries_of = Children(self.retries)
+        self.queue_wait_of = Children(self.queue_wait)
+        self.handler_seconds_of = Children(self.handler_seconds)
 
     def set_queue_stats(self, stats: list[QueueStats]) -> None:
         self.queue_jobs.clear()

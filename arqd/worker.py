@@ -254,7 +254,7 @@ class Pool:
         for lease in leases:
             job = lease.job
             if job.started_at is not None:
-                m.queue_wait.labels(job.queue).observe(
+                m.queue_wait_of(job.queue).observe(
                     max(0.0, (job.started_at - job.ready_at).total_seconds())
                 )
             if lease.recovered:
@@ -512,13 +512,13 @@ class Pool:
             m.lease_conflicts.labels("finish").inc()
             return
         if outcome.state.terminal:
-            m.finished.labels(job.queue, job.handler, outcome.state.value).inc()
+            m.finished_of(job.queue, job.handler, outcome.state.value).inc()
         elif outcome.count_attempt:
-            m.retries.labels(job.queue, job.handler).inc()
+            m.retries_of(job.queue, job.handler).inc()
         if job.started_at is not None and outcome.count_attempt:
             ran = self.core.clock.time() - job.started_at.timestamp()
             label = outcome.state.value if outcome.state.terminal else "retry"
-            m.handler_seconds.labels(job.handler, label).observe(max(0.0, ran))
+            m.handler_seconds_of(job.handler, label).observe(max(0.0, ran))
 
     async def _flush_outcomes(self, limit: float) -> None:
         async def flushed() -> None:
