@@ -17,7 +17,7 @@ import msgspec
 from arqd.backends.base import ListFilter, QueueBackend, ResultStore
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.config import Config, load_config
-from arqd.core import JSON, Core, parse_group, parse_spec
+from arqd.core import JSON, Core, parse_group, parse_spec, spec_of
 from arqd.errors import InvalidRequest
 from arqd.groups import Group, GroupStatus, group_of, status_of
 from arqd.handlers import Registry
@@ -94,18 +94,18 @@ class Client:
         meta: Mapping[str, Any] | None = None,
     ) -> Job:
         """Submit one job; a dedupe hit answers the live job with ``deduplicated=True``."""
-        spec: dict[str, Any] = {"handler": handler, "payload": payload, "sticky": sticky}
-        for name, value in (
-            ("queue", queue),
-            ("key", key),
-            ("delay", delay),
-            ("run_at", run_at),
-            ("max_attempts", max_attempts),
-            ("timeout", timeout),
-            ("meta", meta),
-        ):
-            if value is not None:
-                spec[name] = value
+        spec = spec_of(
+            handler,
+            payload,
+            sticky,
+            queue=queue,
+            key=key,
+            delay=delay,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            meta=meta,
+        )
         (job,) = await self.submit_many([spec])
         return job
 

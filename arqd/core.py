@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,15 @@ def parse_group(data: Mapping[str, Any] | bytes) -> GroupSpec:
         return msgspec.convert({k: v for k, v in data.items() if v is not None}, GroupSpec)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(explain(exc)) from None
+
+
+def spec_of(handler: str, payload: Any, sticky: bool, **optional: Any) -> dict[str, Any]:
+    """The JSON job spec of a ``submit(handler, payload, ...)`` call: both clients build it so."""
+    spec: dict[str, Any] = {"handler": handler, "payload": payload, "sticky": sticky}
+    for name, value in optional.items():
+        if value is not None:
+            spec[name] = value.isoformat() if isinstance(value, datetime) else value
+    return spec
 
 
 def _ready_at(spec: JobSpec, now: float) -> float:

@@ -13,6 +13,7 @@ from typing import Any, Self
 import aiohttp
 import msgspec
 
+from arqd.core import spec_of
 from arqd.errors import ArqdError, BackendUnavailable
 from arqd.groups import Group, GroupStatus
 from arqd.http.wire import ERRORS, job_from_dict
@@ -85,18 +86,18 @@ class HttpClient:
         timeout: float | None = None,
         meta: Mapping[str, Any] | None = None,
     ) -> Job:
-        spec: dict[str, Any] = {"handler": handler, "payload": payload, "sticky": sticky}
-        for name, value in (
-            ("queue", queue),
-            ("key", key),
-            ("delay", delay),
-            ("run_at", run_at.isoformat() if isinstance(run_at, datetime) else run_at),
-            ("max_attempts", max_attempts),
-            ("timeout", timeout),
-            ("meta", meta),
-        ):
-            if value is not None:
-                spec[name] = value
+        spec = spec_of(
+            handler,
+            payload,
+            sticky,
+            queue=queue,
+            key=key,
+            delay=delay,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            meta=meta,
+        )
         return await self._job("POST", "/v1/jobs", json=spec)
 
     async def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> builtins.list[Job]:
