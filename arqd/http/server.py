@@ -169,7 +169,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status == 413:
             return error_response(413, "too_large", "the request body is larger than allowed")
         code = _HTTP_CODES.get(exc.status, "error")
-        return error_response(exc.status, code, exc.reason or code)
+        response = error_response(exc.status, code, exc.reason or code)
+        for name in ("Allow", "Content-Range"):  # 405 and 416 carry these (RFC 9110)
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:

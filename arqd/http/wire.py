@@ -9,7 +9,7 @@ import msgspec
 
 from arqd import errors
 from arqd.core import SEALED, STEPS_HANDLER, public_key
-from arqd.model import Job, ResultRef
+from arqd.model import DROPPED, Job, ResultRef
 
 _encode = msgspec.json.Encoder().encode
 
@@ -55,7 +55,7 @@ def _shown_payload(job: Job) -> Any:
 
 
 def result_dict(ref: ResultRef | None) -> dict[str, Any] | None:
-    if ref is None:
+    if ref is None or ref.area == DROPPED:  # a purged result: reading it answers 410
         return None
     if ref.is_inline:
         return {"inline": ref.inline}
