@@ -79,6 +79,23 @@ def cmd_token_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init_aws(args: argparse.Namespace) -> int:
+    from arqd.stores import init_aws
+
+    try:
+        config = load_config(_config_path(args))
+        if config.queue.backend != "dynamodb" and config.results.backend != "s3":
+            print("arqd: init-aws: the config uses neither dynamodb nor s3", file=sys.stderr)
+            return 1
+        done = asyncio.run(init_aws(config.queue, config.results))
+    except ArqdError as exc:
+        print(f"arqd: {exc}", file=sys.stderr)
+        return 1
+    for line in done or ["nothing to do: the table and bucket exist"]:
+        print(line)
+    return 0
+
+
 # --- client commands ------------------------------------------------------------------------------
 
 ClientCommand = Callable[[HttpClient, argparse.Namespace], Awaitable[int]]
@@ -291,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--area", required=True, choices=["temporary", "persistent"])
     p = add("trigger", client_command(_trigger), "submit a group defined in config", client=True)
     p.add_argument("group")
+    add(
+        "init-aws",
+        cmd_init_aws,
+        "create the DynamoDB table and S3 bucket when missing",
+        config=True,
+    )
     token = sub.add_parser("token", help="manage auth tokens").add_subparsers(
         dest="token_command", required=True, metavar="ACTION"
     )

@@ -1,11 +1,21 @@
-"""Where config picks concrete backends by name; the only core module that imports them."""
+"""Where config picks concrete backends by name; the only core module that imports them.
+
+Each backend module is imported only when config names it, so optional drivers (aioboto3 for
+``dynamodb`` and ``s3``, extra ``arqd[aws]``) are needed only by those who use them.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from arqd.backends.base import QueueBackend, ResultStore
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.config import QueueConfig, ResultsConfig
 from arqd.errors import ConfigError
+
+if TYPE_CHECKING:  # the AWS backends are imported only when config names them
+    from arqd.backends.dynamodb import DynamoSettings
+    from arqd.backends.s3 import S3Settings
 
 
 def make_queue(cfg: QueueConfig, clock: Clock = SYSTEM_CLOCK) -> QueueBackend:
@@ -17,6 +27,10 @@ def make_queue(cfg: QueueConfig, clock: Clock = SYSTEM_CLOCK) -> QueueBackend:
         from arqd.backends.sqlite import SqliteQueue
 
         return SqliteQueue(cfg.path, clock=clock, synchronous=cfg.synchronous)
+    if cfg.backend == "dynamodb":
+        from arqd.backends.dynamodb import DynamoQueue
+
+        return DynamoQueue(dynamo_settings(cfg), clock=clock)
     raise ConfigError(f"queue.backend: {cfg.backend!r} is not available in this build")
 
 
@@ -29,4 +43,40 @@ def make_results(cfg: ResultsConfig, clock: Clock = SYSTEM_CLOCK) -> ResultStore
         from arqd.backends.files import FileResults
 
         return FileResults(cfg.path, clock=clock)
+    if cfg.backend == "s3":
+        from arqd.backends.s3 import S3Results
+
+        return S3Results(s3_settings(cfg), clock=clock)
     raise ConfigError(f"results.backend: {cfg.backend!r} is not available in this build")
+
+
+def dynamo_settings(cfg: QueueConfig) -> DynamoSettings:
+    from arqd.backends.dynamodb import DynamoSettings
+
+    return DynamoSettings(
+        table=cfg.table, region=cfg.region, endpoint_url=cfg.endpoint_url, shards=cfg.shards
+    )
+
+
+def s3_settings(cfg: ResultsConfig) -> S3Settings:
+    from arqd.backends.s3 import S3Settings
+
+    return S3Settings(
+        bucket=cfg.bucket, prefix=cfg.prefix, region=cfg.region, endpoint_url=cfg.endpoint_url
+    )
+
+
+async def init_aws(queue: QueueConfig, results: ResultsConfig) -> list[str]:
+    """``arqd init-aws``: create the DynamoDB table (on-demand, indexes, TTL) and the S3 bucket
+    (lifecycle rule expiring ``temporary/``) that the config names, when missing. Safe to run
+    again; answers one line per thing done. Backends other than dynamodb/s3 are left alone."""
+    done: list[str] = []
+    if queue.backend == "dynamodb":
+        from arqd.backends.dynamodb import init_table
+
+        done += await init_table(dynamo_settings(queue))
+    if results.backend == "s3":
+        from arqd.backends.s3 import init_bucket
+
+        done += await init_bucket(s3_settings(results), temporary_ttl=results.temporary_ttl)
+    return done

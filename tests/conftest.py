@@ -1,13 +1,20 @@
 """Fixtures shared by the suites: an injectable clock and every backend, parametrized.
 
 Adding a backend here puts it under the whole contract suite (``test_contract_*.py``).
+The AWS backends (``dynamodb``, ``s3``) talk HTTP to one moto server per session, started on
+first use; each test gets a table and a bucket of its own.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -19,6 +26,10 @@ from arqd.clock import ManualClock
 
 from .daemons import Daemons
 
+if TYPE_CHECKING:
+    from arqd.backends.dynamodb import DynamoSettings
+    from arqd.backends.s3 import S3Settings
+
 QueueFactory = Callable[[ManualClock], QueueBackend]
 
 
@@ -29,8 +40,92 @@ def _queue_factories(tmp_path: Path) -> dict[str, QueueFactory]:
     }
 
 
-QUEUE_BACKENDS = ["memory", "sqlite"]
-RESULT_STORES = ["memory", "files"]
+QUEUE_BACKENDS = ["memory", "sqlite", "dynamodb"]
+RESULT_STORES = ["memory", "files", "s3"]
+
+AWS_REGION = "us-east-1"
+AWS_FAKE_KEY = "testing"  # moto accepts any credentials; these never leave the machine
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _OneAtATime:
+    """A WSGI app that lets one request in at a time.
+
+    Moto checks a write's condition and then applies it, in request threads that can interleave,
+    so two conditional updates of one item can both succeed; DynamoDB applies each conditional
+    write atomically, and the race tests of the contract rely on it. Serialising requests gives
+    moto that atomicity (at no real cost: moto runs under the GIL anyway)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.lock = threading.Lock()
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        with self.lock:
+            return list(self.app(environ, start_response))
+
+
+def start_moto(port: int) -> Any:
+    """A ThreadedMotoServer on 127.0.0.1:``port`` whose requests are applied one at a time."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from moto.server import ThreadedMotoServer
+    from werkzeug.serving import make_server
+
+    class SerialMotoServer(ThreadedMotoServer):
+        def _server_entry(self) -> None:
+            app = _OneAtATime(DomainDispatcherApplication(create_backend_app))
+            self._server = make_server(self._ip_address, self._port, app, threaded=True)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request
+    server = SerialMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    """One moto server (DynamoDB and S3 over HTTP) for the whole session."""
+    port = free_port()
+    server = start_moto(port)
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def dynamo_settings(endpoint: str, **overrides: object) -> DynamoSettings:
+    """Settings for a fresh table on ``endpoint`` (moto, or a fault proxy in front of it)."""
+    from arqd.backends.dynamodb import DynamoSettings
+
+    fields: dict[str, object] = {
+        "table": f"arqd-{uuid.uuid4().hex[:12]}",
+        "region": AWS_REGION,
+        "endpoint_url": endpoint,
+        "access_key_id": AWS_FAKE_KEY,
+        "secret_access_key": AWS_FAKE_KEY,
+    }
+    fields.update(overrides)
+    return DynamoSettings(**fields)  # type: ignore[arg-type]
+
+
+def s3_settings(endpoint: str, **overrides: object) -> S3Settings:
+    """Settings for a fresh bucket on ``endpoint``."""
+    from arqd.backends.s3 import S3Settings
+
+    fields: dict[str, object] = {
+        "bucket": f"arqd-{uuid.uuid4().hex[:12]}",
+        "region": AWS_REGION,
+        "endpoint_url": endpoint,
+        "access_key_id": AWS_FAKE_KEY,
+        "secret_access_key": AWS_FAKE_KEY,
+    }
+    fields.update(overrides)
+    return S3Settings(**fields)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -42,18 +137,33 @@ def clock() -> ManualClock:
 async def queue(
     request: pytest.FixtureRequest, tmp_path: Path, clock: ManualClock
 ) -> AsyncIterator[QueueBackend]:
-    backend = _queue_factories(tmp_path)[request.param](clock)
+    if request.param == "dynamodb":
+        from arqd.backends.dynamodb import DynamoQueue
+
+        backend: QueueBackend = DynamoQueue(
+            dynamo_settings(request.getfixturevalue("moto_url")), clock=clock
+        )
+    else:
+        backend = _queue_factories(tmp_path)[request.param](clock)
     async with backend:
         yield backend
+        if backend.name == "dynamodb":  # keep moto's memory small across the session
+            await backend.client.delete_table(TableName=backend.table)  # type: ignore[attr-defined]
 
 
 @pytest.fixture
 def queue_factory(tmp_path: Path, queue: QueueBackend) -> Callable[[ManualClock], QueueBackend]:
-    """Another handle on the same storage as ``queue`` (for sqlite: a second connection set)."""
+    """Another handle on the same storage as ``queue`` (for sqlite: a second connection set;
+    for dynamodb: a second client on the same table)."""
 
     def make(clock: ManualClock) -> QueueBackend:
         if isinstance(queue, SqliteQueue):
             return SqliteQueue(queue.path, clock=clock)
+        if queue.name == "dynamodb":
+            from arqd.backends.dynamodb import DynamoQueue
+
+            assert isinstance(queue, DynamoQueue)
+            return DynamoQueue(queue.settings, clock=clock)
         return queue
 
     return make
@@ -66,6 +176,10 @@ async def results(
     store: ResultStore
     if request.param == "memory":
         store = MemoryResults(clock=clock)
+    elif request.param == "s3":
+        from arqd.backends.s3 import S3Results
+
+        store = S3Results(s3_settings(request.getfixturevalue("moto_url")), clock=clock)
     else:
         store = FileResults(str(tmp_path / "results"), clock=clock)
     async with store:

@@ -214,8 +214,10 @@ class MemoryQueue(QueueBackend):
                 self._set_visible(row, None)
                 if o.free_key:
                     self._free_key(job)
-                elif job.key is not None and job.key in self._s.keys:
-                    self._s.keys[job.key].expires_at = o.expires_at
+                elif job.key is not None:
+                    entry = self._s.keys.get(job.key)
+                    if entry is not None and entry.job_id == job.id:
+                        entry.expires_at = o.expires_at
             out.append(True)
         return out
 

@@ -1,0 +1,423 @@
+"""The S3 result store: one object per result, ``<prefix><area>/<name>``.
+
+- A writer buffers at most one part (``part_size``, ≥ 5 MiB, S3's minimum for every part but the
+  last). A result that ends within the first part is one ``PutObject``; a longer one becomes a
+  multipart upload, started when the first part is full and completed on ``commit``. Either way
+  nothing is visible until then, and memory stays bounded whatever the result's size.
+- A writer that fails or is aborted aborts its multipart upload, so no upload is left half done
+  (a lifecycle rule from :func:`init_bucket` also aborts any orphan after a day, should the
+  process die between the two).
+- Reads are ranged ``GetObject`` calls, streamed; a missing object is :class:`ResultExpired`.
+- ``purge`` lists the area (ListObjectsV2) and deletes up to 1,000 keys per DeleteObjects. Its
+  ``older_than`` compares S3's ``LastModified``, the server's clock.
+- ``temporary/`` objects also expire by the bucket's lifecycle rule (``results.temporary_ttl``
+  rounded up to whole days: S3 expires by day), so an unpurged cache cannot grow forever.
+
+``aioboto3`` is imported when the store opens (extra ``arqd[aws]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from arqd.backends.base import AREAS, Area, ResultStore, ResultWriter
+from arqd.clock import SYSTEM_CLOCK, Clock
+from arqd.errors import BackendError, BackendUnavailable, ConfigError, ResultExpired
+from arqd.model import BLOB_NAME_RE
+
+MIN_PART = 5 * 1024 * 1024  # S3 refuses smaller parts (except the last)
+CHUNK = 64 * 1024  # bytes per chunk handed to readers
+DELETE_BATCH = 1000  # the most keys one DeleteObjects takes
+LIFECYCLE_TEMPORARY = "arqd-temporary-expiry"
+LIFECYCLE_ABORT = "arqd-abort-incomplete-uploads"
+PING_TIMEOUT = 2.0  # ping() answers promptly even when the endpoint is dead
+
+MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+UNAVAILABLE_CODES = frozenset(
+    {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"}
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class S3Settings:
+    """Where results go and how to talk to S3; ``stores.make_results`` builds it from config."""
+
+    bucket: str = "arqd-results"
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: str | None = None
+    access_key_id: str | None = None  # None: botocore's usual credential chain
+    secret_access_key: str | None = None
+    retry_mode: str = "standard"  # botocore's: "standard" or "adaptive"
+    max_attempts: int = 8
+    connect_timeout: float = 2.0
+    read_timeout: float = 30.0
+    part_size: int = 8 * 1024 * 1024  # multipart part size; also the writer's memory bound
+    create_missing: bool | None = None  # create the bucket on open; default: with endpoint_url
+
+    def __post_init__(self) -> None:
+        if self.part_size < MIN_PART:
+            raise ConfigError(f"s3 part_size must be at least {MIN_PART} bytes (S3's minimum)")
+
+
+class _Missing(Exception):
+    """The object (or bucket) is not there."""
+
+
+def _translate(op: str, exc: Exception) -> Exception:
+    response = getattr(exc, "response", None)
+    if response is None:
+        return BackendUnavailable(f"s3 {op}: {exc}")
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if code in MISSING_CODES or status == 404:
+        return _Missing(code)
+    if code in UNAVAILABLE_CODES or status >= 500:
+        return BackendUnavailable(f"s3 {op}: {code or status}: {exc}")
+    return BackendError(f"s3 {op}: {code}: {exc}")
+
+
+def _client_config(s: S3Settings, *, attempts: int | None = None, timeout: float = 0) -> Any:
+    from botocore.config import Config
+
+    return Config(
+        retries={"mode": s.retry_mode, "total_max_attempts": attempts or s.max_attempts},
+        connect_timeout=timeout or s.connect_timeout,
+        read_timeout=timeout or s.read_timeout,
+        # A custom endpoint (moto, MinIO) rarely resolves bucket subdomains.
+        s3={"addressing_style": "path" if s.endpoint_url else "auto"},
+    )
+
+
+async def _open_client(stack: contextlib.AsyncExitStack, s: S3Settings, config: Any) -> Any:
+    from arqd.backends.dynamodb import aws_session  # shared sessions (and their model cache)
+
+    session = aws_session(s.access_key_id, s.secret_access_key, s.region)
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        cm = session.client("s3", endpoint_url=s.endpoint_url, config=config)
+        return await stack.enter_async_context(cm)
+    except BotoCoreError as exc:
+        raise BackendError(f"cannot set up the s3 client: {exc}") from exc
+
+
+class S3Writer(ResultWriter):
+    """Streams one result; see the module docstring."""
+
+    def __init__(self, store: S3Results, key: str) -> None:
+        self._store, self._key = store, key
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._size = 0
+        self._done = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held in memory until a part is full: below ``part_size`` between writes."""
+        return len(self._buffer)
+
+    async def write(self, data: bytes) -> None:
+        assert not self._done, "writer already finished"
+        self._buffer += data
+        self._size += len(data)
+        part = self._store.settings.part_size
+        while len(self._buffer) >= part:
+            chunk = bytes(self._buffer[:part])
+            del self._buffer[:part]
+            await self._guarded(self._upload_part(chunk))
+
+    async def commit(self) -> int:
+        assert not self._done, "writer already finished"
+        if self._upload_id is None:
+            await self._guarded(self._put_whole())
+        else:
+            if self._buffer or not self._parts:
+                await self._guarded(self._upload_part(bytes(self._buffer)))
+            await self._guarded(self._complete())
+        self._done = True
+        self._buffer.clear()
+        return self._size
+
+    async def abort(self) -> None:
+        self._done = True
+        self._buffer.clear()
+        if self._upload_id is None:
+            return
+        try:
+            await self._store._call(
+                "abort_multipart_upload",
+                Bucket=self._store.settings.bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+            )
+        except (BackendError, _Missing):
+            return  # kept for a later abort(); the bucket's lifecycle rule is the last resort
+        self._upload_id = None
+
+    async def _guarded(self, step: Any) -> None:
+        """Run one step; on failure abort the upload (best effort) and re-raise."""
+        try:
+            await step
+        except BaseException:
+            await self.abort()
+            raise
+
+    async def _put_whole(self) -> None:
+        await self._store._call(
+            "put_object",
+            Bucket=self._store.settings.bucket,
+            Key=self._key,
+            Body=bytes(self._buffer),
+        )
+
+    async def _upload_part(self, data: bytes) -> None:
+        s = self._store
+        if self._upload_id is None:
+            out = await s._call("create_multipart_upload", Bucket=s.settings.bucket, Key=self._key)
+            self._upload_id = str(out["UploadId"])
+        number = len(self._parts) + 1
+        out = await s._call(
+            "upload_part",
+            Bucket=s.settings.bucket,
+            Key=self._key,
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=data,
+        )
+        self._parts.append({"ETag": out["ETag"], "PartNumber": number})
+
+    async def _complete(self) -> None:
+        await self._store._call(
+            "complete_multipart_upload",
+            Bucket=self._store.settings.bucket,
+            Key=self._key,
+            UploadId=self._upload_id,
+            MultipartUpload={"Parts": self._parts},
+        )
+        self._upload_id = None
+
+
+class S3Results(ResultStore):
+    """Result blobs in one S3 bucket under ``prefix``; see the module docstring."""
+
+    name = "s3"
+
+    def __init__(self, settings: S3Settings, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        super().__init__(clock=clock)
+        self.settings = settings
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+        self._ping_client: Any = None
+
+    @property
+    def client(self) -> Any:
+        """The aiobotocore client once open (tests list its multipart uploads)."""
+        return self._client
+
+    async def open(self) -> None:
+        s = self.settings
+        self._client = await _open_client(self._stack, s, _client_config(s))
+        ping = _client_config(s, attempts=1, timeout=PING_TIMEOUT)
+        self._ping_client = await _open_client(self._stack, s, ping)
+        create = s.create_missing if s.create_missing is not None else s.endpoint_url is not None
+        if create:
+            await ensure_bucket(self._client, s)
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()
+        self._client = self._ping_client = None
+
+    async def _call(self, op: str, client: Any = None, **kw: Any) -> dict[str, Any]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if self._client is None:
+            raise BackendError("the s3 result store is not open")
+        try:
+            result: dict[str, Any] = await getattr(client or self._client, op)(**kw)
+            return result
+        except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
+            raise _translate(op, exc) from exc
+
+    def _key(self, area: Area, name: str) -> str:
+        if area not in AREAS or not BLOB_NAME_RE.match(name):
+            raise BackendError(f"refusing result key for area={area!r} name={name!r}")
+        return f"{self.settings.prefix}{area}/{name}"
+
+    async def writer(self, area: Area, name: str) -> ResultWriter:
+        return S3Writer(self, self._key(area, name))
+
+    async def read(
+        self, area: Area, name: str, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes]:
+        key = self._key(area, name)
+        if end is not None and end <= start:
+            if await self.size(area, name) is None:
+                raise ResultExpired(f"the result of job {name} is no longer stored")
+            return
+        kw: dict[str, Any] = {"Bucket": self.settings.bucket, "Key": key}
+        if start or end is not None:
+            kw["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            out = await self._call("get_object", **kw)
+        except _Missing:
+            raise ResultExpired(f"the result of job {name} is no longer stored") from None
+        except BackendError as exc:
+            if "InvalidRange" in str(exc):  # start at or past the end: nothing to give
+                return
+            raise
+        async for chunk in self._stream(out["Body"]):
+            yield chunk
+
+    async def _stream(self, body: Any) -> AsyncIterator[bytes]:
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            while chunk := await body.read(CHUNK):
+                yield chunk
+        except (BotoCoreError, OSError, TimeoutError) as exc:
+            raise BackendUnavailable(f"s3 read interrupted: {exc}") from exc
+        finally:
+            body.close()
+
+    async def size(self, area: Area, name: str) -> int | None:
+        try:
+            out = await self._call(
+                "head_object", Bucket=self.settings.bucket, Key=self._key(area, name)
+            )
+        except _Missing:
+            return None
+        return int(out["ContentLength"])
+
+    async def delete(self, area: Area, name: str) -> None:
+        await self._call("delete_object", Bucket=self.settings.bucket, Key=self._key(area, name))
+
+    async def purge(self, area: Area, older_than: float | None = None) -> int:
+        if area not in AREAS:
+            raise BackendError(f"unknown result area {area!r}")
+        doomed = [
+            obj["Key"]
+            async for obj in self._objects(f"{self.settings.prefix}{area}/")
+            if older_than is None or obj["LastModified"].timestamp() < older_than
+        ]
+        count = 0
+        for i in range(0, len(doomed), DELETE_BATCH):
+            batch = doomed[i : i + DELETE_BATCH]
+            out = await self._call(
+                "delete_objects",
+                Bucket=self.settings.bucket,
+                Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+            )
+            count += len(batch) - len(out.get("Errors", []))
+        return count
+
+    async def _objects(self, prefix: str) -> AsyncIterator[dict[str, Any]]:
+        kw: dict[str, Any] = {"Bucket": self.settings.bucket, "Prefix": prefix}
+        while True:
+            out = await self._call("list_objects_v2", **kw)
+            for obj in out.get("Contents", []):
+                yield obj
+            if not out.get("IsTruncated"):
+                return
+            kw["ContinuationToken"] = out["NextContinuationToken"]
+
+    async def ping(self) -> None:
+        try:
+            await self._call("head_bucket", client=self._ping_client, Bucket=self.settings.bucket)
+        except _Missing:
+            raise BackendError(f"s3 bucket {self.settings.bucket} does not exist") from None
+
+
+# --- creating the bucket --------------------------------------------------------------------------
+
+
+def lifecycle_rules(prefix: str, temporary_ttl: float) -> list[dict[str, Any]]:
+    """Ours: expire ``temporary/`` (in whole days, rounded up), abort orphan uploads."""
+    days = max(1, math.ceil(temporary_ttl / 86400))
+    return [
+        {
+            "ID": LIFECYCLE_TEMPORARY,
+            "Filter": {"Prefix": f"{prefix}temporary/"},
+            "Status": "Enabled",
+            "Expiration": {"Days": days},
+        },
+        {
+            "ID": LIFECYCLE_ABORT,
+            "Filter": {"Prefix": prefix},
+            "Status": "Enabled",
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+        },
+    ]
+
+
+async def ensure_bucket(
+    client: Any, s: S3Settings, temporary_ttl: float | None = None
+) -> list[str]:
+    """Create the bucket when missing and (given ``temporary_ttl``) set our lifecycle rules,
+    keeping any others the bucket has. Idempotent; answers what was done."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        done = await _create_bucket(client, s)
+        if temporary_ttl is not None:
+            done += await _set_lifecycle(client, s, temporary_ttl)
+        return done
+    except (ClientError, BotoCoreError, OSError) as exc:
+        error = _translate("init", exc)
+        raise (BackendError(f"s3 init: {exc}") if isinstance(error, _Missing) else error) from exc
+
+
+async def _create_bucket(client: Any, s: S3Settings) -> list[str]:
+    from botocore.exceptions import ClientError
+
+    try:
+        await client.head_bucket(Bucket=s.bucket)
+        return []
+    except ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+            raise
+    kw: dict[str, Any] = {"Bucket": s.bucket}
+    region = client.meta.region_name
+    if region and region != "us-east-1":  # us-east-1 refuses an explicit location
+        kw["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    try:
+        await client.create_bucket(**kw)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
+            raise
+        return []
+    return [f"created bucket {s.bucket}"]
+
+
+async def _set_lifecycle(client: Any, s: S3Settings, temporary_ttl: float) -> list[str]:
+    from botocore.exceptions import ClientError
+
+    try:
+        current = (await client.get_bucket_lifecycle_configuration(Bucket=s.bucket))["Rules"]
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "NoSuchLifecycleConfiguration":
+            raise
+        current = []
+    ours = lifecycle_rules(s.prefix, temporary_ttl)
+    mine = {r["ID"] for r in ours}
+    if [r for r in current if r.get("ID") in mine] == ours:
+        return []
+    rules = [r for r in current if r.get("ID") not in mine] + ours
+    await client.put_bucket_lifecycle_configuration(
+        Bucket=s.bucket, LifecycleConfiguration={"Rules": rules}
+    )
+    days = ours[0]["Expiration"]["Days"]
+    return [f"set lifecycle on {s.bucket}: {s.prefix}temporary/ expires after {days} day(s)"]
+
+
+async def init_bucket(settings: S3Settings, *, temporary_ttl: float) -> list[str]:
+    """``arqd init-aws`` for results: bucket and lifecycle rules; answers what was done."""
+    async with contextlib.AsyncExitStack() as stack:
+        client = await _open_client(stack, settings, _client_config(settings))
+        done = await ensure_bucket(client, settings, temporary_ttl)
+    return done or [f"bucket {settings.bucket} is ready (nothing to do)"]
