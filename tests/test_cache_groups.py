@@ -12,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 import arqd
+from arqd.backends.base import QueueBackend, ResultStore
 from arqd.backends.files import FileResults
 from arqd.backends.memory import MemoryQueue, MemoryResults
 from arqd.backends.sqlite import SqliteQueue
@@ -66,19 +67,29 @@ async def cached(ctx: arqd.JobContext, payload: Any) -> Any:
     return {"answer": payload}
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+def _backends(
+    kind: str, tmp_path: Path, clock: ManualClock, request: pytest.FixtureRequest
+) -> tuple[QueueBackend, ResultStore]:
+    if kind == "memory":
+        return MemoryQueue(clock=clock), MemoryResults(clock=clock)
+    if kind == "sqlite":
+        return (
+            SqliteQueue(str(tmp_path / "q.sqlite3"), clock=clock),
+            FileResults(str(tmp_path / "results"), clock=clock),
+        )
+    from arqd.backends.dynamodb import DynamoQueue
+    from arqd.backends.s3 import S3Results
+
+    from .conftest import dynamo_settings, s3_settings
+
+    url = request.getfixturevalue("moto_url")
+    return DynamoQueue(dynamo_settings(url), clock=clock), S3Results(s3_settings(url), clock=clock)
+
+
+@pytest.fixture(params=["memory", "sqlite", "dynamodb"])
 async def app(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[arqd.App]:
     clock = ManualClock(start=1_800_000_000.0)
-    queue = (
-        MemoryQueue(clock=clock)
-        if request.param == "memory"
-        else SqliteQueue(str(tmp_path / "q.sqlite3"), clock=clock)
-    )
-    results = (
-        MemoryResults(clock=clock)
-        if request.param == "memory"
-        else FileResults(str(tmp_path / "results"), clock=clock)
-    )
+    queue, results = _backends(request.param, tmp_path, clock, request)
     application = arqd.App(config(tmp_path), queue=queue, results=results)
     async with queue, results, application:
         yield application

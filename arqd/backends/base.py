@@ -200,31 +200,32 @@ class QueueBackend(_AsyncClosing, abc.ABC):
     async def ping(self) -> None:
         """Raise :class:`BackendError` unless the storage answers."""
 
+    @abc.abstractmethod
     async def save_steps(
         self, job_id: str, token: str, steps: list[StepState], checkpoint: dict[str, Any]
     ) -> bool:
         """Record a multi-step job's step states and checkpoint, if ``token`` still holds it."""
-        raise NotImplementedError(f"{self.name}: save_steps")
 
+    @abc.abstractmethod
     async def save_group(self, record: GroupRecord) -> None:
         """Store a group's record (its jobs are stored first, by ``enqueue``)."""
-        raise NotImplementedError(f"{self.name}: save_group")
 
+    @abc.abstractmethod
     async def get_group(self, group_id: str) -> GroupRecord | None:
-        raise NotImplementedError(f"{self.name}: get_group")
+        """The group's record, if stored."""
 
+    @abc.abstractmethod
     async def sweep_expired(self, limit: int) -> list[Job]:
         """Delete up to ``limit`` terminal jobs whose ``expires_at`` has passed (freeing their
         keys) and answer them, so the caller can delete their result blobs. Safe to run from
         many processes at once: each job is answered to exactly one of them."""
-        raise NotImplementedError(f"{self.name}: sweep_expired")
 
+    @abc.abstractmethod
     async def drop_results(self, sticky: bool, limit: int) -> list[Job]:
         """Drop the results of up to ``limit`` succeeded jobs with this ``sticky`` flag (the
         persistent area when true, the temporary one when false): their result becomes
         ``ResultRef(area="dropped")`` and their keys are freed. Answers the jobs as they were,
         so the caller can delete their blobs; an empty answer means none are left."""
-        raise NotImplementedError(f"{self.name}: drop_results")
 
     @abc.abstractmethod
     async def register_worker(self, info: WorkerInfo) -> None:
