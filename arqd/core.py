@@ -246,7 +246,7 @@ class Core:
         if created:
             self.hub.jobs_ready()
             for job in created:
-                self.metrics.submitted_of(job.queue, job.handler).inc()
+                self.metrics.submitted.inc(job.queue, job.handler)
 
     # --- groups ---------------------------------------------------------------------------------
 

@@ -8,12 +8,15 @@ concurrency are read when scraped. ``docs/operations.md`` explains each and sugg
 
 from __future__ import annotations
 
+import bisect
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from arqd.backends.base import QueueBackend, QueueStats
 from arqd.errors import BackendError
@@ -46,38 +49,75 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 BACKEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 
 
-class Children:
-    """A metric's labelled children, remembered: ``labels()`` costs more than the increment
-    itself, and the hot path asks for the same few label sets over and over."""
+class FastCounter:
+    """A labelled counter for the per-job hot path: a dict increment, no lock (the event loop
+    is one thread); exposed in Prometheus form by :class:`_Fast` at scrape time."""
 
-    def __init__(self, metric: Any) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...]) -> None:
+        self.name, self.doc, self.labels = name, doc, labels
+        self.values: dict[tuple[str, ...], float] = {}
 
-    def __call__(self, *labels: str) -> Any:
-        child = self._children.get(labels)
-        if child is None:
-            child = self._children[labels] = self._metric.labels(*labels)
-        return child
+    def inc(self, *labels: str) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + 1.0
+
+    def collect(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for labels, value in self.values.items():
+            family.add_metric(labels, value)
+        return family
+
+
+class FastHistogram:
+    """A labelled histogram for the hot path: one ``bisect`` and two additions per observation
+    (prometheus_client's own took a fifth of the pool's time per job)."""
+
+    def __init__(
+        self, name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> None:
+        self.name, self.doc, self.labels, self.bounds = name, doc, labels, buckets
+        self.data: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+
+    def observe(self, value: float, *labels: str) -> None:
+        entry = self.data.get(labels)
+        if entry is None:
+            entry = self.data[labels] = ([0] * (len(self.bounds) + 1), [0.0])
+        entry[0][bisect.bisect_left(self.bounds, value)] += 1
+        entry[1][0] += value
+
+    def collect(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        for labels, (counts, total) in self.data.items():
+            cumulative, running = [], 0
+            for bound, count in zip((*map(str, self.bounds), "+Inf"), counts, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            family.add_metric(labels, cumulative, total[0])
+        return family
+
+
+class _Fast(Collector):
+    def __init__(self, metrics: list[FastCounter | FastHistogram]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return [m.collect() for m in self._metrics]
 
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.submitted = Counter(
-            "arqd_jobs_submitted_total", "Jobs stored by submits.", ["queue", "handler"], registry=r
+        self.submitted = FastCounter(
+            "arqd_jobs_submitted_total", "Jobs stored by submits.", ("queue", "handler")
         )
-        self.finished = Counter(
+        self.finished = FastCounter(
             "arqd_jobs_finished_total",
             "Jobs that reached a terminal state in this process.",
-            ["queue", "handler", "state"],
-            registry=r,
+            ("queue", "handler", "state"),
         )
-        self.retries = Counter(
+        self.retries = FastCounter(
             "arqd_job_retries_total",
             "Failed attempts sent back to the queue for another try.",
-            ["queue", "handler"],
-            registry=r,
+            ("queue", "handler"),
         )
         self.lease_expiries = Counter(
             "arqd_lease_expiries_total",
@@ -101,19 +141,17 @@ class Metrics:
             ["queue"],
             registry=r,
         )
-        self.handler_seconds = Histogram(
+        self.handler_seconds = FastHistogram(
             "arqd_handler_duration_seconds",
             "Duration of attempts, by handler and outcome.",
-            ["handler", "outcome"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+            ("handler", "outcome"),
+            DURATION_BUCKETS,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = FastHistogram(
             "arqd_queue_wait_seconds",
             "Time from ready to leased, per queue.",
-            ["queue"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+            ("queue",),
+            DURATION_BUCKETS,
         )
         self.backend_seconds = Histogram(
             "arqd_backend_request_seconds",
@@ -139,12 +177,11 @@ class Metrics:
         self.reloads = Counter(
             "arqd_config_reloads_total", "Config reloads (SIGHUP).", ["result"], registry=r
         )
-        # The hot path's label lookups, cached (see Children).
-        self.submitted_of = Children(self.submitted)
-        self.finished_of = Children(self.finished)
-        self.retries_of = Children(self.retries)
-        self.queue_wait_of = Children(self.queue_wait)
-        self.handler_seconds_of = Children(self.handler_seconds)
+        r.register(
+            _Fast(
+                [self.submitted, self.finished, self.retries, self.handler_seconds, self.queue_wait]
+            )
+        )
 
     def set_queue_stats(self, stats: list[QueueStats]) -> None:
         self.queue_jobs.clear()

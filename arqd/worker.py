@@ -254,8 +254,8 @@ class Pool:
         for lease in leases:
             job = lease.job
             if job.started_at is not None:
-                m.queue_wait_of(job.queue).observe(
-                    max(0.0, (job.started_at - job.ready_at).total_seconds())
+                m.queue_wait.observe(
+                    max(0.0, (job.started_at - job.ready_at).total_seconds()), job.queue
                 )
             if lease.recovered:
                 m.lease_expiries.labels(job.queue).inc()
@@ -512,13 +512,13 @@ class Pool:
             m.lease_conflicts.labels("finish").inc()
             return
         if outcome.state.terminal:
-            m.finished_of(job.queue, job.handler, outcome.state.value).inc()
+            m.finished.inc(job.queue, job.handler, outcome.state.value)
         elif outcome.count_attempt:
-            m.retries_of(job.queue, job.handler).inc()
+            m.retries.inc(job.queue, job.handler)
         if job.started_at is not None and outcome.count_attempt:
             ran = self.core.clock.time() - job.started_at.timestamp()
             label = outcome.state.value if outcome.state.terminal else "retry"
-            m.handler_seconds_of(job.handler, label).observe(max(0.0, ran))
+            m.handler_seconds.observe(max(0.0, ran), job.handler, label)
 
     async def _flush_outcomes(self, limit: float) -> None:
         async def flushed() -> None:
