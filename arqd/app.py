@@ -104,11 +104,11 @@ class App:
 
     async def __aenter__(self) -> Self:
         self.core.registry = Registry.from_config(self.config, self._extra)
+        self._open = True  # from here stop() closes whatever opened, even if the rest fails
         if self._owned[0]:
             await self._queue.open()
         if self._owned[1]:
             await self._results.open()
-        self._open = True
         self.pool = Pool(self.core)
         await self.pool.start()
         self.scheduler = Scheduler(self.core, self.config)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import signal
@@ -27,13 +28,14 @@ from aiohttp import web
 from arqd import logs, systemd
 from arqd.app import App
 from arqd.config import Config, load_config
-from arqd.errors import ConfigError
+from arqd.errors import ArqdError, ConfigError
 from arqd.handlers import Registry
-from arqd.http.server import make_app
+from arqd.http.server import STATE, ServerState, make_app
 
 log = structlog.get_logger("arqd.daemon")
 
 RESTART_SECTIONS = ("server", "queue", "results")
+BACKEND_RETRY_MAX = 30.0  # longest pause between tries to reach the backends at start
 HTTP_SHUTDOWN = 2.0  # seconds open long-polls and event streams get once the pool has stopped
 
 
@@ -86,19 +88,22 @@ class Daemon:
         logs.configure(config.log.level, config.log.format)
         self.app = App(config)
         self.app.core.registry = registry
-        async with self.app:
-            runner = web.AppRunner(
-                make_app(self.app),
-                access_log=None,
-                handle_signals=False,
-                shutdown_timeout=HTTP_SHUTDOWN,
-            )
-            await runner.setup()
-            host, port = split_listen(config.server.listen)
-            site = web.TCPSite(runner, host, port, reuse_address=True)
-            await site.start()
-            self.port = _bound_port(runner) or port
-            self._install_signals()
+        web_app = make_app(self.app)
+        runner = web.AppRunner(
+            web_app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN
+        )
+        await runner.setup()
+        host, port = split_listen(config.server.listen)
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        self.port = _bound_port(runner) or port
+        self._install_signals()
+        log.info("daemon.listening", listen=f"{host}:{self.port}", pid=os.getpid())
+        if not await self._open_backends(config, registry, web_app[STATE]):
+            await runner.cleanup()
+            log.info("daemon.stopped")
+            return 0
+        try:
             watchdog = asyncio.create_task(self._watchdog())
             log.info(
                 "daemon.ready",
@@ -112,10 +117,33 @@ class Daemon:
             systemd.notify("STOPPING=1")
             log.info("daemon.stopping", grace_s=self.app.config.workers.shutdown_grace)
             watchdog.cancel()
+        finally:
             await self.app.stop()
             await runner.cleanup()
         log.info("daemon.stopped")
         return 0
+
+    async def _open_backends(self, config: Config, registry: Registry, state: ServerState) -> bool:
+        """Open the backends and start the pool, retrying while they cannot be reached: the HTTP
+        API already answers (``/healthz`` 200, ``/readyz`` 503) and the daemon recovers by
+        itself when they come back. False if asked to stop first."""
+        delay = 0.5
+        while not self._stop.is_set():
+            assert self.app is not None
+            try:
+                await self.app.__aenter__()
+                return True
+            except (ArqdError, OSError) as exc:
+                log.warning("daemon.backend_unavailable", error=str(exc), retry_in_s=delay)
+                with contextlib.suppress(Exception):
+                    await self.app.stop()
+            self.app = App(config)  # fresh clients for the next try
+            self.app.core.registry = registry
+            state.app = self.app
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            delay = min(delay * 2, BACKEND_RETRY_MAX)
+        return False
 
     # --- signals ----------------------------------------------------------------------------------
 

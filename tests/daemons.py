@@ -75,7 +75,8 @@ class Daemon:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> Daemon:
+    def start(self, ready: str = "daemon.ready") -> Daemon:
+        """Start and wait for the ``ready`` log event (which carries the bound address)."""
         env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as sink:
@@ -86,8 +87,8 @@ class Daemon:
                 stdout=sink,
                 stderr=subprocess.STDOUT,
             )
-        ready = self.wait_log("daemon.ready", START_TIMEOUT)
-        self.port = int(ready["listen"].rsplit(":", 1)[1])
+        line = self.wait_log(ready, START_TIMEOUT)
+        self.port = int(line["listen"].rsplit(":", 1)[1])
         return self
 
     def lines(self) -> list[dict[str, Any]]:
@@ -148,11 +149,15 @@ class Daemons:
         self.all: list[Daemon] = []
 
     def start(
-        self, config: str, name: str | None = None, env: dict[str, str] | None = None
+        self,
+        config: str,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+        ready: str = "daemon.ready",
     ) -> Daemon:
         daemon = Daemon(self.tmp_path, config, name or f"d{len(self.all)}", env)
         self.all.append(daemon)
-        return daemon.start()
+        return daemon.start(ready)
 
     def stop_all(self) -> None:
         for daemon in self.all:

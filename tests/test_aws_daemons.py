@@ -11,6 +11,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 import arqd
@@ -191,3 +192,28 @@ async def test_init_aws_creates_table_and_bucket_and_is_idempotent(
         assert described["Table"]["TableStatus"] == "ACTIVE"
     async with session.client("s3", endpoint_url=moto_url) as s3:
         await s3.head_bucket(Bucket=table)
+
+
+async def test_daemon_waits_for_an_unreachable_backend(
+    tmp_path: Path, daemons: Daemons, moto_url: str, table: str
+):
+    """A daemon whose backend cannot be reached at start keeps running: /healthz answers 200,
+    /readyz 503; when the backend comes back it becomes ready by itself and runs jobs."""
+    async with FaultProxy(moto_url, Faults(unavailable=1.0)) as proxy:
+        config = aws_config(tmp_path, proxy.url, table)
+        d = await asyncio.to_thread(daemons.start, config, "patient", AWS_ENV, "daemon.listening")
+        await asyncio.to_thread(d.wait_log, "daemon.backend_unavailable", 60)
+        async with aiohttp.ClientSession(d.url) as http:
+            async with http.get("/healthz") as r:
+                assert r.status == 200
+            async with http.get("/readyz") as r:
+                assert r.status == 503
+                assert (await r.json())["error"]["code"] == "unavailable"
+        proxy.faults = Faults()
+        await asyncio.to_thread(d.wait_log, "daemon.ready", 90)
+        async with arqd.HttpClient(d.url) as client:
+            job = await client.submit("echo", {"back": True})
+            done = await client.wait(job.id, timeout=60)
+            assert done.state == "succeeded"
+            async with aiohttp.ClientSession(d.url) as http, http.get("/readyz") as r:
+                assert r.status == 200

@@ -600,6 +600,9 @@ async def readyz(request: web.Request) -> web.Response:
     except (ArqdError, TimeoutError) as exc:
         message = str(exc) or "the backends did not answer in time"
         return error_response(503, "unavailable", message)
+    except Exception as exc:  # e.g. a backend not opened yet while the daemon waits for it
+        log.info("http.not_ready", error=repr(exc))
+        return error_response(503, "unavailable", "the backends are not open yet")
     return json_response({"status": "ready"})
 
 
