@@ -97,7 +97,7 @@ async def test_three_daemons_share_the_work(
             queues = (await c0.request_json("GET", "/v1/queues"))["queues"]
             return sum(q["succeeded"] for q in queues) == len(kinds)
 
-        await eventually(all_done, 240)
+        await eventually(all_done, max(240.0, total * 0.4))  # moto slows as the table grows
         blob_id = ids[-1]
         assert len(await c1.result(blob_id)) == 200_000
     terminal = terminal_lines(trio)
