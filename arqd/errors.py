@@ -10,7 +10,6 @@
     │   ├── JobFailed          finished as failed                  HTTP 409 job_failed
     │   ├── JobCancelled       finished as cancelled               HTTP 409 job_cancelled
     │   └── ResultExpired      the cache dropped it                HTTP 410 expired
-    ├── LeaseLost              a consumer's lease was taken over (internal)
     ├── ConfigError            a config file that does not validate
     └── BackendError           a storage backend failed (driver errors become this)
         └── BackendUnavailable cannot be reached right now         HTTP 503 unavailable
@@ -62,10 +61,6 @@ class JobCancelled(ResultUnavailable):
 
 class ResultExpired(ResultUnavailable):
     code, status = "expired", 410
-
-
-class LeaseLost(ArqdError):
-    code, status = "conflict", 409
 
 
 class ConfigError(ArqdError):

@@ -290,8 +290,3 @@ class ResultStore(_AsyncClosing, abc.ABC):
 
     async def ping(self) -> None:
         """Raise :class:`BackendError` unless the storage answers."""
-
-
-def ensure_known(name: str, choices: dict[str, Any]) -> None:
-    if name not in choices:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(sorted(choices))}")

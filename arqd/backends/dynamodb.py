@@ -470,15 +470,26 @@ def aws_session(key_id: str | None, secret: str | None, region: str | None) -> A
     return session
 
 
-async def _open_client(stack: contextlib.AsyncExitStack, s: DynamoSettings, config: Any) -> Any:
+async def open_aws_client(
+    stack: contextlib.AsyncExitStack,
+    service: str,
+    s: DynamoSettings | Any,
+    config: Any,
+) -> Any:
+    """An aiobotocore client for ``service`` (``dynamodb`` or ``s3``) from settings holding
+    credentials, region and endpoint, closed with ``stack``."""
     session = aws_session(s.access_key_id, s.secret_access_key, s.region)
     from botocore.exceptions import BotoCoreError
 
     try:
-        client_cm = session.client("dynamodb", endpoint_url=s.endpoint_url, config=config)
+        client_cm = session.client(service, endpoint_url=s.endpoint_url, config=config)
         return await stack.enter_async_context(client_cm)
     except BotoCoreError as exc:  # NoRegionError and friends: a setup problem, named plainly
-        raise BackendError(f"cannot set up the dynamodb client: {exc}") from exc
+        raise BackendError(f"cannot set up the {service} client: {exc}") from exc
+
+
+async def _open_client(stack: contextlib.AsyncExitStack, s: DynamoSettings, config: Any) -> Any:
+    return await open_aws_client(stack, "dynamodb", s, config)
 
 
 # --- small helpers --------------------------------------------------------------------------------

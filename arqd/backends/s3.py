@@ -94,16 +94,9 @@ def _client_config(s: S3Settings, *, attempts: int | None = None, timeout: float
 
 
 async def _open_client(stack: contextlib.AsyncExitStack, s: S3Settings, config: Any) -> Any:
-    from arqd.backends.dynamodb import aws_session  # shared sessions (and their model cache)
+    from arqd.backends.dynamodb import open_aws_client  # shared sessions (and their model cache)
 
-    session = aws_session(s.access_key_id, s.secret_access_key, s.region)
-    from botocore.exceptions import BotoCoreError
-
-    try:
-        cm = session.client("s3", endpoint_url=s.endpoint_url, config=config)
-        return await stack.enter_async_context(cm)
-    except BotoCoreError as exc:
-        raise BackendError(f"cannot set up the s3 client: {exc}") from exc
+    return await open_aws_client(stack, "s3", s, config)
 
 
 class S3Writer(ResultWriter):
