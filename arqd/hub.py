@@ -21,6 +21,7 @@ Listener = Callable[[str, Job | None], None]
 class Hub:
     def __init__(self) -> None:
         self._wake: set[asyncio.Future[None]] = set()
+        self.ready_seq = 0  # counts ``jobs_ready`` calls, so a wake-up between two looks is kept
         self._waiters: dict[str, set[asyncio.Future[Job | None]]] = {}
         self._listeners: list[Listener] = []
 
@@ -28,12 +29,16 @@ class Hub:
 
     def jobs_ready(self) -> None:
         """New jobs were stored: wake every idle consumer."""
+        self.ready_seq += 1
         wake, self._wake = self._wake, set()
         for fut in wake:
             _resolve(fut, None)
 
-    async def wait_ready(self, timeout: float) -> None:
-        """Return when ``jobs_ready`` is called or ``timeout`` passes."""
+    async def wait_ready(self, timeout: float, since: int | None = None) -> None:
+        """Return when ``jobs_ready`` is called or ``timeout`` passes; at once if it was called
+        since ``ready_seq`` was ``since`` (a submit made while the caller was busy looking)."""
+        if since is not None and since != self.ready_seq:
+            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._wake.add(fut)
         try:

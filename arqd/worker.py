@@ -221,6 +221,7 @@ class Pool:
                 continue
             self._lease_seq += 1
             seq = self._lease_seq
+            ready_seq = self.core.hub.ready_seq
             queues = self.queues[seq % len(self.queues) :] + self.queues[: seq % len(self.queues)]
             try:
                 leases = await self.core.queue.lease(
@@ -243,11 +244,15 @@ class Pool:
                     self._buffer.put_nowait(lease)
                 self._observe_leases(leases)
                 poll = POLL_MIN
-                continue
-            if not self._held:
+                if len(leases) == room:
+                    continue
+                # Fewer than asked for: the queue was drained a moment ago. Leasing again at
+                # once would cost a write that finds nothing; a local submit wakes us anyway.
+            elif not self._held:
                 await self._mark_idle(seq)
-            await self.core.hub.wait_ready(poll)
-            poll = min(poll * 2, cfg.poll_max)
+            await self.core.hub.wait_ready(poll, since=ready_seq)
+            if not leases:
+                poll = min(poll * 2, cfg.poll_max)
 
     def _observe_leases(self, leases: list[Lease]) -> None:
         m = self.core.metrics
