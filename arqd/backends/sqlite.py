@@ -14,8 +14,10 @@ Design
   stats never scan.
 - Dedupe keys live in their own table; a key row is held until an outcome frees it, its
   ``expires_at`` passes, or the job is deleted.
-- All SQL runs on two dedicated threads (one writer connection, one reader connection), one
-  thread hop per transaction, so the event loop never blocks on disk.
+- Small calls run on the event loop's thread on connections that never wait for a lock
+  (``busy_timeout = 0``); a call that would wait, or touches many rows, takes one hop to a
+  dedicated thread (one writer connection, one reader connection) and waits there. See
+  ``_Thread`` for why: the hop cost more than the SQL.
 """
 
 from __future__ import annotations
@@ -232,6 +234,10 @@ PRAGMAS = (
     "PRAGMA wal_autocheckpoint = 40000",
 )
 CHECKPOINT_INTERVAL = 1.0  # seconds between passive checkpoints
+# Calls touching more rows than this take the hop to the connection's thread even when the lock
+# is free: a 1,000-job insert would hold the event loop for ~25 ms.
+HERE_MAX_ROWS = 256
+
 
 _decode_job = msgspec.json.Decoder(Job, strict=False).decode
 _decode_group = msgspec.json.Decoder(GroupRecord).decode
@@ -249,36 +255,62 @@ def _row_to_job(row: Sequence[Any]) -> Job:
     return _decode_job(row[0])
 
 
-class _Thread:
-    """One connection, owned by one thread; every call is one hop to it and back."""
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
 
-    def __init__(self, path: str, name: str) -> None:
+
+class _Thread:
+    """One connection owned by one thread (every call one hop to it and back), plus, for small
+    calls, a second connection used on the event loop's own thread that never waits for a lock.
+
+    A hop costs 100-300 µs of wake-ups, ten times the SQL of a small call; a small call made in
+    place answers in tens of µs. In place is only tried with ``busy_timeout = 0``: if another
+    connection (another process, or this thread's) holds the lock, SQLite says so at once,
+    before anything ran, and the call takes the hop instead, where waiting is harmless. WAL
+    readers never wait for writers, and checkpoints run elsewhere, so in place never blocks.
+    """
+
+    def __init__(self, path: str, name: str, synchronous: str = "NORMAL") -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._path = path
+        self._synchronous = synchronous
         self._closed = False
         self.conn: sqlite3.Connection | None = None
+        self._here: sqlite3.Connection | None = None
 
-    def _connect(self) -> None:
+    def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         for pragma in PRAGMAS:
             conn.execute(pragma)
-        self.conn = conn
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        return conn
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
+    async def run(self, fn: Callable[[sqlite3.Connection], T], *, here: bool = True) -> T:
         try:
+            if here and not self._closed:
+                try:
+                    return fn(self._here or self._open_here())
+                except sqlite3.OperationalError as exc:
+                    if not _busy(exc):
+                        raise
+                    # Held elsewhere: take the hop and wait there.
+            loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._pool, self._call, fn)
         except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
+            if _busy(exc):
                 raise BackendUnavailable(f"sqlite is busy: {exc}") from exc
             raise BackendError(f"sqlite failed: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             raise BackendError(f"sqlite failed: {exc}") from exc
 
+    def _open_here(self) -> sqlite3.Connection:
+        conn = self._here = self._open()
+        conn.execute("PRAGMA busy_timeout = 0")
+        return conn
+
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self.conn is None:
-            self._connect()
-        assert self.conn is not None
+            self.conn = self._open()
         return fn(self.conn)
 
     def close(self) -> None:
@@ -293,6 +325,9 @@ class _Thread:
 
         self._pool.submit(_close).result()
         self._pool.shutdown(wait=True)
+        if self._here is not None:
+            self._here.close()
+            self._here = None
 
 
 class _Counts(dict[tuple[str, str], int]):
@@ -316,9 +351,10 @@ class SqliteQueue(QueueBackend):
         super().__init__(clock=clock)
         self.path = os.path.abspath(path)
         self._synchronous = synchronous.upper()
-        self._writer = _Thread(self.path, "arqd-sqlite-w")
-        self._reader = _Thread(self.path, "arqd-sqlite-r")
-        self._checkpointer = _Thread(self.path, "arqd-sqlite-c")
+        sync = self._synchronous
+        self._writer = _Thread(self.path, "arqd-sqlite-w", sync)
+        self._reader = _Thread(self.path, "arqd-sqlite-r", sync)
+        self._checkpointer = _Thread(self.path, "arqd-sqlite-c", sync)
         self._checkpoints: asyncio.Task[None] | None = None
 
     @property
@@ -332,10 +368,9 @@ class SqliteQueue(QueueBackend):
             raise BackendError(f"unknown sqlite synchronous mode {sync!r}")
 
         def setup(conn: sqlite3.Connection) -> None:
-            conn.execute(f"PRAGMA synchronous = {sync}")
             conn.executescript(SCHEMA)
 
-        await self._writer.run(setup)
+        await self._writer.run(setup, here=False)
         self._checkpoints = asyncio.create_task(self._checkpoint_loop(), name="arqd-checkpoint")
 
     async def aclose(self) -> None:
@@ -383,7 +418,7 @@ class SqliteQueue(QueueBackend):
                 conn.executemany(SQL_INSERT, plain)
             return out
 
-        return await self._write(body)
+        return await self._write(body, here=len(jobs) <= HERE_MAX_ROWS)
 
     async def lease(
         self, queues: Sequence[str], limit: int, lease_for: float, worker: str
@@ -410,7 +445,7 @@ class SqliteQueue(QueueBackend):
                         counts.add(queue, "running", len(rows))
             return leases
 
-        return await self._write(body)
+        return await self._write(body, here=limit <= HERE_MAX_ROWS)
 
     async def heartbeat(
         self, leases: Sequence[tuple[str, str]], lease_for: float
@@ -426,7 +461,7 @@ class SqliteQueue(QueueBackend):
                 )
             return replies
 
-        return await self._write(body)
+        return await self._write(body, here=len(leases) <= HERE_MAX_ROWS)
 
     async def set_progress(self, updates: Sequence[tuple[str, str, Progress]]) -> list[bool]:
         def body(conn: sqlite3.Connection, counts: _Counts) -> list[bool]:
@@ -478,7 +513,7 @@ class SqliteQueue(QueueBackend):
         def body(conn: sqlite3.Connection, counts: _Counts) -> list[bool]:
             return [one(conn, counts, o) for o in outcomes]
 
-        return await self._write(body)
+        return await self._write(body, here=len(outcomes) <= HERE_MAX_ROWS)
 
     async def cancel(self, job_id: str) -> Job | None:
         now = self.clock.time()
@@ -526,9 +561,11 @@ class SqliteQueue(QueueBackend):
             counts.add(queue, "queued", len(rows))
             return len(rows)
 
-        return await self._write(body)
+        return await self._write(body, here=False)  # every failed job of a queue
 
-    async def _write(self, body: Callable[[sqlite3.Connection, _Counts], T]) -> T:
+    async def _write(
+        self, body: Callable[[sqlite3.Connection, _Counts], T], *, here: bool = True
+    ) -> T:
         """Run ``body`` in one write transaction, with the count changes it made."""
 
         def work(conn: sqlite3.Connection) -> T:
@@ -544,7 +581,7 @@ class SqliteQueue(QueueBackend):
             conn.execute("COMMIT")
             return out
 
-        return await self._writer.run(work)
+        return await self._writer.run(work, here=here)
 
     # --- reads ------------------------------------------------------------------------------------
 
@@ -568,7 +605,7 @@ class SqliteQueue(QueueBackend):
                     found[job.id] = job
             return [found.get(i) for i in ids]
 
-        return await self._reader.run(work)
+        return await self._reader.run(work, here=len(job_ids) <= HERE_MAX_ROWS)
 
     async def find_by_key(self, key: str) -> Job | None:
         now = self.clock.time()
@@ -609,7 +646,8 @@ class SqliteQueue(QueueBackend):
             jobs = jobs[:limit]
             return jobs, (jobs[-1].id if more else None)
 
-        return await self._reader.run(work)
+        # A filter on a rare value can walk many rows before it finds ``limit``.
+        return await self._reader.run(work, here=False)
 
     async def stats(self) -> list[QueueStats]:
         now = self.clock.time()
