@@ -11,10 +11,12 @@ Moving parts, each one small loop:
   interrupted, its output discarded) and of cancel requests from other processes;
 - the **progress** loop writes coalesced progress at most a few times per second per job.
 
-Each attempt runs inside an ``asyncio.timeout`` scope with no deadline of its own (a timer per
-job cost a fifth of the pool's time); the **deadline** sweep interrupts attempts past their
-timeout, and cancels, lost leases and shutdown interrupt the same way: record why, then
-reschedule the scope to now.
+An attempt has no timer of its own (a timer per job cost a fifth of the pool's time, an
+``asyncio.timeout`` scope per job a tenth): the **deadline** sweep interrupts attempts past their
+timeout, and cancels, lost leases and shutdown interrupt the same way: record why, then cancel
+the consumer's task once; the attempt takes that cancellation back (``uncancel``) and turns it
+into its outcome, exactly as ``asyncio.timeout`` does, so a cancellation from anyone else still
+propagates.
 """
 
 from __future__ import annotations
@@ -60,9 +62,14 @@ class _Running:
     lease: Lease
     ctx: JobContext | None = None
     deadline: float = 0.0
-    timer: asyncio.Timeout | None = None
+    task: asyncio.Task[None] | None = None  # the consumer, while the handler may be interrupted
+    cancelled: bool = False  # whether we cancelled ``task`` to interrupt it
     reason: Reason | None = None
     progress: Progress | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.reason is not None
 
 
 class Pool:
@@ -285,14 +292,14 @@ class Pool:
                 self._dropped.discard((lease.job.id, lease.token))
                 self._forget(lease)
                 continue
-            await self._run(lease)
+            await self._run(lease, me)
         self._consumers.discard(me)
 
-    async def _run(self, lease: Lease) -> None:
+    async def _run(self, lease: Lease, task: asyncio.Task[None]) -> None:
         r = _Running(lease)
         self._running[lease.job.id] = r
         try:
-            outcome = await self._attempt(r)
+            outcome = await self._attempt(r, task)
         finally:
             del self._running[lease.job.id]
             self._dirty.discard(lease.job.id)
@@ -301,36 +308,36 @@ class Pool:
         else:
             self._complete(lease, outcome)
 
-    async def _attempt(self, r: _Running) -> Outcome | None:
+    async def _attempt(self, r: _Running, task: asyncio.Task[None]) -> Outcome | None:
         job, token = r.lease.job, r.lease.token
         core = self.core
         fn = self._handler_for(r)
         early = self._refuse(job, token, fn is None)
         if early is not None or fn is None:
             return early
+        if r.interrupted:  # before it began
+            return self._interrupted(r)
         ctx = r.ctx = JobContext(job, lambda p: self._report(r, p))
         r.deadline = asyncio.get_running_loop().time() + job.timeout
-        timer = asyncio.timeout(None)
+        cancelling = task.cancelling()
+        r.task = task
         try:
-            async with timer:
-                r.timer = timer
-                if r.reason is not None:
-                    timer.reschedule(-1)
-                value = fn(ctx, job.payload)
-                if inspect.isawaitable(value):  # an async generator handler is not awaited
-                    value = await value
-                ref = await self._store(job, token, value)
-        except TimeoutError as exc:
-            if r.reason == "timeout":
-                message = f"attempt {job.attempts} exceeded its timeout of {job.timeout:g}s"
-                return self._failure(job, token, TimeoutError(message))
-            if r.reason is not None:
-                return self._interrupted(r)
-            return self._failure(job, token, exc)  # the handler's own TimeoutError
+            value = fn(ctx, job.payload)
+            if inspect.isawaitable(value):  # an async generator handler is not awaited
+                value = await value
+            ref = await self._store(job, token, value)
+        except asyncio.CancelledError:
+            if not r.cancelled or task.uncancel() > cancelling:
+                raise  # not (only) ours: someone cancels the consumer itself
+            return self._interrupted(r)
         except Exception as exc:
+            if r.cancelled:  # the handler turned our cancellation into an error of its own
+                task.uncancel()
             return self._failure(job, token, exc)
         finally:
-            r.timer = None
+            r.task = None
+        if r.cancelled:  # the handler swallowed our cancellation and returned
+            task.uncancel()
         if r.reason == "lost":
             return None
         expires = core.result_expiry(job, core.clock.time())
@@ -408,6 +415,9 @@ class Pool:
 
     def _interrupted(self, r: _Running) -> Outcome | None:
         job, token = r.lease.job, r.lease.token
+        if r.reason == "timeout":
+            message = f"attempt {job.attempts} exceeded its timeout of {job.timeout:g}s"
+            return self._failure(job, token, TimeoutError(message))
         if r.reason == "cancelled":
             return self.core.cancelled(job, token)
         if r.reason == "shutdown":
@@ -423,8 +433,9 @@ class Pool:
         r.reason = reason
         if reason == "cancelled" and r.ctx is not None:
             r.ctx.request_cancel()
-        if r.timer is not None:
-            r.timer.reschedule(-1)
+        if r.task is not None and not r.cancelled:
+            r.cancelled = True
+            r.task.cancel()
 
     def _on_change(self, job_id: str, job: Job | None) -> None:
         """A local cancel reaches a running handler at once, without waiting for a heartbeat."""
@@ -477,7 +488,10 @@ class Pool:
             if batch:
                 applied = await self._finish(batch)
                 for (lease, outcome), ok in zip(batch, applied, strict=True):
-                    await self._landed(lease, outcome, ok)
+                    if ok:
+                        self._landed(lease, outcome)
+                    else:
+                        await self._refused(lease, outcome)
 
     async def _finish(self, batch: list[tuple[Lease, Outcome]]) -> list[bool]:
         """Write outcomes, retrying through backend faults: an outcome is never dropped (the
@@ -493,29 +507,29 @@ class Pool:
                 )
                 await asyncio.sleep(min(BACKEND_RETRY_MAX, 0.05 * 2**failures))
 
-    async def _landed(self, lease: Lease, outcome: Outcome, applied: bool) -> None:
+    def _landed(self, lease: Lease, outcome: Outcome) -> None:
         self._forget(lease)
-        ref = outcome.result
-        self._observe_outcome(lease, outcome, applied)
-        if not applied:
-            log.warning(
-                "job.lease_lost",
-                job_id=lease.job.id,
-                handler=lease.job.handler,
-                attempt=lease.job.attempts,
-                outcome=outcome.state.value,
-            )
-            if ref is not None and ref.name is not None and ref.area is not None:
-                await self.core.results.delete(ref.area, ref.name)  # type: ignore[arg-type]
-            return
+        self._observe_outcome(lease, outcome)
         self.core.hub.job_changed(lease.job.id)
         _canonical(lease, outcome, self.core.clock.time())
 
-    def _observe_outcome(self, lease: Lease, outcome: Outcome, applied: bool) -> None:
+    async def _refused(self, lease: Lease, outcome: Outcome) -> None:
+        """The outcome's write was fenced: another worker holds the job now. Drop our result."""
+        self._forget(lease)
+        self.core.metrics.lease_conflicts.labels("finish").inc()
+        log.warning(
+            "job.lease_lost",
+            job_id=lease.job.id,
+            handler=lease.job.handler,
+            attempt=lease.job.attempts,
+            outcome=outcome.state.value,
+        )
+        ref = outcome.result
+        if ref is not None and ref.name is not None and ref.area is not None:
+            await self.core.results.delete(ref.area, ref.name)  # type: ignore[arg-type]
+
+    def _observe_outcome(self, lease: Lease, outcome: Outcome) -> None:
         m, job = self.core.metrics, lease.job
-        if not applied:
-            m.lease_conflicts.labels("finish").inc()
-            return
         if outcome.state.terminal:
             m.finished.inc(job.queue, job.handler, outcome.state.value)
         elif outcome.count_attempt:
@@ -582,7 +596,7 @@ class Pool:
             await asyncio.sleep(DEADLINE_TICK)
             now = loop.time()
             for r in list(self._running.values()):
-                if r.timer is not None and now >= r.deadline:
+                if r.task is not None and now >= r.deadline:
                     self._interrupt(r, "timeout")
 
     def _lost(self, job_id: str, token: str) -> None:

@@ -174,6 +174,35 @@ async def test_timeout_fails_the_attempt(app: arqd.App):
     assert "timeout" in done.error.message
 
 
+async def test_interrupt_a_handler_absorbs_leaves_the_consumer_clean(tmp_path: Path):
+    """A handler that catches its interruption (here: its timeout) and raises an error of its
+    own fails the attempt with that error; the consumer it ran on is not left cancelling, so
+    the next job on it runs normally."""
+    app = arqd.App(make_config("memory", tmp_path, concurrency=1))
+
+    @app.handler("stubborn", timeout=0.05)
+    async def stubborn(ctx: arqd.JobContext, payload: Any) -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise ValueError("interrupted, said differently") from None
+
+    @app.handler("cancelling")
+    async def cancelling(ctx: arqd.JobContext, payload: Any) -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        return task.cancelling()
+
+    async with app:
+        first = await app.client.submit("stubborn", max_attempts=1)
+        done = await app.client.wait(first.id, timeout=10)
+        assert done.state == "failed" and done.error is not None
+        assert done.error.type == "ValueError"
+        second = await app.client.submit("cancelling")
+        assert (await app.client.wait(second.id, timeout=10)).state == "succeeded"
+        assert await app.client.result(second.id) == 0
+
+
 async def test_cancel_running_job_interrupts_handler(app: arqd.App):
     """Cancelling a running job interrupts its handler; the job ends cancelled."""
     CALLS.clear()
