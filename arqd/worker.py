@@ -213,15 +213,21 @@ class Pool:
     # --- fetching ---------------------------------------------------------------------------------
 
     def _room_for(self) -> int:
+        """How many jobs to lease now: none while the buffer holds work and less than half the
+        prefetch is free, so a pool of long jobs leases in batches as they finish instead of
+        one write per finished job (measured: a third of the throughput on sqlite)."""
         prefetch = min(self.core.config.workers.batch, self.concurrency)
-        return self.concurrency + prefetch - len(self._held)
+        room = min(self.concurrency + prefetch - len(self._held), self.core.config.workers.batch)
+        if room < prefetch // 2 and not self._buffer.empty():
+            return 0
+        return room
 
     async def _fetch_loop(self) -> None:
         cfg = self.core.config.workers
         poll = POLL_MIN
         failures = 0
         while not self._stopping:
-            room = min(self._room_for(), cfg.batch)
+            room = self._room_for()
             if room <= 0 or self.concurrency == 0:
                 self._room.clear()
                 await self._room.wait()
