@@ -23,6 +23,7 @@ HOT = {
             "limit": 100,
         },
     ),
+    "lease probe": (sq.SQL_ANY_VISIBLE, ("q", "queued", 1)),
     "heartbeat": (sq.SQL_HEARTBEAT, (1, "id", "t")),
     "progress": (sq.SQL_PROGRESS, (b"{}", "id", "t")),
     "requeue": (sq.SQL_REQUEUE, (0, 1, 1, None, "id", "t")),
@@ -51,3 +52,12 @@ def test_lease_walks_the_visibility_index():
     sql, params = HOT["lease"]
     plan = " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
     assert "jobs_visible" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_lease_probe_reads_only_the_visibility_index():
+    """The probe before each lease statement never touches the table itself."""
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(sq.SCHEMA)
+    sql, params = HOT["lease probe"]
+    plan = " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+    assert "COVERING INDEX jobs_visible" in plan, plan

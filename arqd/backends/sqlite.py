@@ -164,6 +164,12 @@ SQL_LEASE = (
     "AND state = :state ORDER BY visible_at LIMIT :limit) "
     f"RETURNING {COLUMNS}"
 )
+# Whether SQL_LEASE would find anything: an UPDATE that finds nothing costs ~25 us, this ~5 us,
+# and most lease calls look for expired leases that are not there.
+SQL_ANY_VISIBLE = (
+    "SELECT 1 FROM jobs WHERE queue = ? AND state = ? AND visible_at <= ? "
+    "AND visible_at IS NOT NULL LIMIT 1"
+)
 SQL_COUNT = (
     "INSERT INTO queue_counts (queue, state, n) VALUES (?, ?, ?) "
     "ON CONFLICT (queue, state) DO UPDATE SET n = n + excluded.n"
@@ -435,6 +441,8 @@ class SqliteQueue(QueueBackend):
                 for state in ("running", "queued"):
                     if len(leases) >= limit:
                         return leases
+                    if conn.execute(SQL_ANY_VISIBLE, (queue, state, now)).fetchone() is None:
+                        continue
                     params.update(queue=queue, state=state, limit=limit - len(leases))
                     rows = conn.execute(SQL_LEASE, params).fetchall()
                     jobs = sorted(map(_row_to_job, rows), key=_fifo)
