@@ -47,6 +47,16 @@ async def test_json_bytes_and_streamed_results(tmp_path: Path, daemons: Daemons)
             assert await r.read() == bytes(range(10, 20))
         async with http.get(f"/v1/jobs/{whole.id}/result", headers={"Range": "bytes=9000-"}) as r:
             assert r.status == 416
+        # A result never changes: a client holding it revalidates with its ETag.
+        for job in (small, whole):
+            async with http.get(f"/v1/jobs/{job.id}/result") as r:
+                etag = r.headers["ETag"]
+                assert r.status == 200 and await r.read()
+            path = f"/v1/jobs/{job.id}/result"
+            async with http.get(path, headers={"If-None-Match": etag}) as r:
+                assert r.status == 304 and r.headers["ETag"] == etag and await r.read() == b""
+            async with http.get(path, headers={"If-None-Match": '"other"'}) as r:
+                assert r.status == 200
     canonical = d.events("job.succeeded")
     assert len(canonical) == 4
     for line in canonical:

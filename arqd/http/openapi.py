@@ -683,6 +683,10 @@ def get_result() -> Operation:
                     "Content-Length": header("The range's size in bytes.", integer(minimum=0)),
                 },
             ),
+            304: response(
+                "The job's ETag matches `If-None-Match`: the copy the client holds is current",
+                headers={"ETag": ETAG},
+            ),
             404: common("NotFound"),
             409: error("The job has no result", "not_ready", "job_failed", "job_cancelled"),
             410: error("The result expired or was purged from the cache", "expired"),
@@ -692,10 +696,14 @@ def get_result() -> Operation:
                 headers={"Content-Range": header("`bytes */size`")},
             ),
         },
-        description="Streamed; one range (`bytes=a-b`, `bytes=a-`, `bytes=-n`) answers 206.",
+        description=(
+            "Streamed; one range (`bytes=a-b`, `bytes=a-`, `bytes=-n`) answers 206. A result "
+            "never changes, so a client holding it revalidates with `If-None-Match` (304)."
+        ),
         parameters=[
             JOB_ID,
             header_param("Range", string(pattern=r"^bytes=\d*-\d*$"), "One byte range."),
+            header_param("If-None-Match", string(), "ETags (comma-separated); a match is 304."),
         ],
     )
 

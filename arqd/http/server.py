@@ -347,6 +347,8 @@ async def get_result(request: web.Request) -> web.StreamResponse:
         if stored is None:
             return error_response(410, "expired", f"the result of job {job.id} has expired")
         size, content_type = stored, ref.content_type or "application/octet-stream"
+    if job.etag in etags(request.headers.get("If-None-Match")):
+        return web.Response(status=304, headers={"ETag": job.etag, "Accept-Ranges": "bytes"})
     span = parse_range(request.headers.get("Range"), size)
     start, end = span if span else (0, size)
     resp = web.StreamResponse(status=206 if span else 200)
