@@ -9,6 +9,8 @@ import sqlite3
 import pytest
 
 from arqd.backends import sqlite as sq
+from arqd.backends.base import ListFilter
+from arqd.model import State
 
 HOT = {
     "lease": (
@@ -61,3 +63,22 @@ def test_lease_probe_reads_only_the_visibility_index():
     sql, params = HOT["lease probe"]
     plan = " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
     assert "COVERING INDEX jobs_visible" in plan, plan
+
+
+@pytest.mark.parametrize("state", ["failed", "cancelled"])
+def test_listing_dead_jobs_uses_the_partial_index(state: str):
+    """Failed and cancelled jobs are few among millions: listing them (the dashboard does,
+    every few seconds) must not walk the table."""
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(sq.SCHEMA)
+    sql, params = sq.list_sql(ListFilter(state=State(state)), 10, None)
+    plan = " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+    assert "jobs_dead" in plan and "SCAN" not in plan, plan
+
+
+def test_redrive_uses_the_partial_index():
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(sq.SCHEMA)
+    params = {"now": 1, "queue": "q"}
+    plan = " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sq.SQL_REDRIVE, params))
+    assert "jobs_dead" in plan and "SCAN" not in plan, plan
