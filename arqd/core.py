@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import structlog
 
 from arqd.backends.base import Area, Enqueued, Outcome, QueueBackend, ResultStore
 from arqd.clock import Clock
 from arqd.config import Config
 from arqd.errors import (
+    BackendError,
     InvalidRequest,
     JobCancelled,
     JobFailed,
@@ -57,6 +59,10 @@ SCHEDULE_KEY = "schedule:"  # keys of schedule ticks (arqd/schedules.py); reserv
 SWEEP_BATCH = 500  # expired records deleted per sweep (one short write transaction)
 PURGE_BATCH = 1000
 JSON = "application/json"
+FOLLOW_INTERVAL = 1.0  # other processes' changes reach long-polls within this much
+FOLLOW_BATCH = 500  # watched jobs read per backend call
+
+log = structlog.get_logger("arqd.core")
 
 _spec_decoder = msgspec.json.Decoder(JobSpec)
 
@@ -339,6 +345,26 @@ class Core:
                     poll = min(poll * 2, 0.5)
                 finally:
                     self.hub.unwatch(job_id, fut)
+
+    async def follow_changes(self, interval: float = FOLLOW_INTERVAL) -> None:
+        """Run forever: every ``interval`` read the jobs that long-polls and event streams wait
+        on, in batches, and wake the waiters of those another process changed. One loop reads
+        N watched jobs once per interval, where each waiter reading its own job cost N reads
+        and N encodes per interval (10,000 open long-polls took the whole core)."""
+        while True:
+            await asyncio.sleep(interval)
+            watched = self.hub.watched()
+            ids = list(watched)
+            for start in range(0, len(ids), FOLLOW_BATCH):
+                chunk = ids[start : start + FOLLOW_BATCH]
+                try:
+                    jobs = await self.queue.get_many(chunk)
+                except BackendError as exc:
+                    log.warning("backend.follow_failed", error=str(exc), jobs=len(chunk))
+                    break
+                for job_id, job in zip(chunk, jobs, strict=True):
+                    if job is None or job.version > watched[job_id]:
+                        self.hub.job_changed(job_id, job)
 
     def check_result(self, job: Job) -> ResultRef:
         """The result reference of a succeeded job, or the error that explains its absence."""

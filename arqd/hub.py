@@ -23,6 +23,7 @@ class Hub:
         self._wake: set[asyncio.Future[None]] = set()
         self.ready_seq = 0  # counts ``jobs_ready`` calls, so a wake-up between two looks is kept
         self._waiters: dict[str, set[asyncio.Future[Job | None]]] = {}
+        self._known: dict[str, int] = {}  # watched job -> the oldest version a waiter holds
         self._listeners: list[Listener] = []
 
     # --- new work ---------------------------------------------------------------------------------
@@ -52,15 +53,21 @@ class Hub:
 
     def job_changed(self, job_id: str, job: Job | None = None) -> None:
         """``job`` is the new record when the caller has it; ``None`` means: read it again."""
+        self._known.pop(job_id, None)
         for fut in self._waiters.pop(job_id, ()):
             _resolve(fut, job)
         for listener in self._listeners:
             listener(job_id, job)
 
-    def watch(self, job_id: str) -> asyncio.Future[Job | None]:
-        """A future resolved at the next change of ``job_id``; ``unwatch`` it if unused."""
+    def watch(self, job_id: str, version: int | None = None) -> asyncio.Future[Job | None]:
+        """A future resolved at the next change of ``job_id``; ``unwatch`` it if unused.
+        With the ``version`` the caller holds, ``watched()`` offers the job to a follower of
+        other processes' changes (``Core.follow_changes``)."""
         fut: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, set()).add(fut)
+        if version is not None:
+            known = self._known.get(job_id)
+            self._known[job_id] = version if known is None else min(known, version)
         return fut
 
     def unwatch(self, job_id: str, fut: asyncio.Future[Job | None]) -> None:
@@ -69,6 +76,11 @@ class Hub:
             waiters.discard(fut)
             if not waiters:
                 del self._waiters[job_id]
+                self._known.pop(job_id, None)
+
+    def watched(self) -> dict[str, int]:
+        """Jobs watched with a known version: job id -> the oldest version a waiter holds."""
+        return dict(self._known)
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)

@@ -323,6 +323,28 @@ async def test_two_daemons_share_one_sqlite_file(tmp_path: Path, daemons: Daemon
     assert len(pids) == 2
 
 
+async def test_long_polls_see_changes_made_by_another_daemon(tmp_path: Path, daemons: Daemons):
+    """Daemon A runs no jobs; long-polls (and an event stream) on A for jobs that daemon B runs
+    return when B changes them, through A's one follower of remote changes."""
+    api = daemons.start(sqlite_config(tmp_path, workers="concurrency = 0"), "api")
+    daemons.start(sqlite_config(tmp_path, workers="concurrency = 4"), "worker")
+    async with aiohttp.ClientSession(api.url) as http:
+        async with http.post("/v1/jobs", json={"handler": "sleep", "payload": {"seconds": 1}}) as r:
+            job = await r.json()
+        path = f"/v1/jobs/{job['id']}"
+        seen = [job["state"]]
+        etag = None
+        while seen[-1] != "succeeded":
+            headers = {"If-None-Match": etag} if etag else {}
+            async with http.get(path, params={"wait": "30"}, headers=headers) as r:
+                assert r.status == 200  # a change, not a timeout (304)
+                etag = r.headers["ETag"]
+                seen.append((await r.json())["state"])
+        assert "running" in seen
+    follows = [line for line in api.lines() if line.get("event") == "backend.follow_failed"]
+    assert follows == []
+
+
 async def test_sd_notify_protocol(tmp_path: Path, daemons: Daemons):
     """The daemon speaks sd_notify: READY=1 once listening, RELOADING=1 with MONOTONIC_USEC then
     READY=1 around SIGHUP, WATCHDOG=1 when the watchdog is on, STOPPING=1 on SIGTERM."""

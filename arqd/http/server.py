@@ -319,7 +319,9 @@ async def read_job(st: ServerState, job_id: str, owner: str | None) -> Job:
 async def wait_for_change(
     st: ServerState, job: Job, baseline: set[str], wait: float, owner: str | None
 ) -> Job:
-    """Hold until the job's ETag leaves ``baseline`` or ``wait`` seconds pass."""
+    """Hold until the job's ETag leaves ``baseline`` or ``wait`` seconds pass. Local changes
+    arrive through the hub at once; other processes' through ``Core.follow_changes``, which
+    reads every watched job once a second in batches (waiters never poll on their own)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     hub = st.core.hub
@@ -327,12 +329,15 @@ async def wait_for_change(
         left = deadline - loop.time()
         if left <= 0:
             break
-        fut = hub.watch(job.id)
+        fut = hub.watch(job.id, job.version)
         try:
-            await asyncio.wait([fut], timeout=min(left, POLL))
+            await asyncio.wait([fut], timeout=left)
         finally:
             hub.unwatch(job.id, fut)
-        job = await read_job(st, job.id, owner)
+        if not fut.done():
+            break
+        changed = fut.result()
+        job = changed if changed is not None else await read_job(st, job.id, owner)
     return job
 
 
