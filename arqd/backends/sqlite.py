@@ -222,9 +222,15 @@ SQL_SWEEP = (
     f"RETURNING {COLUMNS}"
 )
 # A purge (DELETE /v1/cache) is an operator's rare act: it walks the succeeded jobs in batches.
+# Droppable results, walked in id order from a cursor (the primary key's index), so a purge of a
+# million results reads each row once, and outside the write lock.
 SQL_DROPPABLE = (
-    f"SELECT {COLUMNS} FROM jobs WHERE state = 'succeeded' AND sticky = ? "
-    "AND result IS NOT NULL AND result ->> 'area' IS NOT 'dropped' LIMIT ?"
+    "SELECT id FROM jobs WHERE id > ? AND state = 'succeeded' AND sticky = ? "
+    "AND result IS NOT NULL AND result ->> 'area' IS NOT 'dropped' ORDER BY id LIMIT ?"
+)
+SQL_DROP_TAKE = (
+    f"SELECT {COLUMNS} FROM jobs WHERE id = ? AND state = 'succeeded' "
+    "AND result IS NOT NULL AND result ->> 'area' IS NOT 'dropped'"
 )
 SQL_DROP = "UPDATE jobs SET result = ?, version = version + 1 WHERE id = ?"
 SQL_STATS = "SELECT queue, state, n FROM queue_counts WHERE n > 0"
@@ -396,6 +402,7 @@ class SqliteQueue(QueueBackend):
         self._reader = _Thread(self.path, "arqd-sqlite-r", sync)
         self._checkpointer = _Thread(self.path, "arqd-sqlite-c", sync)
         self._checkpoints: asyncio.Task[None] | None = None
+        self._drop_cursor: dict[bool, str] = {}  # drop_results' walk, per area
 
     @property
     def identity(self) -> str:
@@ -733,18 +740,38 @@ class SqliteQueue(QueueBackend):
         return await self._write(body)
 
     async def drop_results(self, sticky: bool, limit: int) -> list[Job]:
+        """Walk the droppable results from where the previous call stopped (an empty answer
+        ends the walk and resets it), finding them on the reader, then drop each one in a short
+        write transaction that checks it is still droppable."""
         dropped = _enc(ResultRef(area=DROPPED))
+        while True:
+            params = (self._drop_cursor.get(sticky, ""), int(sticky), limit)
 
-        def body(conn: sqlite3.Connection, counts: _Counts) -> list[Job]:
-            rows = conn.execute(SQL_DROPPABLE, (int(sticky), limit)).fetchall()
-            jobs = [_row_to_job(r) for r in rows]
-            for job in jobs:
-                conn.execute(SQL_DROP, (dropped, job.id))
-                if job.key is not None:
-                    conn.execute(SQL_KEY_FREE, (job.key, job.id))
-            return jobs
+            def find(conn: sqlite3.Connection, p: tuple[Any, ...] = params) -> list[str]:
+                return [r[0] for r in conn.execute(SQL_DROPPABLE, p)]
 
-        return await self._write(body)
+            ids = await self._reader.run(find, here=False)
+            if not ids:
+                self._drop_cursor.pop(sticky, None)
+                return []
+            self._drop_cursor[sticky] = ids[-1]
+
+            def body(conn: sqlite3.Connection, counts: _Counts, ids: list[str] = ids) -> list[Job]:
+                jobs = []
+                for job_id in ids:
+                    row = conn.execute(SQL_DROP_TAKE, (job_id,)).fetchone()
+                    if row is None:
+                        continue  # dropped or deleted meanwhile
+                    job = _row_to_job(row)
+                    conn.execute(SQL_DROP, (dropped, job.id))
+                    if job.key is not None:
+                        conn.execute(SQL_KEY_FREE, (job.key, job.id))
+                    jobs.append(job)
+                return jobs
+
+            jobs = await self._write(body)
+            if jobs:
+                return jobs
 
     async def register_worker(self, info: WorkerInfo) -> None:
         row = (info.id, info.host, info.started_at, info.last_seen, info.running, info.concurrency)
