@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 from arqd.backends.base import ListFilter, Outcome, QueueBackend
@@ -391,3 +392,39 @@ async def test_worker_registry(queue: QueueBackend, clock: ManualClock):
     assert fresh.running == 3
     await queue.remove_worker("a")
     assert [w.id for w in await queue.list_workers(now - 100)] == ["b"]
+
+
+async def test_drop_results_walks_one_area_in_batches(queue: QueueBackend, clock: ManualClock):
+    """drop_results drops the results of succeeded jobs of one stickiness, in batches, each job
+    once, frees their keys, leaves the other area alone, and answers [] once none are left; a
+    later purge walks again from the start."""
+
+    async def finished(n: int, sticky: bool, ids: tuple[str, ...] = ()) -> list[str]:
+        made = [new(clock, key=f"k-{sticky}-{i}-{n}", sticky=sticky) for i in range(n)]
+        for i, job_id in enumerate(ids):
+            made[i] = msgspec.structs.replace(made[i], id=job_id)
+        stored = await queue.enqueue(made)
+        leases = await queue.lease(["default"], n, VT, "w")
+        area = "persistent" if sticky else "temporary"
+        ref = ResultRef(area=area, name="x", size=1)
+        outcomes = [done(le.job, le.token, result=ref) for le in leases]
+        assert await queue.finish(outcomes) == [True] * n
+        return [e.job.id for e in stored]
+
+    temporary = await finished(7, sticky=False)
+    persistent = await finished(2, sticky=True)
+    dropped: list[str] = []
+    while batch := await queue.drop_results(False, 3):
+        assert len(batch) <= 3
+        assert all(j.result is not None and j.result.area == "temporary" for j in batch)
+        dropped += [j.id for j in batch]
+    assert sorted(dropped) == sorted(temporary)
+    for job in await queue.get_many(temporary):
+        assert job is not None and job.result == ResultRef(area="dropped")
+        assert job.key is not None and await queue.find_by_key(job.key) is None
+    for job in await queue.get_many(persistent):
+        assert job is not None and job.result is not None and job.result.area == "persistent"
+    # A new purge walks everything again, on either side of where the last one ended.
+    more = await finished(2, sticky=False, ids=("0" * 31 + "1", "f" * 32))
+    again = [j.id for j in await queue.drop_results(False, 10)]
+    assert sorted(again) == sorted(more) and await queue.drop_results(False, 10) == []
