@@ -1,0 +1,278 @@
+"""arqd's rows of ``benchmarks.compare``, run with arqd's own interpreter.
+
+    python -m benchmarks.peers.arqd_bench --mode sqlite|memory|http \
+        --workload noop|sleep|rtt|recovery
+
+Settings (the same for every mode): ``workers.concurrency = --concurrency`` (100), ``workers.batch =
+200`` (leases per call, as ``benchmarks/throughput.py``), everything else at its default; logs
+at warning level (the canonical per-job line is an info line).
+
+- ``sqlite`` / ``memory``: in-process, as ``benchmarks/throughput.py``: ``arqd.Client`` submits
+  (``submit_many``, batches of 1,000), then an ``arqd.App`` pool on the same opened backends runs
+  them until ``App.drain()``; round trips are ``client.submit`` + ``client.wait`` with the pool
+  in the same event loop.
+- ``http``: ``python -m arqd serve`` on sqlite as a separate process. Submits are
+  ``POST /v1/jobs/batch`` (1,000 a request) while the daemon runs with ``concurrency = 0``; the
+  processing clock starts when the benchmark rewrites the config with ``concurrency = 100`` and
+  sends SIGHUP (the documented reload, which resizes the pool at once), and stops when
+  ``GET /v1/queues`` counts every job succeeded. Round trips are ``POST /v1/jobs`` then
+  ``GET /v1/jobs/{id}?wait=10`` with ``If-None-Match`` until the job is terminal.
+- ``recovery`` (``http`` only): the daemon with ``visibility_timeout = "5s"`` runs a
+  ``--job-seconds`` job (``benchmarks.peers.arqd_handlers:crash``), is SIGKILLed one second
+  into it, and a fresh daemon on the same sqlite file starts at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+import arqd
+from arqd import logs
+from arqd.config import Config
+from arqd.stores import make_queue, make_results
+from benchmarks.peers import common
+from benchmarks.peers.services import free_port
+
+BATCH = 1000  # jobs per submit_many / POST /v1/jobs/batch (the API's limit)
+LEASE_BATCH = 200  # workers.batch
+VISIBILITY_TIMEOUT = 5.0  # seconds; the recovery target is this + 2 s
+HTTP_WAIT = 10  # seconds a status long-poll may hold
+
+DAEMON_CONFIG = """\
+[server]
+listen = "127.0.0.1:{port}"
+max_body = "4MiB"
+[queue]
+path = "{dir}/q.sqlite3"
+[results]
+path = "{dir}/results"
+[workers]
+concurrency = {concurrency}
+batch = {batch}
+visibility_timeout = "{vt}s"
+[handlers]
+noop = "arqd.demo:noop"
+sleep = "arqd.demo:sleep"
+crash = "benchmarks.peers.arqd_handlers:crash"
+[log]
+level = "warning"
+format = "json"
+"""
+
+
+def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.workload == "sleep":
+        return [{"handler": "sleep", "payload": {"seconds": args.sleep_ms / 1000}}] * args.jobs
+    return [{"handler": "noop"}] * args.jobs
+
+
+def figures_for(args: argparse.Namespace, submit_s: float, process_s: float) -> dict[str, Any]:
+    if args.workload == "sleep":
+        return common.sleep_figures(args.jobs, process_s, args.concurrency, args.sleep_ms)
+    return common.noop_figures(args.jobs, submit_s, process_s)
+
+
+# --- in-process ----------------------------------------------------------------------------------
+
+
+async def in_process(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    config = Config.from_dict(
+        {
+            "queue": {"backend": args.mode, "path": str(tmp / "q.sqlite3")},
+            "results": {"backend": "files", "path": str(tmp / "results")},
+            "workers": {"concurrency": args.concurrency, "batch": LEASE_BATCH},
+            "handlers": {"noop": "arqd.demo:noop", "sleep": "arqd.demo:sleep"},
+        }
+    )
+    queue, results = make_queue(config.queue), make_results(config.results)
+    async with queue, results:
+        app = arqd.App(config, queue=queue, results=results)
+        if args.workload == "rtt":
+            async with app:
+                return common.rtt_figures(await in_process_rtt(app, args.jobs))
+        client = arqd.Client(queue, results, config=config)
+        all_specs = specs(args)
+        t0 = time.perf_counter()
+        for start in range(0, len(all_specs), BATCH):
+            await client.submit_many(all_specs[start : start + BATCH])
+        t1 = time.perf_counter()
+        async with app:
+            t2 = time.perf_counter()
+            await app.drain()
+            t3 = time.perf_counter()
+        stats = {s.name: s for s in await queue.stats()}
+        assert stats["default"].succeeded == args.jobs, stats
+        return figures_for(args, t1 - t0, t3 - t2)
+
+
+async def in_process_rtt(app: arqd.App, n: int) -> list[float]:
+    latencies = []
+    for i in range(common.RTT_WARMUP + n):
+        t = time.perf_counter()
+        job = await app.client.submit("noop")
+        done = await app.client.wait(job.id, timeout=30)
+        if i >= common.RTT_WARMUP:
+            latencies.append((time.perf_counter() - t) * 1000)
+        assert done.state == arqd.State.SUCCEEDED, done
+    return latencies
+
+
+# --- the daemon ----------------------------------------------------------------------------------
+
+
+class Daemon:
+    """``python -m arqd serve`` on a config of its own (port, concurrency) over a shared dir."""
+
+    def __init__(self, tmp: Path, concurrency: int) -> None:
+        self.tmp, self.port = tmp, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = tmp / f"config-{self.port}.toml"
+        self.write(concurrency)
+        cmd = [sys.executable, "-m", "arqd", "serve", "-c", str(self.config)]
+        self.proc = common.spawn(cmd, tmp / "daemon.log")
+
+    def write(self, concurrency: int) -> None:
+        self.config.write_text(
+            DAEMON_CONFIG.format(
+                port=self.port,
+                dir=self.tmp,
+                concurrency=concurrency,
+                batch=LEASE_BATCH,
+                vt=VISIBILITY_TIMEOUT,
+            )
+        )
+
+    async def ready(self, http: aiohttp.ClientSession, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                async with http.get(f"{self.url}/readyz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = (self.tmp / "daemon.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"arqd serve did not start:\n{log}")
+            await asyncio.sleep(0.05)
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: bytes) -> tuple[dict[str, Any], str]:
+    headers = {"Content-Type": "application/json"}
+    async with http.post(url, data=body, headers=headers) as r:
+        assert r.status in (200, 202), await r.text()
+        return await r.json(), r.headers.get("ETag", "")
+
+
+async def over_http(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    daemon = Daemon(tmp, args.concurrency if args.workload == "rtt" else 0)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+            await daemon.ready(http)
+            if args.workload == "rtt":
+                return common.rtt_figures(await http_rtt(http, daemon.url, args.jobs))
+            return await http_throughput(http, daemon, args)
+    finally:
+        common.stop(daemon.proc, grace=30)
+
+
+async def http_throughput(
+    http: aiohttp.ClientSession, daemon: Daemon, args: argparse.Namespace
+) -> dict[str, Any]:
+    all_specs = specs(args)
+    bodies = [
+        json.dumps({"jobs": all_specs[i : i + BATCH]}).encode()
+        for i in range(0, len(all_specs), BATCH)
+    ]
+    t0 = time.perf_counter()
+    for body in bodies:
+        await post(http, f"{daemon.url}/v1/jobs/batch", body)
+    t1 = time.perf_counter()
+    daemon.write(args.concurrency)
+    t2 = time.perf_counter()
+    daemon.proc.send_signal(signal.SIGHUP)
+    await common.until(lambda: succeeded(http, daemon.url, args.jobs))
+    t3 = time.perf_counter()
+    return figures_for(args, t1 - t0, t3 - t2)
+
+
+async def succeeded(http: aiohttp.ClientSession, url: str, jobs: int) -> bool:
+    async with http.get(f"{url}/v1/queues") as r:
+        queues = (await r.json())["queues"]
+    done: int = sum(q["succeeded"] for q in queues if q["name"] == "default")
+    return done >= jobs
+
+
+async def http_rtt(http: aiohttp.ClientSession, url: str, n: int) -> list[float]:
+    body = json.dumps({"handler": "noop"}).encode()
+    latencies = []
+    for i in range(common.RTT_WARMUP + n):
+        t = time.perf_counter()
+        job, etag = await post(http, f"{url}/v1/jobs", body)
+        while job["state"] not in ("succeeded", "failed", "cancelled"):
+            async with http.get(
+                f"{url}/v1/jobs/{job['id']}",
+                params={"wait": str(HTTP_WAIT)},
+                headers={"If-None-Match": etag},
+            ) as r:
+                if r.status == 200:
+                    job, etag = await r.json(), r.headers["ETag"]
+        if i >= common.RTT_WARMUP:
+            latencies.append((time.perf_counter() - t) * 1000)
+        assert job["state"] == "succeeded", job
+    return latencies
+
+
+def recovery(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    daemons: list[Daemon] = []
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        daemons.append(Daemon(tmp, concurrency=10))
+        return daemons[-1].proc
+
+    def submit(marker: str) -> None:
+        async def go() -> None:
+            async with aiohttp.ClientSession() as http:
+                await daemons[0].ready(http)
+                payload = {"marker": marker, "seconds": args.job_seconds}
+                body = json.dumps({"handler": "crash", "payload": payload}).encode()
+                await post(http, f"{daemons[0].url}/v1/jobs", body)
+
+        asyncio.run(go())
+
+    figures = common.recovery(start_worker, submit, args)
+    return {**figures, "recovery_vt_s": VISIBILITY_TIMEOUT}
+
+
+def main() -> None:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("sqlite", "memory", "http"), required=True)
+    args = p.parse_args()
+    common.terminate_on_sigterm()
+    logs.configure("warning", "console")
+    with tempfile.TemporaryDirectory(prefix="arqd-compare-arqd-") as tmp:
+        args.tmp = args.tmp or tmp
+        if args.workload == "recovery":
+            if args.mode != "http":
+                raise SystemExit("recovery needs a separate process: --mode http")
+            figures = recovery(args, Path(tmp))
+        elif args.mode == "http":
+            figures = asyncio.run(over_http(args, Path(tmp)))
+        else:
+            figures = asyncio.run(in_process(args, Path(tmp)))
+    common.emit(figures)
+
+
+if __name__ == "__main__":
+    main()
