@@ -458,10 +458,12 @@ def print_table(
             f"{label + ' / ' + op:<34}{n / per:>10.3f}{w / per:>10.3f}{r / per:>10.3f}"
             f"{usd(w, r) / per * 1e6:>12.3f}"
         )
-    n, w, r = (sum(v[i] for v in rows.values()) for i in range(3))
+    total_n = sum(v[0] for v in rows.values())
+    total_w = sum(v[1] for v in rows.values())
+    total_r = sum(v[2] for v in rows.values())
     print(
-        f"{'total':<34}{n / per:>10.3f}{w / per:>10.3f}{r / per:>10.3f}"
-        f"{usd(w, r) / per * 1e6:>12.3f}"
+        f"{'total':<34}{total_n / per:>10.3f}{total_w / per:>10.3f}{total_r / per:>10.3f}"
+        f"{usd(total_w, total_r) / per * 1e6:>12.3f}"
     )
 
 
