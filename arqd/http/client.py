@@ -116,13 +116,11 @@ class HttpClient:
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Long-polls the status until the job is terminal."""
         async with asyncio.timeout(timeout):
-            job = await self.get(job_id)
-            while not job.state.terminal:
+            job: Job | None = None  # the first long-poll answers at once if it is terminal
+            while job is None or not job.state.terminal:
+                headers = {"If-None-Match": job.etag} if job is not None else {}
                 status, body, _ = await self._call(
-                    "GET",
-                    f"/v1/jobs/{job_id}",
-                    params={"wait": str(WAIT_SLICE)},
-                    headers={"If-None-Match": job.etag},
+                    "GET", f"/v1/jobs/{job_id}", params={"wait": str(WAIT_SLICE)}, headers=headers
                 )
                 if status == 200:
                     job = job_from_dict(msgspec.json.decode(body))
