@@ -1,0 +1,365 @@
+"""The chaos driver, shared by the pytest tests and ``python -m tests.chaos``: start three daemons
+on one backend, submit mixed jobs while dealing chaos, then stop the chaos, wait for every job to
+end, read every record and result back, and hand it all to :func:`analysis.analyse`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from cryptography.fernet import Fernet
+
+import arqd
+from arqd.backends.base import QueueBackend, ResultStore
+from arqd.model import Job
+
+from .analysis import Disruption, Report, Run, analyse, read_executions, read_lines, read_stalls
+from .cluster import AWS_KEY, AWS_REGION, Backend, Chaos, Cluster
+from .workload import Group, Remote, Workload
+
+SUBMIT_LIMIT = 60.0  # a submit is retried (same key) on errors for this long
+SUBMIT_TIMEOUT = 15.0
+SUBMITS_IN_FLIGHT = 4
+
+
+@dataclass
+class Settings:
+    """One chaos run. ``rate`` is submits per second; ``gap`` the bounds of the random wait
+    between two chaos actions; ``settle_seconds`` how long jobs get to end once chaos stops."""
+
+    backend: str
+    workdir: Path
+    seed: int
+    chaos_seconds: float = 30.0
+    settle_seconds: float = 60.0
+    rate: float = 10.0
+    gap: tuple[float, float] = (0.5, 2.0)
+    moto_url: str = ""
+    visibility_timeout: float = 2.0
+
+    @classmethod
+    def of(
+        cls, backend: str, workdir: Path, seed: int, chaos_seconds: float, moto_url: str = ""
+    ) -> Settings:
+        """The settings the CI tests and the soak use: on moto (one process serving three
+        daemons, on a 2-core machine) fewer submits and a longer visibility timeout."""
+        return cls(
+            backend,
+            workdir,
+            seed,
+            chaos_seconds=chaos_seconds,
+            rate=12.0 if backend == "sqlite" else 3.0,
+            moto_url=moto_url,
+            visibility_timeout=2.0 if backend == "sqlite" else 4.0,
+        )
+
+
+class Submitter:
+    """Submits the workload to the daemons that are up, retrying a submit (same key) until a
+    daemon answers it."""
+
+    def __init__(self, cluster: Cluster, workload: Workload, rng: random.Random) -> None:
+        self.cluster = cluster
+        self.workload = workload
+        self.rng = rng
+        self.problems: list[str] = []
+        self._pick = random.Random(rng.random())  # which daemon: drawn as tasks interleave
+
+    async def run(self, seconds: float, rate: float) -> None:
+        until = time.monotonic() + seconds
+        tasks: set[asyncio.Task[None]] = set()
+        limit = asyncio.Semaphore(SUBMITS_IN_FLIGHT)
+        sizes = (1, 1, 1, 2, 3, 5)
+        mean = sum(sizes) / len(sizes)
+        while time.monotonic() < until:
+            await asyncio.sleep(self.rng.expovariate(rate / mean))
+            groups = self.workload.next_specs(self.rng.choice(sizes))
+            task = asyncio.create_task(self._submit(groups, limit))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*list(tasks))
+
+    async def _submit(self, groups: list[Group], limit: asyncio.Semaphore) -> None:
+        async with limit:
+            deadline = time.monotonic() + SUBMIT_LIMIT
+            for g in groups:
+                g.submits += 1
+            while True:
+                up = self.cluster.up()
+                error: Exception | None = None
+                if up:
+                    try:
+                        ids = await _send(self._pick.choice(up).url, [g.spec for g in groups])
+                    except arqd.ArqdError as exc:
+                        if exc.status < 500:
+                            self.problems.append(f"submit refused: {exc} ({groups[0].spec})")
+                            return
+                        error = exc
+                    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                        error = exc
+                    else:
+                        for g, job_id in zip(groups, ids, strict=True):
+                            g.acked.add(job_id)
+                        return
+                if time.monotonic() > deadline:
+                    self.problems.append(f"submit never answered in {SUBMIT_LIMIT}s: {error}")
+                    return
+                for g in groups:
+                    g.retried += 1
+                await asyncio.sleep(0.2)
+
+
+async def _send(url: str, specs: list[dict[str, Any]]) -> list[str]:
+    async with arqd.HttpClient(url, timeout=SUBMIT_TIMEOUT) as client:
+        if len(specs) == 1:
+            return [(await client.request_json("POST", "/v1/jobs", specs[0]))["id"]]
+        answer = await client.request_json("POST", "/v1/jobs/batch", {"jobs": specs})
+        return [j["id"] for j in answer["jobs"]]
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+async def run_chaos(settings: Settings) -> Report:
+    """One chaos run; prints its seed first and its summary line last."""
+    rng = random.Random(settings.seed)
+    run_id = f"{settings.backend[:2]}{settings.seed}"
+    print(f"chaos: backend={settings.backend} seed={settings.seed} dir={settings.workdir}")
+    backend = Backend(
+        settings.backend,
+        settings.workdir,
+        name=f"chaos-{uuid.uuid4().hex[:10]}",
+        moto_url=settings.moto_url,
+        visibility_timeout=settings.visibility_timeout,
+        poll_max="100ms" if settings.backend == "sqlite" else "500ms",
+    )
+    if backend.kind == "dynamodb":
+        await _init_aws(backend)
+    remote = Remote(lambda: cluster.pids())
+    await remote.start()
+    cluster = Cluster(backend, remote.port, Fernet.generate_key().decode())
+    try:
+        await cluster.start(settings.seed)
+        workload = Workload(random.Random(rng.random()), run_id, remote.url)
+        chaos = Chaos(cluster, random.Random(rng.random()), settings.gap)
+        submitter = Submitter(cluster, workload, random.Random(rng.random()))
+        await asyncio.gather(
+            chaos.run(settings.chaos_seconds),
+            submitter.run(settings.chaos_seconds, settings.rate),
+        )
+        problems = await cluster.calm() + chaos.problems + submitter.problems
+        async with _verifier(backend) as client:
+            stored = await _settle(client, workload.groups.values(), settings.settle_seconds)
+            results = await _read_results(cluster, stored.values())
+        await cluster.stop()
+        run = _gather(settings, cluster, chaos, workload, remote, stored, results, problems)
+        _keep(settings.workdir / "chaos.json", run, chaos.log)
+        report = analyse(run)
+        _print(report, chaos.log)
+        return report
+    finally:
+        cluster.kill_all()
+        await cluster.stop()
+        await remote.stop()
+
+
+def _gather(
+    settings: Settings,
+    cluster: Cluster,
+    chaos: Chaos,
+    workload: Workload,
+    remote: Remote,
+    stored: dict[str, Job],
+    results: dict[str, Any],
+    problems: list[str],
+) -> Run:
+    """Everything the verdict needs, from the driver's memory and the work directory."""
+    lines = []
+    slots: dict[int, int] = {}
+    ended: dict[int, tuple[str, float]] = {}
+    for slot in cluster.slots:
+        for inc in slot.incarnations:
+            lines += read_lines(inc.daemon.log_path, inc.pid)
+            slots[inc.pid] = slot.index
+            if inc.ended is not None:
+                ended[inc.pid] = inc.ended
+    least = settings.visibility_timeout / 2  # a shorter stall cannot cost a lease by itself
+    stalls = read_stalls(Path(f"{cluster.record_path}.stalls"), slots, least)
+    return Run(
+        backend=settings.backend,
+        visibility_timeout=settings.visibility_timeout,
+        groups=workload.groups,
+        stored=stored,
+        results=results,
+        executions=read_executions(cluster.record_path),
+        lines=lines,
+        disruptions=[*chaos.disruptions, *stalls, *_slow_requests(cluster, least)],
+        calls=remote.calls,
+        slots=slots,
+        ended=ended,
+        reloads=chaos.reloads,
+        bad_reloads=chaos.bad_reloads,
+        faults=cluster.faults(),
+        problems=problems,
+    )
+
+
+def _keep(path: Path, run: Run, log: list[str]) -> None:
+    """What the verdict cannot re-read from the work directory, for a post-mortem."""
+    kept = {
+        "actions": log,
+        "disruptions": [dataclasses.asdict(d) for d in run.disruptions],
+        "ended": run.ended,
+        "slots": run.slots,
+        "problems": list(run.problems),
+    }
+    path.write_text(json.dumps(kept, indent=1))
+
+
+def _slow_requests(cluster: Cluster, least: float) -> list[Disruption]:
+    """Backend requests that hung at least ``least`` seconds in a slot's proxy (moto shares the
+    driver's process and this machine's cores: under load it can stall a daemon's heartbeats)."""
+    return [
+        Disruption("slow", slot.index, None, start, start + took)
+        for slot in cluster.slots
+        if slot.proxy is not None
+        for start, took, _ in slot.proxy.slow
+        if took >= least
+    ]
+
+
+def _print(report: Report, log: list[str]) -> None:
+    for line in report.stale[:10]:
+        print(f"chaos stale run: {line}")
+    for line in report.violations[:30]:
+        print(f"chaos violation: {line}")
+    if len(report.violations) > 30:
+        print(f"chaos: ... and {len(report.violations) - 30} more violations")
+    if report.violations:
+        print("chaos actions:\n  " + "\n  ".join(log))
+    print(report.details())
+    print(report.summary(), flush=True)
+
+
+async def _init_aws(backend: Backend) -> None:
+    from arqd.backends.dynamodb import init_table
+    from arqd.backends.s3 import init_bucket
+
+    await init_table(_dynamo_settings(backend))
+    await init_bucket(_s3_settings(backend), temporary_ttl=24 * 3600)
+
+
+def _dynamo_settings(backend: Backend) -> Any:
+    from arqd.backends.dynamodb import DynamoSettings
+
+    return DynamoSettings(
+        table=backend.name,
+        region=AWS_REGION,
+        endpoint_url=backend.moto_url,
+        shards=1,
+        access_key_id=AWS_KEY,
+        secret_access_key=AWS_KEY,
+    )
+
+
+def _s3_settings(backend: Backend) -> Any:
+    from arqd.backends.s3 import S3Settings
+
+    return S3Settings(
+        bucket=backend.name,
+        region=AWS_REGION,
+        endpoint_url=backend.moto_url,
+        access_key_id=AWS_KEY,
+        secret_access_key=AWS_KEY,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _verifier(backend: Backend) -> AsyncIterator[arqd.Client]:
+    """An in-process client straight on the backend (for dynamodb: moto without the proxy)."""
+    queue: QueueBackend
+    results: ResultStore
+    if backend.kind == "sqlite":
+        from arqd.backends.files import FileResults
+        from arqd.backends.sqlite import SqliteQueue
+
+        queue = SqliteQueue(str(backend.workdir / "q.sqlite3"))
+        results = FileResults(str(backend.workdir / "results"))
+    else:
+        from arqd.backends.dynamodb import DynamoQueue
+        from arqd.backends.s3 import S3Results
+
+        queue = DynamoQueue(_dynamo_settings(backend))
+        results = S3Results(_s3_settings(backend))
+    async with queue, results, arqd.Client(queue=queue, results=results) as client:
+        yield client
+
+
+async def _settle(client: arqd.Client, groups: Iterable[Group], limit: float) -> dict[str, Job]:
+    """Every stored job, once every acknowledged job (and every other stored job) is terminal
+    or ``limit`` seconds passed (the verdict counts the rest as lost)."""
+    deadline = time.monotonic() + limit
+    await _wait_terminal(client, {job_id for g in groups for job_id in g.acked}, deadline)
+    stored = await _list_all(client)
+    others = {job.id for job in stored.values() if not job.state.terminal}
+    if others:
+        await _wait_terminal(client, others, deadline)
+        stored = await _list_all(client)
+    return stored
+
+
+async def _wait_terminal(client: arqd.Client, ids: Iterable[str], deadline: float) -> None:
+    pending = sorted(ids)
+    while pending and time.monotonic() < deadline:
+        still = []
+        for i in range(0, len(pending), 100):
+            chunk = pending[i : i + 100]
+            for job_id, job in zip(chunk, await client.core.queue.get_many(chunk), strict=True):
+                if job is None or not job.state.terminal:
+                    still.append(job_id)
+        pending = still
+        if pending:
+            await asyncio.sleep(0.5)
+
+
+async def _list_all(client: arqd.Client) -> dict[str, Job]:
+    stored: dict[str, Job] = {}
+    cursor = None
+    while True:
+        jobs, cursor = await client.list(limit=1000, cursor=cursor)
+        stored.update((j.id, j) for j in jobs)
+        if cursor is None:
+            return stored
+
+
+async def _read_results(cluster: Cluster, jobs: Iterable[Job]) -> dict[str, Any]:
+    """Every succeeded job's result, read over HTTP from the daemons in turn."""
+    out: dict[str, Any] = {}
+    done = [j for j in jobs if j.state == "succeeded"]
+    limit = asyncio.Semaphore(8)
+    clients = [arqd.HttpClient(s.url, timeout=30) for s in cluster.slots]
+    async with contextlib.AsyncExitStack() as stack:
+        for c in clients:
+            await stack.enter_async_context(c)
+
+        async def read(i: int, job: Job) -> None:
+            async with limit:
+                for attempt in range(5):
+                    try:
+                        out[job.id] = await clients[(i + attempt) % len(clients)].result(job.id)
+                        return
+                    except (arqd.BackendUnavailable, aiohttp.ClientError, TimeoutError):
+                        await asyncio.sleep(0.5)
+
+        await asyncio.gather(*(read(i, j) for i, j in enumerate(done)))
+    return out
