@@ -688,6 +688,7 @@ async def run_steps(
     checkpoint: Checkpoint,
     save: Callable[[Checkpoint], Awaitable[None]],
     *,
+    before: Callable[[], Awaitable[None]] | None = None,
     session: aiohttp.ClientSession | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     resolver: Resolver | None = None,
@@ -695,9 +696,10 @@ async def run_steps(
     """Run the steps not yet succeeded in ``checkpoint``, in order; the job result
     ``{"steps": {name: {"status", "body"}}}``. Raises :class:`StepFailed`.
 
-    ``save`` gets a fresh copy of the checkpoint after every attempt. A given ``session`` must not
-    use a proxy; without one, a session is made (no cookies, no proxy from the environment) and
-    closed at the end.
+    ``save`` gets a fresh copy of the checkpoint after every attempt; ``before`` is awaited
+    before every request (the pool checks there that its lease still holds). A given
+    ``session`` must not use a proxy; without one, a session is made (no cookies, no proxy from
+    the environment) and closed at the end.
     """
     try:
         allowed = parse_allow_hosts(allow_hosts)
@@ -713,6 +715,7 @@ async def run_steps(
         secrets=_secrets_of(steps, credentials),
         save=save,
         sleep=sleep,
+        before=before,
     )
     try:
         for index, step in enumerate(steps):
@@ -741,11 +744,14 @@ class _Runner:
     secrets: tuple[str, ...]
     save: Callable[[Checkpoint], Awaitable[None]]
     sleep: Callable[[float], Awaitable[None]]
+    before: Callable[[], Awaitable[None]] | None = None
 
     async def run_step(self, index: int, step: StepSpec, cp: Checkpoint) -> None:
         done = min(cp.states[index].attempts, step.max_attempts - 1)
         log = _log.bind(step=step.name, method=step.method, host=_host_header(URL(step.url)))
         for attempt in range(done + 1, step.max_attempts + 1):
+            if self.before is not None:
+                await self.before()
             verdict = await self._attempt(step)
             if verdict.kind == "ok" and verdict.outcome is not None:
                 cp.outcomes[step.name] = verdict.outcome

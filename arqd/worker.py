@@ -83,6 +83,7 @@ class Pool:
         self.queues = list(cfg.queues)
         self._buffer: asyncio.Queue[Lease] = asyncio.Queue()
         self._held: dict[str, Lease] = {}  # every lease this pool holds, until its outcome lands
+        self._valid: dict[str, float] = {}  # held job -> when its lease expires, as last known
         self._running: dict[str, _Running] = {}
         self._dropped: set[tuple[str, str]] = set()  # buffered leases found lost
         self._pending: list[tuple[Lease, Outcome]] = []
@@ -298,6 +299,13 @@ class Pool:
                 self._dropped.discard((lease.job.id, lease.token))
                 self._forget(lease)
                 continue
+            if not await self._still_held(lease):
+                # It expired while buffered (the process stalled, or heartbeats failed): another
+                # worker may have run the job already. Never start a handler on such a lease.
+                log.warning("job.lease_lost", job_id=lease.job.id, where="buffer")
+                self.core.metrics.lease_conflicts.labels("buffer").inc()
+                self._forget(lease)
+                continue
             await self._run(lease, me)
         self._consumers.discard(me)
 
@@ -373,8 +381,14 @@ class Pool:
             else:
                 self._lost(job.id, token)
 
+        async def before() -> None:
+            """No request on a lease that expired meanwhile (a stalled process resuming)."""
+            if not await self._still_held(r.lease):
+                self._lost(job.id, token)
+                await asyncio.sleep(0)  # the interruption lands here
+
         allow = self.core.config.http_steps.allow_hosts
-        return await http_steps.run_steps(specs, creds, allow, checkpoint, save)
+        return await http_steps.run_steps(specs, creds, allow, checkpoint, save, before=before)
 
     def _refuse(self, job: Job, token: str, unknown: bool) -> Outcome | None:
         """An outcome reached without running the handler, if any."""
@@ -480,9 +494,26 @@ class Pool:
         self._pending.append((lease, outcome))
         self._pending_event.set()
 
+    async def _still_held(self, lease: Lease) -> bool:
+        """Whether ``lease`` is still ours: by our own clock while it has not expired (each
+        heartbeat pushes the expiry on), else by asking the backend, which extends it if so."""
+        job_id = lease.job.id
+        if self.core.clock.time() < self._valid.get(job_id, lease.expires):
+            return True
+        vt = self.core.config.workers.visibility_timeout
+        sent = self.core.clock.time()
+        try:
+            (reply,) = await self.core.queue.heartbeat([(job_id, lease.token)], vt)
+        except BackendError:
+            return True  # unknown: run it; its outcome is fenced by the token anyway
+        if reply.held:
+            self._valid[job_id] = sent + vt
+        return reply.held
+
     def _forget(self, lease: Lease) -> None:
         if self._held.get(lease.job.id) is lease:
             del self._held[lease.job.id]
+            self._valid.pop(lease.job.id, None)
             self._ending.discard(lease.job.id)
         self._room.set()
 
@@ -565,6 +596,7 @@ class Pool:
             leases = [(i, lease.token) for i, lease in self._held.items()]
             if not leases:
                 continue
+            sent = self.core.clock.time()
             try:
                 replies = await self.core.queue.heartbeat(
                     leases, self.core.config.workers.visibility_timeout
@@ -572,10 +604,15 @@ class Pool:
             except BackendError as exc:
                 log.warning("backend.heartbeat_failed", error=str(exc), leases=len(leases))
                 continue
+            until = sent + self.core.config.workers.visibility_timeout
             for (job_id, token), reply in zip(leases, replies, strict=True):
                 if not reply.held:
                     self._lost(job_id, token)
-                elif reply.cancel_requested and job_id in self._running:
+                    continue
+                held = self._held.get(job_id)
+                if held is not None and held.token == token:
+                    self._valid[job_id] = until
+                if reply.cancel_requested and job_id in self._running:
                     self._interrupt(self._running[job_id], "cancelled")
 
     def info(self) -> WorkerInfo:

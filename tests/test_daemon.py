@@ -329,7 +329,8 @@ async def test_long_polls_see_changes_made_by_another_daemon(tmp_path: Path, dae
     api = daemons.start(sqlite_config(tmp_path, workers="concurrency = 0"), "api")
     daemons.start(sqlite_config(tmp_path, workers="concurrency = 4"), "worker")
     async with aiohttp.ClientSession(api.url) as http:
-        async with http.post("/v1/jobs", json={"handler": "sleep", "payload": {"seconds": 1}}) as r:
+        # Running for 3 s: longer than two rounds of the follower (1 s), so it is seen.
+        async with http.post("/v1/jobs", json={"handler": "sleep", "payload": {"seconds": 3}}) as r:
             job = await r.json()
         path = f"/v1/jobs/{job['id']}"
         seen = [job["state"]]

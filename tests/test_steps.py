@@ -195,6 +195,7 @@ class Run:
     saves: list[Checkpoint] = field(default_factory=list)
     sleeps: list[float] = field(default_factory=list)
     on_sleep: Any = None
+    before: Any = None
 
     async def __call__(
         self, raw: list[dict[str, Any]], checkpoint: Checkpoint | None = None
@@ -210,6 +211,7 @@ class Run:
             sleep=self._sleep,
             resolver=self.resolver,
             session=self.session,
+            before=self.before,
         )
 
     async def _save(self, cp: Checkpoint) -> None:
@@ -298,6 +300,24 @@ async def test_503_is_retried_with_exponential_delays(api: Server):
         ("running", 503, 2),
         ("succeeded", 200, 3),
     ]
+
+
+async def test_before_is_awaited_before_every_request_and_can_stop_the_run(api: Server):
+    """The pool's lease check runs before each request, retries included; when it raises
+    (the lease is gone), no further request is sent."""
+    calls: list[int] = []
+
+    async def before() -> None:
+        calls.append(api.rec.count("/flaky/503/2"))
+        if len(calls) == 3:
+            raise asyncio.CancelledError
+
+    run = Run([api.entry], before=before)
+    step = {"name": "poll", "url": api.url("/flaky/503/2")}
+    with pytest.raises(asyncio.CancelledError):
+        await run([step, {"name": "next", "url": api.url("/next")}])
+    assert calls == [0, 1, 2]  # checked before requests 1, 2 and 3; the third never went
+    assert api.rec.count("/flaky/503/2") == 2 and api.rec.count("/next") == 0
 
 
 async def test_429_is_retried(api: Server):

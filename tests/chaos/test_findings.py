@@ -1,5 +1,5 @@
-"""Minimal reproductions of what the chaos suite found in arqd, one test each, marked xfail
-(strict: a fix turns them into failures that ask for the mark to go)."""
+"""Minimal reproductions of what the chaos suite found in arqd, one test each, kept as
+regression tests once fixed."""
 
 from __future__ import annotations
 
@@ -25,12 +25,6 @@ def starts(record: Path, job_id: str) -> list[dict[str, object]]:
     return [x for x in lines if x["job"] == job_id and x["ev"] == "start"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="arqd runs a prefetched lease that expired while it waited in the pool's buffer: "
-    "the handler runs again after another worker already completed the job (its outcome is "
-    "then refused, so the record stays right, but the handler's side effects happen twice)",
-)
 async def test_a_buffered_lease_that_expired_is_not_run(tmp_path: Path, daemons: Daemons) -> None:
     """A daemon stopped (SIGSTOP) while one job runs and a second waits in its prefetch
     buffer: another daemon takes both over and completes them; once resumed, the first daemon
