@@ -332,12 +332,11 @@ async def test_long_polls_see_changes_made_by_another_daemon(tmp_path: Path, dae
         # Running for 3 s: longer than two rounds of the follower (1 s), so it is seen.
         async with http.post("/v1/jobs", json={"handler": "sleep", "payload": {"seconds": 3}}) as r:
             job = await r.json()
+            etag = r.headers["ETag"]
         path = f"/v1/jobs/{job['id']}"
         seen = [job["state"]]
-        etag = None
         while seen[-1] != "succeeded":
-            headers = {"If-None-Match": etag} if etag else {}
-            async with http.get(path, params={"wait": "30"}, headers=headers) as r:
+            async with http.get(path, params={"wait": "30"}, headers={"If-None-Match": etag}) as r:
                 assert r.status == 200  # a change, not a timeout (304)
                 etag = r.headers["ETag"]
                 seen.append((await r.json())["state"])
