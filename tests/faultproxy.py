@@ -134,6 +134,9 @@ class FaultProxy:
         ) as upstream:
             data = await upstream.read()
             relayed = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
+            if request.method == "HEAD" and "Content-Length" in upstream.headers:
+                # A HEAD answer's length is its content, not this hop's (S3's head_object).
+                relayed["Content-Length"] = upstream.headers["Content-Length"]
             self.forwarded += 1
             return web.Response(status=upstream.status, body=data, headers=relayed)
 

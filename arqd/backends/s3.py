@@ -285,7 +285,10 @@ class S3Results(ResultStore):
             )
         except _Missing:
             return None
-        return int(out["ContentLength"])
+        try:
+            return int(out["ContentLength"])
+        except (KeyError, TypeError, ValueError):
+            raise BackendError(f"S3 answered head_object without a length for {name}") from None
 
     async def delete(self, area: Area, name: str) -> None:
         await self._call("delete_object", Bucket=self.settings.bucket, Key=self._key(area, name))

@@ -25,7 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.daemons import Daemon
-from tests.faultproxy import HOP_HEADERS, FaultProxy, Faults
+from tests.faultproxy import FaultProxy, Faults
 
 from .analysis import Disruption
 from .handlers import RECORD_ENV
@@ -138,9 +138,7 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 class ChaosProxy(FaultProxy):
-    """A fault proxy that also remembers when each fault was dealt, and relays the
-    ``Content-Length`` of answers to HEAD requests (``FaultProxy`` drops it as a hop header,
-    and S3's ``head_object`` answer then has no ``ContentLength``)."""
+    """A fault proxy that also remembers when each fault was dealt, and slow answers."""
 
     def __init__(self, upstream: str, faults: Faults, seed: int) -> None:
         super().__init__(upstream, faults, seed)
@@ -162,20 +160,6 @@ class ChaosProxy(FaultProxy):
         if fate is not None:
             self.times.append(time.time())
         return fate
-
-    async def _forward(self, request: web.Request, body: bytes) -> web.Response:
-        if request.method != "HEAD":
-            return await super()._forward(request, body)
-        assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
-        async with self._session.head(
-            self.upstream + request.path_qs, headers=headers, allow_redirects=False
-        ) as upstream:
-            relayed = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
-            if "Content-Length" in upstream.headers:
-                relayed["Content-Length"] = upstream.headers["Content-Length"]
-            self.forwarded += 1
-            return web.Response(status=upstream.status, headers=relayed)
 
 
 @dataclass
