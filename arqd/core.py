@@ -60,7 +60,7 @@ SWEEP_BATCH = 500  # expired records deleted per sweep (one short write transact
 PURGE_BATCH = 1000
 JSON = "application/json"
 FOLLOW_INTERVAL = 1.0  # other processes' changes reach long-polls within this much
-FOLLOW_BATCH = 500  # watched jobs read per backend call
+FOLLOW_BATCH = 250  # watched jobs read per backend call (small enough to run in place)
 
 log = structlog.get_logger("arqd.core")
 
@@ -358,13 +358,20 @@ class Core:
             for start in range(0, len(ids), FOLLOW_BATCH):
                 chunk = ids[start : start + FOLLOW_BATCH]
                 try:
-                    jobs = await self.queue.get_many(chunk)
+                    # Versions only: decoding every watched record each second was most of
+                    # the cost (10,000 long-polls: a p99 of 480 ms for other requests).
+                    current = await self.queue.versions(chunk)
+                    changed = [i for i in chunk if current.get(i, -1) > watched[i]]
+                    gone = [i for i in chunk if i not in current]
+                    jobs = await self.queue.get_many(changed) if changed else []
                 except BackendError as exc:
                     log.warning("backend.follow_failed", error=str(exc), jobs=len(chunk))
                     break
-                for job_id, job in zip(chunk, jobs, strict=True):
-                    if job is None or job.version > watched[job_id]:
-                        self.hub.job_changed(job_id, job)
+                for job_id, job in zip(changed, jobs, strict=True):
+                    self.hub.job_changed(job_id, job)
+                for job_id in gone:
+                    self.hub.job_changed(job_id, None)
+                await asyncio.sleep(0)  # let requests in between batches
 
     def check_result(self, job: Job) -> ResultRef:
         """The result reference of a succeeded job, or the error that explains its absence."""

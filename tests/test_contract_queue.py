@@ -428,3 +428,18 @@ async def test_drop_results_walks_one_area_in_batches(queue: QueueBackend, clock
     more = await finished(2, sticky=False, ids=("0" * 31 + "1", "f" * 32))
     again = [j.id for j in await queue.drop_results(False, 10)]
     assert sorted(again) == sorted(more) and await queue.drop_results(False, 10) == []
+
+
+async def test_versions_track_changes_and_omit_missing_jobs(
+    queue: QueueBackend, clock: ManualClock
+):
+    """versions() answers each existing job's current version (what wakes long-polls)."""
+    a, b = await put(queue, clock, n=2)
+    before = await queue.versions([a.id, b.id, new_job_id()])
+    assert before == {a.id: a.version, b.id: b.version}
+    leases = await queue.lease(["default"], 1, VT, "w")
+    after = await queue.versions([a.id, b.id])
+    leased = leases[0].job.id
+    assert after[leased] > before[leased]
+    other = b.id if leased == a.id else a.id
+    assert after[other] == before[other]

@@ -174,6 +174,13 @@ class QueueBackend(_AsyncClosing, abc.ABC):
     @abc.abstractmethod
     async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]: ...
 
+    async def versions(self, job_ids: Sequence[str]) -> dict[str, int]:
+        """The current ``version`` of each job that exists (absent ids: deleted). Long-polls
+        are woken by comparing these once a second; a backend that can read versions without
+        whole records should (sqlite does)."""
+        jobs = await self.get_many(job_ids)
+        return {job.id: job.version for job in jobs if job is not None}
+
     @abc.abstractmethod
     async def find_by_key(self, key: str) -> Job | None:
         """The live job holding ``key``, if any."""

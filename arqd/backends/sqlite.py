@@ -656,6 +656,14 @@ class SqliteQueue(QueueBackend):
 
         return await self._reader.run(work, here=len(job_ids) <= HERE_MAX_ROWS)
 
+    async def versions(self, job_ids: Sequence[str]) -> dict[str, int]:
+        def work(conn: sqlite3.Connection) -> dict[str, int]:
+            marks = ",".join("?" * len(job_ids))
+            sql = f"SELECT id, version FROM jobs WHERE id IN ({marks})"
+            return dict(conn.execute(sql, list(job_ids)).fetchall())
+
+        return await self._reader.run(work, here=len(job_ids) <= HERE_MAX_ROWS)
+
     async def find_by_key(self, key: str) -> Job | None:
         now = self.clock.time()
 
