@@ -86,15 +86,13 @@ async def throughput(pool: ArqRedis, args: argparse.Namespace) -> dict[str, Any]
 async def rtt(pool: ArqRedis, args: argparse.Namespace) -> dict[str, Any]:
     worker = common.spawn(common.worker_command(MODULE, args), Path(args.tmp) / "worker.log")
     try:
-        latencies = []
-        for i in range(common.RTT_WARMUP + args.jobs):
-            t = time.perf_counter()
+
+        async def once() -> None:
             job = await pool.enqueue_job("noop", _queue_name=args.queue)
             assert job is not None
             await job.result(timeout=30, poll_delay=POLL_DELAY)
-            if i >= common.RTT_WARMUP:
-                latencies.append((time.perf_counter() - t) * 1000)
-        return common.rtt_figures(latencies)
+
+        return await common.time_round_trips(once, args.jobs)
     finally:
         common.stop(worker)
 

@@ -68,6 +68,18 @@ def rtt_figures(latencies_ms: Sequence[float]) -> dict[str, float]:
     return {f"rtt_p{p}_ms": round(percentile(latencies_ms, p), 3) for p in (50, 95, 99)}
 
 
+async def time_round_trips(once: Callable[[], Awaitable[object]], n: int) -> dict[str, float]:
+    """Run ``once`` (submit one job, await its result) ``RTT_WARMUP`` times untimed, then ``n``
+    times timed; answers the latency percentiles."""
+    latencies = []
+    for i in range(RTT_WARMUP + n):
+        t = time.perf_counter()
+        await once()
+        if i >= RTT_WARMUP:
+            latencies.append((time.perf_counter() - t) * 1000)
+    return rtt_figures(latencies)
+
+
 def noop_figures(jobs: int, enqueue_s: float, process_s: float) -> dict[str, float]:
     return {
         "noop_enqueue_per_s": round(jobs / enqueue_s),

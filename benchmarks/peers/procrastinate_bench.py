@@ -106,9 +106,8 @@ async def rtt(app: App, args: argparse.Namespace) -> dict[str, Any]:
     worker = common.spawn(common.worker_command(MODULE, args), Path(args.tmp) / "worker.log")
     noop = app.tasks["noop"]
     try:
-        latencies = []
-        for i in range(common.RTT_WARMUP + args.jobs):
-            t = time.perf_counter()
+
+        async def once() -> None:
             job_id = await noop.defer_async()
             while True:
                 row = await app.connector.execute_query_one_async(
@@ -118,9 +117,8 @@ async def rtt(app: App, args: argparse.Namespace) -> dict[str, Any]:
                     break
                 await asyncio.sleep(STATUS_POLL)
             assert row["status"] == "succeeded", row
-            if i >= common.RTT_WARMUP:
-                latencies.append((time.perf_counter() - t) * 1000)
-        return common.rtt_figures(latencies)
+
+        return await common.time_round_trips(once, args.jobs)
     finally:
         common.stop(worker)
 

@@ -98,13 +98,11 @@ async def none_incomplete(queue: RedisQueue) -> bool:
 async def rtt(queue: RedisQueue, args: argparse.Namespace) -> dict[str, Any]:
     worker = common.spawn(common.worker_command(MODULE, args), Path(args.tmp) / "worker.log")
     try:
-        latencies = []
-        for i in range(common.RTT_WARMUP + args.jobs):
-            t = time.perf_counter()
+
+        async def once() -> None:
             await queue.apply("noop", timeout=30, poll_interval=RESULT_POLL)
-            if i >= common.RTT_WARMUP:
-                latencies.append((time.perf_counter() - t) * 1000)
-        return common.rtt_figures(latencies)
+
+        return await common.time_round_trips(once, args.jobs)
     finally:
         common.stop(worker)
 
