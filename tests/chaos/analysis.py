@@ -491,7 +491,9 @@ def _check_zombie(
             f"had its late outcome applied: {[(ln.event, ln.t) for ln in late]}"
         )
         return
-    if any(ln.event == "job.lease_lost" and ln.t >= pause.start for ln in mine):
+    # Noticed at any time after this execution began: the takeover seen during this pause may
+    # follow an unrecorded lease (leased, never started) after an earlier pause it noticed.
+    if any(ln.event == "job.lease_lost" and ln.t >= ex.start for ln in mine):
         report.zombies_refused += 1
         return
     how, when = run.ended.get(ex.pid, ("running", float("inf")))

@@ -344,6 +344,22 @@ def test_a_zombie_must_notice_and_must_not_finish() -> None:
     assert any("late outcome applied" in v for v in s.verdict().violations)
 
 
+def test_a_zombie_that_noticed_before_a_later_pause_is_refused() -> None:
+    """Found by a 10-minute soak: A is paused, loses j1's lease and says so; an unrecorded
+    attempt (leased, never started: its daemon was killed) intervenes; A is paused again while
+    B takes the job over. A noticed its loss before the second pause: no violation."""
+    s = Scenario()
+    s.job("j1", attempts=3, token="cccc0003")
+    s.ran("j1", A, T, end=None)
+    s.disruptions.append(Disruption("pause", 0, A, T + 0.5, T + 4))
+    s.log(A, "job.lease_lost", "j1", T + 4.1, attempt=None)
+    s.disruptions.append(Disruption("pause", 0, A, T + 5, T + 8))
+    s.ran("j1", B, T + 5.5, attempt=3, token="cccc0003")
+    s.log(B, "job.succeeded", "j1", T + 6.7, attempt=3)
+    report = s.verdict()
+    assert not any("never noticed" in v for v in report.violations), report.violations
+
+
 def test_a_stale_run_is_counted() -> None:
     """A handler started after its job was leased again is counted as a stale run."""
     s = Scenario()
