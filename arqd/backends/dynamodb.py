@@ -112,7 +112,7 @@ KEY_TRIES = 4
 # Worker rows of daemons gone for a day are deleted by DynamoDB's TTL.
 WORKER_TTL = 86400
 # ping() must answer promptly even when the endpoint is dead: one attempt, short timeouts.
-PING_TIMEOUT = 2.0
+PING_TIMEOUT = 2.0  # ping() (both AWS backends) answers promptly even when the endpoint is dead
 
 JOB_SK = "J"
 QUEUES_PK = "Q"
@@ -443,14 +443,24 @@ def _aioboto3() -> Any:
     return aioboto3
 
 
-def _client_config(s: DynamoSettings, *, attempts: int | None = None, timeout: float = 0) -> Any:
+def aws_client_config(
+    s: DynamoSettings | Any, *, attempts: int | None = None, timeout: float = 0, **extra: Any
+) -> Any:
+    """botocore's client config from the settings' retry mode, attempts and timeouts (the
+    dynamodb and s3 settings share those fields); ``extra`` is service-specific."""
     from botocore.config import Config
 
     return Config(
         retries={"mode": s.retry_mode, "total_max_attempts": attempts or s.max_attempts},
         connect_timeout=timeout or s.connect_timeout,
         read_timeout=timeout or s.read_timeout,
-        max_pool_connections=MAX_PARALLEL * 2,
+        **extra,
+    )
+
+
+def _client_config(s: DynamoSettings, *, attempts: int | None = None, timeout: float = 0) -> Any:
+    return aws_client_config(
+        s, attempts=attempts, timeout=timeout, max_pool_connections=MAX_PARALLEL * 2
     )
 
 
@@ -486,6 +496,16 @@ async def open_aws_client(
         return await stack.enter_async_context(client_cm)
     except BotoCoreError as exc:  # NoRegionError and friends: a setup problem, named plainly
         raise BackendError(f"cannot set up the {service} client: {exc}") from exc
+
+
+async def open_aws_clients(
+    stack: contextlib.AsyncExitStack, service: str, s: Any, config: Callable[..., Any]
+) -> tuple[Any, Any]:
+    """The working client and the ping client (one attempt, short timeouts, so ``ping()``
+    answers promptly even when the endpoint is dead); ``config(s, attempts=, timeout=)``."""
+    client = await open_aws_client(stack, service, s, config(s))
+    ping = await open_aws_client(stack, service, s, config(s, attempts=1, timeout=PING_TIMEOUT))
+    return client, ping
 
 
 async def _open_client(stack: contextlib.AsyncExitStack, s: DynamoSettings, config: Any) -> Any:
@@ -612,9 +632,8 @@ class DynamoQueue(QueueBackend):
 
     async def open(self) -> None:
         s = self.settings
-        self._client = await _open_client(self._stack, s, _client_config(s))
-        ping_config = _client_config(s, attempts=1, timeout=PING_TIMEOUT)
-        self._ping_client = await _open_client(self._stack, s, ping_config)
+        clients = await open_aws_clients(self._stack, "dynamodb", s, _client_config)
+        self._client, self._ping_client = clients
         create = s.create_missing if s.create_missing is not None else s.endpoint_url is not None
         if create:
             await ensure_table(self._client, self.table)

@@ -34,7 +34,6 @@ CHUNK = 64 * 1024  # bytes per chunk handed to readers
 DELETE_BATCH = 1000  # the most keys one DeleteObjects takes
 LIFECYCLE_TEMPORARY = "arqd-temporary-expiry"
 LIFECYCLE_ABORT = "arqd-abort-incomplete-uploads"
-PING_TIMEOUT = 2.0  # ping() answers promptly even when the endpoint is dead
 
 MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 UNAVAILABLE_CODES = frozenset(
@@ -82,21 +81,11 @@ def _translate(op: str, exc: Exception) -> Exception:
 
 
 def _client_config(s: S3Settings, *, attempts: int | None = None, timeout: float = 0) -> Any:
-    from botocore.config import Config
+    from arqd.backends.dynamodb import aws_client_config
 
-    return Config(
-        retries={"mode": s.retry_mode, "total_max_attempts": attempts or s.max_attempts},
-        connect_timeout=timeout or s.connect_timeout,
-        read_timeout=timeout or s.read_timeout,
-        # A custom endpoint (moto, MinIO) rarely resolves bucket subdomains.
-        s3={"addressing_style": "path" if s.endpoint_url else "auto"},
-    )
-
-
-async def _open_client(stack: contextlib.AsyncExitStack, s: S3Settings, config: Any) -> Any:
-    from arqd.backends.dynamodb import open_aws_client  # shared sessions (and their model cache)
-
-    return await open_aws_client(stack, "s3", s, config)
+    # A custom endpoint (moto, MinIO) rarely resolves bucket subdomains.
+    style = {"addressing_style": "path" if s.endpoint_url else "auto"}
+    return aws_client_config(s, attempts=attempts, timeout=timeout, s3=style)
 
 
 class S3Writer(ResultWriter):
@@ -215,9 +204,11 @@ class S3Results(ResultStore):
 
     async def open(self) -> None:
         s = self.settings
-        self._client = await _open_client(self._stack, s, _client_config(s))
-        ping = _client_config(s, attempts=1, timeout=PING_TIMEOUT)
-        self._ping_client = await _open_client(self._stack, s, ping)
+        # Shared sessions with the dynamodb backend (and their model cache).
+        from arqd.backends.dynamodb import open_aws_clients
+
+        clients = await open_aws_clients(self._stack, "s3", s, _client_config)
+        self._client, self._ping_client = clients
         create = s.create_missing if s.create_missing is not None else s.endpoint_url is not None
         if create:
             await ensure_bucket(self._client, s)
@@ -414,6 +405,8 @@ async def _set_lifecycle(client: Any, s: S3Settings, temporary_ttl: float) -> li
 async def init_bucket(settings: S3Settings, *, temporary_ttl: float) -> list[str]:
     """``arqd init-aws`` for results: bucket and lifecycle rules; answers what was done."""
     async with contextlib.AsyncExitStack() as stack:
-        client = await _open_client(stack, settings, _client_config(settings))
+        from arqd.backends.dynamodb import open_aws_client
+
+        client = await open_aws_client(stack, "s3", settings, _client_config(settings))
         done = await ensure_bucket(client, settings, temporary_ttl)
     return done or [f"bucket {settings.bucket} is ready (nothing to do)"]
