@@ -46,7 +46,7 @@ log = structlog.get_logger("arqd.http")
 
 CACHE_TTL = 1.0  # seconds a cached ETag may answer 304 without asking the backend
 CACHE_SIZE = 100_000  # ETags remembered (about 100 bytes each)
-POLL = 1.0  # long-polls and event streams re-read the job this often (changes elsewhere)
+EVENTS_TICK = 1.0  # an event stream wakes this often to send keepalives (changes wake it at once)
 WAIT_MAX = 60.0
 KEEPALIVE = 15.0  # an SSE comment line this often keeps proxies from closing the stream
 BATCH_MAX = 1000
@@ -404,7 +404,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     quiet_since = loop.time()
     while not job.state.terminal:
         try:
-            new = await wait_for_change(st, job, {job.etag}, POLL, owner)
+            new = await wait_for_change(st, job, {job.etag}, EVENTS_TICK, owner)
         except JobNotFound:
             break
         if new.etag != job.etag:
