@@ -25,14 +25,24 @@ Decisions the contract leaves open:
 - **Redirects** are followed by arqd, at most 5, and every hop is checked like the first. A
   redirect whose status is in the step's ``expect`` is not followed (it is the answer). 303 (and
   301/302 after a POST) continue as GET without a body, as browsers do. A redirect to another
-  origin (scheme, host or port) drops the credentials and every secret header.
-- **Secrets.** Job credentials replace any ``Authorization`` header of a step. Header values named
-  like secrets (``Authorization``, ``Proxy-Authorization``, ``Cookie``, ``*token*``, ``*secret*``,
-  ``*api-key*``, ...) never reach a checkpoint, an error message, a log line or the result; a
-  response that echoes one back has it replaced by ``"[redacted]"`` (secrets shorter than 4
-  characters are not scrubbed from responses: that would shred every body). Credentials are stored
-  only encrypted (:func:`encrypt_credentials`, Fernet, key from :func:`load_or_create_key`; every
-  daemon sharing a backend needs the same key file).
+  origin (scheme, host or port) carries on only the step headers of a small allow-list
+  (``Accept``, ``Accept-Encoding``, ``Accept-Language``, ``Cache-Control``, ``Content-Language``,
+  ``Content-Type``, ``User-Agent``) that the step does not mark secret: credentials and every
+  other header stay with the origin they were written for, secret-looking or not. A 307/308 (or
+  301/302 after a PUT, PATCH or DELETE) to another origin resends the body: if the body holds a
+  secret field, the redirect is not followed and the step fails at once (``error.type``
+  ``"RedirectRefused"``); stripping the field would send the other origin a request the job
+  never asked for.
+- **Secrets.** A value is secret when the step marks it (``"secret": {"headers": [names],
+  "query": [names], "body": [JSON pointers]}``; every name must name something of the step, so a
+  typo is a 422, not a leak) or when its name looks like one (``Authorization``, ``Cookie``,
+  ``*token*``, ``*secret*``, ``*password*``, ``*api-key*``, a ``key`` or ``auth`` word, ...).
+  Job credentials replace any ``Authorization`` header of a step. Secret values never reach a
+  checkpoint, an error message, a log line, a ``repr`` or the job JSON (:func:`redact_steps`
+  shows ``"[redacted]"``); a response that echoes one back has it replaced by ``"[redacted]"``
+  (secrets shorter than 4 characters are not scrubbed from responses: that would shred every
+  body). The job record holds the raw steps and the credentials only sealed (:func:`seal`,
+  Fernet; see the keys below).
 - **Request and response bodies.** ``body`` is sent JSON-encoded (``Content-Type:
   application/json`` unless the step sets one); absent or ``null`` means no body. Response bodies
   are read up to 64 KiB: parsed JSON when the response says JSON and is complete, else text;
@@ -57,6 +67,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote_plus
 
 import aiohttp
 import msgspec
@@ -77,6 +88,7 @@ __all__ = [
     "Resolver",
     "StepFailed",
     "StepPhase",
+    "StepSecrets",
     "StepSpec",
     "decrypt_credentials",
     "encrypt_credentials",
@@ -99,7 +111,8 @@ _log = structlog.get_logger("arqd.steps")
 
 # Header, query and body-field names whose values are secrets.
 _SECRET_NAME = re.compile(
-    r"(?i)(authorization|cookie|token|secret|passw(or)?d|api[-_]?key|credential|signature)"
+    r"(?i)(authorization|cookie|token|secret|passw(or)?d|api[-_]?key|credential|signature"
+    r"|(^|[-_.])(auth|key)([-_.]|$))"
 )
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 header name
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -108,6 +121,19 @@ _RESERVED_HEADERS = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "te", "upgrade", "keep-alive"}
 )
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# The only step headers a redirect to another origin carries on: content negotiation and the
+# client's name, nothing that could authenticate, identify or be secret.
+_SAFE_HEADERS = frozenset(
+    {
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "cache-control",
+        "content-language",
+        "content-type",
+        "user-agent",
+    }
+)
 _HOSTNAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
@@ -117,6 +143,21 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 StepName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
 StatusCode = Annotated[int, msgspec.Meta(ge=100, le=599)]
+
+
+HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
+Pointer = Annotated[str, msgspec.Meta(max_length=1024)]  # an RFC 6901 JSON pointer into ``body``
+
+
+class StepSecrets(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """What a step marks as secret, by name: ``headers`` (any case), ``query`` parameter names,
+    and ``body`` fields as JSON pointers (``"/card/pin"``, ``""`` for the whole body)."""
+
+    headers: Annotated[tuple[HeaderName, ...], msgspec.Meta(max_length=64)] = ()
+    query: Annotated[
+        tuple[Annotated[str, msgspec.Meta(max_length=1024)], ...], msgspec.Meta(max_length=64)
+    ] = ()
+    body: Annotated[tuple[Pointer, ...], msgspec.Meta(max_length=64)] = ()
 
 
 class StepSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -131,6 +172,7 @@ class StepSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
     retry_exponent: Annotated[float, msgspec.Meta(ge=1)] = 2.0
+    secret: StepSecrets = msgspec.field(default_factory=StepSecrets)
 
     def __post_init__(self) -> None:
         _check_url(self.url)
@@ -139,11 +181,14 @@ class StepSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
             msgspec.json.encode(self.body)
         except (TypeError, ValueError, OverflowError):
             raise ValueError("body: must be JSON") from None
+        _check_marks(self)
 
     def __repr__(self) -> str:
+        marks = self.secret
         return (
-            f"StepSpec(name={self.name!r}, method={self.method!r}, url={_redact_url(self.url)!r},"
-            f" headers={_redact_headers(self.headers)!r})"
+            f"StepSpec(name={self.name!r}, method={self.method!r},"
+            f" url={_redact_url(self.url, marks.query)!r},"
+            f" headers={_redact_headers(self.headers, marks.headers)!r})"
         )
 
     def expects(self, status: int) -> bool:
@@ -177,6 +222,22 @@ def _check_headers(headers: dict[str, str]) -> None:
         if _CONTROL.search(value.replace("\t", " ")):
             raise ValueError(f"headers: the value of {name} holds control characters")
         seen.add(lower)
+
+
+def _check_marks(step: StepSpec) -> None:
+    """Every name in ``secret`` must name something of the step: a typo would leave the value
+    it meant to protect in clear."""
+    names = {n.lower() for n in step.headers}
+    for name in step.secret.headers:
+        if name.lower() not in names:
+            raise ValueError(f"secret.headers: {name} is not one of the step's headers")
+    query = URL(step.url).query
+    for name in step.secret.query:
+        if name not in query:
+            raise ValueError(f"secret.query: {name!r} is not a query parameter of the url")
+    for pointer in step.secret.body:
+        if step.body is None or _pointed(step.body, pointer) is _MISSING:
+            raise ValueError(f"secret.body: {pointer!r} is not a JSON pointer into the body")
 
 
 def parse_steps(raw: list[dict[str, Any]]) -> list[StepSpec]:
@@ -371,35 +432,59 @@ def _fsync_dir(path: Path) -> None:
 
 
 def redact_steps(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The steps with secret header values, URL passwords and secret-named query parameters and
-    body fields replaced by ``"[redacted]"``; for showing a job's payload."""
+    """The steps (already validated by :func:`parse_steps`) with every secret value replaced by
+    ``"[redacted]"``: the values the step marks in ``secret``, and those whose header, query
+    parameter or body field name looks like a secret, plus URL passwords; for showing a job."""
     return [_redact_step(step) if isinstance(step, dict) else step for step in raw]
 
 
 def _redact_step(step: dict[str, Any]) -> dict[str, Any]:
     out = dict(step)
+    marks = _marks_of(step)
     if isinstance(out.get("headers"), dict):
-        out["headers"] = _redact_headers(out["headers"])
+        out["headers"] = _redact_headers(out["headers"], marks.headers)
     if isinstance(out.get("url"), str):
-        out["url"] = _redact_url(out["url"])
+        out["url"] = _redact_url(out["url"], marks.query)
     if "body" in out:
-        out["body"] = _redact_json(out["body"])
+        body = out["body"]
+        for pointer in marks.body:
+            body = _replaced(body, pointer, REDACTED)
+        out["body"] = _redact_json(body)
     return out
 
 
-def _redact_headers(headers: dict[str, Any]) -> dict[str, Any]:
-    return {k: REDACTED if _SECRET_NAME.search(str(k)) else v for k, v in headers.items()}
+def _marks_of(step: dict[str, Any]) -> StepSecrets:
+    try:
+        return msgspec.convert(step.get("secret") or {}, StepSecrets)
+    except msgspec.ValidationError:  # pragma: no cover - redact_steps takes validated steps
+        return StepSecrets()
 
 
-def _redact_url(url: str) -> str:
+def _is_secret_name(name: object, marked: Iterable[str] = ()) -> bool:
+    return bool(_SECRET_NAME.search(str(name))) or str(name).lower() in {m.lower() for m in marked}
+
+
+def _redact_headers(headers: dict[str, Any], marked: Iterable[str] = ()) -> dict[str, Any]:
+    marked = tuple(marked)
+    return {k: REDACTED if _is_secret_name(k, marked) else v for k, v in headers.items()}
+
+
+def _redact_url(url: str, marked: Iterable[str] = ()) -> str:
+    """The URL without its password and with secret query parameters' values redacted (query
+    names are case-sensitive: a marked ``sig`` does not cover ``SIG``)."""
+    names = set(marked)
+
+    def secret(name: str) -> bool:
+        return name in names or bool(_SECRET_NAME.search(name))
+
     try:
         parsed = URL(url)
         if parsed.raw_password:
             parsed = parsed.with_password(REDACTED)
         query = parsed.query
-        if any(_SECRET_NAME.search(k) for k in query):
+        if any(secret(k) for k in query):
             parsed = parsed.with_query(
-                [(k, REDACTED if _SECRET_NAME.search(k) else v) for k, v in query.items()]
+                [(k, REDACTED if secret(k) else v) for k, v in query.items()]
             )
         return str(parsed)
     except (ValueError, TypeError):
@@ -417,17 +502,106 @@ def _redact_json(value: Any) -> Any:
     return value
 
 
+def _has_secret_field(value: Any) -> bool:
+    """True if a JSON value holds a field named like a secret, at any depth."""
+    if isinstance(value, dict):
+        return any(_SECRET_NAME.search(str(k)) or _has_secret_field(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_secret_field(v) for v in value)
+    return False
+
+
+# JSON pointers (RFC 6901): "" is the whole value, "/a/0" the first item of field "a";
+# "~1" stands for "/" and "~0" for "~" inside a token; an array index has no leading zero.
+_MISSING: Any = object()
+_INDEX = re.compile(r"^(0|[1-9][0-9]*)$")
+_BAD_ESCAPE = re.compile(r"~(?![01])")
+
+
+def _tokens(pointer: str) -> list[str] | None:
+    if pointer == "":
+        return []
+    if not pointer.startswith("/") or _BAD_ESCAPE.search(pointer):
+        return None
+    return [t.replace("~1", "/").replace("~0", "~") for t in pointer[1:].split("/")]
+
+
+def _child_key(node: Any, token: str) -> Any:
+    """The key or index ``token`` names in ``node``, or _MISSING."""
+    if isinstance(node, dict):
+        return token if token in node else _MISSING
+    if isinstance(node, list) and _INDEX.match(token) and int(token) < len(node):
+        return int(token)
+    return _MISSING
+
+
+def _pointed(doc: Any, pointer: str) -> Any:
+    """The value ``pointer`` names in ``doc``, or _MISSING."""
+    tokens = _tokens(pointer)
+    if tokens is None:
+        return _MISSING
+    for token in tokens:
+        key = _child_key(doc, token)
+        if key is _MISSING:
+            return _MISSING
+        doc = doc[key]
+    return doc
+
+
+def _replaced(doc: Any, pointer: str, value: Any) -> Any:
+    """``doc`` with the value at ``pointer`` replaced (copied along the path, never in place);
+    ``doc`` itself when the pointer names nothing."""
+    tokens = _tokens(pointer)
+    if tokens is None or _pointed(doc, pointer) is _MISSING:
+        return doc
+    if not tokens:
+        return value
+    root = copy = doc.copy()
+    for token in tokens[:-1]:
+        key = _child_key(copy, token)
+        copy[key] = copy[key].copy()
+        copy = copy[key]
+    copy[_child_key(copy, tokens[-1])] = value
+    return root
+
+
+def _leaves(value: Any) -> list[str]:
+    """Every string and number inside a JSON value, as text: what a marked subtree protects."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _leaves(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _leaves(v)]
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return [msgspec.json.encode(value).decode()]
+    return []
+
+
 def _secrets_of(steps: Iterable[StepSpec], credentials: Credentials | None) -> tuple[str, ...]:
     """Every secret string of a job, longest first, for scrubbing what servers send back."""
     found: set[str] = set(credentials.secrets() if credentials else ())
     for step in steps:
+        marks = step.secret
         for name, value in step.headers.items():
-            if _SECRET_NAME.search(name):
+            if _is_secret_name(name, marks.headers):
                 found.update(_header_secrets(value))
-        query = URL(step.url).query
-        found.update(v for k, v in query.items() if _SECRET_NAME.search(k))
+        for name, raw in _raw_query(step.url):  # a value both decoded and as written
+            if name in marks.query or _SECRET_NAME.search(name):
+                found.update((raw, unquote_plus(raw)))
         found.update(_json_secrets(step.body))
+        for pointer in marks.body:
+            found.update(_leaves(_pointed(step.body, pointer)))
     return tuple(sorted((s for s in found if len(s) >= MIN_SCRUBBED), key=len, reverse=True))
+
+
+def _raw_query(url: str) -> list[tuple[str, str]]:
+    """``(name, value as written)`` for each query parameter of ``url``."""
+    pairs = []
+    for part in URL(url).raw_query_string.split("&"):
+        name, _, raw = part.partition("=")
+        pairs.append((unquote_plus(name), raw))
+    return pairs
 
 
 def _header_secrets(value: str) -> list[str]:
@@ -441,7 +615,7 @@ def _json_secrets(value: Any) -> list[str]:
     if isinstance(value, dict):
         out: list[str] = []
         for k, v in value.items():
-            out += [v] if isinstance(v, str) and _SECRET_NAME.search(str(k)) else _json_secrets(v)
+            out += _leaves(v) if _SECRET_NAME.search(str(k)) else _json_secrets(v)
         return out
     if isinstance(value, list):
         return [s for v in value for s in _json_secrets(v)]
@@ -653,6 +827,8 @@ class _Request:
     url: URL
     headers: CIMultiDict[str]
     body: bytes | None
+    secret_body: bool = False  # the body holds a marked or secret-named field
+    marked: frozenset[str] = frozenset()  # header names the step marks secret, lowercased
 
 
 @dataclass(frozen=True, slots=True)
@@ -671,14 +847,17 @@ class _Verdict:
     status: int | None
     detail: str
     outcome: dict[str, Any] | None = None
+    error_type: str = "StepFailed"  # of a "fail"
 
 
 class _Unfollowable(Exception):
-    """A redirect arqd will not follow (bad target, too many hops): a failed step."""
+    """A redirect arqd will not follow (bad target, too many hops, secrets to another origin):
+    a failed step of error type ``kind``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, kind: str = "StepFailed") -> None:
         super().__init__(message)
         self.status = status
+        self.kind = kind
 
 
 async def run_steps(
@@ -784,7 +963,7 @@ class _Runner:
             kind = "StepFailed"
             message = f"{where}: gave up after {attempt} attempt{plural}: {verdict.detail}"
         else:
-            kind, message = "StepFailed", f"{where}: {verdict.detail}"
+            kind, message = verdict.error_type, f"{where}: {verdict.detail}"
         return StepFailed(
             step.name,
             _scrub(message, self.secrets),
@@ -800,7 +979,7 @@ class _Runner:
         except _Refused as exc:
             return _Verdict("refused", None, str(exc))
         except _Unfollowable as exc:
-            return _Verdict("fail", exc.status, str(exc))
+            return _Verdict("fail", exc.status, str(exc), error_type=exc.kind)
         except TimeoutError:
             return _Verdict("retry", None, f"no answer within {step.timeout:g} s")
         except (aiohttp.ClientError, OSError) as exc:
@@ -830,7 +1009,10 @@ class _Runner:
             headers["Content-Type"] = "application/json"
         if self.credentials is not None:
             headers["Authorization"] = self.credentials.header()
-        return _Request(step.method, URL(step.url).with_fragment(None), headers, body)
+        secret_body = body is not None and (bool(step.secret.body) or _has_secret_field(step.body))
+        url = URL(step.url).with_fragment(None)
+        marked = frozenset(n.lower() for n in step.secret.headers)
+        return _Request(step.method, url, headers, body, secret_body, marked)
 
     async def _send(self, request: _Request, addresses: list[str], step: StepSpec) -> _Reply:
         """Send to the first checked address that accepts a connection."""
@@ -890,14 +1072,22 @@ def _follow(request: _Request, reply: _Reply) -> _Request:
     if target.raw_user or target.raw_password:
         raise _Unfollowable(reply.status, "redirected to a URL holding credentials")
     method, body, headers = request.method, request.body, request.headers.copy()
+    secret_body = request.secret_body
     to_get = reply.status == 303 or (reply.status in (301, 302) and method == "POST")
     if to_get and method != "HEAD":
-        method, body = "GET", None
+        method, body, secret_body = "GET", None, False
         headers.popall("Content-Type", None)
     if _origin(target) != _origin(request.url):
-        for name in [n for n in headers if _SECRET_NAME.search(n)]:
-            headers.popall(name, None)
-    return _Request(method, target, headers, body)
+        if body is not None and secret_body:
+            raise _Unfollowable(
+                reply.status,
+                f"a {reply.status} redirect to another origin ({_host_header(target)}) would "
+                "resend the body's secret fields; not followed",
+                kind="RedirectRefused",
+            )
+        safe = _SAFE_HEADERS - request.marked
+        headers = CIMultiDict((k, v) for k, v in headers.items() if k.lower() in safe)
+    return _Request(method, target, headers, body, secret_body, request.marked)
 
 
 async def _read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes:
