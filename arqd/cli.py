@@ -49,11 +49,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from arqd.daemon import check_exposure
     from arqd.handlers import Registry
+    from arqd.steps import check_keys
+    from arqd.stores import queue_class
 
     path = _config_path(args)
     try:
         config = load_config(path)
         check_exposure(config)
+        check_keys(config, queue_class(config.queue.backend).multi_host)
         registry = Registry.from_config(config)
     except ConfigError as exc:
         print(f"arqd: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ TOML values when they parse as such (``64``, ``true``, ``["a", "b"]``) and as st
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import tomllib
@@ -205,11 +206,48 @@ class AuthConfig(_Section, frozen=True):
 
 class HttpStepsConfig(_Section, frozen=True):
     allow_hosts: list[str] = msgspec.field(default_factory=list)
-    # Step secrets are stored encrypted with this Fernet key: ``key`` (e.g. from the
-    # environment, ARQD_HTTP_STEPS_KEY) or else the file ``key_file``, made on first use.
-    # Every daemon sharing a backend needs the same key.
+    # Step secrets are stored sealed with Fernet keys: ``keys`` (seal with the first, open with
+    # any: rotation; a list, or one string of comma-separated keys as ARQD_HTTP_STEPS_KEYS may
+    # give it), or the single ``key``, or else the file ``key_file`` (default: ``steps.key``
+    # beside the sqlite database), made on first use. Every daemon sharing a queue needs the
+    # same keys; a queue shared by several hosts needs ``keys`` or ``key`` (arqd.steps).
+    keys: list[str] | str = msgspec.field(default_factory=list)
     key: str | None = None
-    key_file: str = "var/steps.key"
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.key is not None and self.key_list:
+            raise ValueError("set keys or key, not both")
+        if self.key is not None and not _is_fernet_key(self.key):
+            raise ValueError(f"key: {_NOT_A_KEY}")
+        for index, key in enumerate(self.key_list):
+            if not _is_fernet_key(key):
+                raise ValueError(f"keys[{index}]: {_NOT_A_KEY}")
+
+    @property
+    def key_list(self) -> list[str]:
+        """``keys`` as a list (a string is split at commas; Fernet keys never hold one)."""
+        if isinstance(self.keys, str):
+            return [k.strip() for k in self.keys.split(",") if k.strip()]
+        return list(self.keys)
+
+    def __repr__(self) -> str:  # keys never reach a log line or a traceback
+        hidden = "[redacted]"
+        return (
+            f"HttpStepsConfig(allow_hosts={self.allow_hosts!r},"
+            f" keys={[hidden] * len(self.key_list)!r},"
+            f" key={None if self.key is None else hidden!r}, key_file={self.key_file!r})"
+        )
+
+
+_NOT_A_KEY = "not a Fernet key (44 characters of url-safe base64 encoding 32 bytes)"
+
+
+def _is_fernet_key(text: str) -> bool:
+    try:
+        return len(base64.urlsafe_b64decode(text.encode("ascii"))) == 32
+    except (ValueError, UnicodeEncodeError):  # binascii.Error is a ValueError
+        return False
 
 
 class LogConfig(_Section, frozen=True):
@@ -379,5 +417,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     """Relative storage paths are relative to the config file, not to the working directory."""
     queue = msgspec.structs.replace(cfg.queue, path=str(base / cfg.queue.path))
     results = msgspec.structs.replace(cfg.results, path=str(base / cfg.results.path))
-    steps = msgspec.structs.replace(cfg.http_steps, key_file=str(base / cfg.http_steps.key_file))
+    steps = cfg.http_steps
+    if steps.key_file is not None:
+        steps = msgspec.structs.replace(steps, key_file=str(base / steps.key_file))
     return msgspec.structs.replace(cfg, queue=queue, results=results, http_steps=steps)

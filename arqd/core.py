@@ -11,7 +11,6 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -144,7 +143,7 @@ class Core:
         self.hub = hub_for(queue.identity)
         self.metrics = Metrics()
         instrument(queue, self.metrics)
-        self._steps_key: bytes | None = None
+        self._steps_keys: tuple[Config, tuple[bytes, ...]] | None = None  # and the config read
 
     @property
     def clock(self) -> Clock:
@@ -222,16 +221,16 @@ class Core:
         payload = {"steps": http_steps.redact_steps(spec.steps), SEALED: sealed}
         return STEPS_HANDLER, payload, http_steps.Checkpoint.start(parsed).states
 
-    def steps_key(self) -> bytes:
-        """The Fernet key sealing step secrets: ``http_steps.key``, else the key file."""
-        if self._steps_key is None:
+    def steps_key(self) -> tuple[bytes, ...]:
+        """The Fernet keys sealing step secrets (the first seals, any opens; see
+        :func:`arqd.steps.step_keys`), read again whenever the config changes (SIGHUP)."""
+        config = self.config
+        if self._steps_keys is None or self._steps_keys[0] is not config:
             from arqd import steps as http_steps
 
-            cfg = self.config.http_steps
-            self._steps_key = (
-                cfg.key.encode() if cfg.key else http_steps.load_or_create_key(Path(cfg.key_file))
-            )
-        return self._steps_key
+            keys = http_steps.step_keys(config, self.queue.multi_host)
+            self._steps_keys = (config, keys)
+        return self._steps_keys[1]
 
     async def submit(
         self,

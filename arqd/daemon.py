@@ -31,6 +31,8 @@ from arqd.config import Config, load_config
 from arqd.errors import ArqdError, ConfigError
 from arqd.handlers import Registry
 from arqd.http.server import STATE, ServerState, make_app
+from arqd.steps import check_keys
+from arqd.stores import queue_class
 
 log = structlog.get_logger("arqd.daemon")
 
@@ -81,6 +83,7 @@ class Daemon:
         try:
             config = load_config(self.config_path)
             check_exposure(config)
+            check_keys(config, queue_class(config.queue.backend).multi_host)
             registry = Registry.from_config(config)
         except ConfigError as exc:
             print(f"arqd: {exc}", file=sys.stderr)
@@ -180,6 +183,7 @@ class Daemon:
         old = app.config
         try:
             new = load_config(self.config_path)
+            check_keys(new, queue_class(new.queue.backend).multi_host)
             registry = Registry.from_config(new, app.extra_handlers)
         except ConfigError as exc:
             log.error("config.reload_failed", error=str(exc), kept=old.source)

@@ -25,14 +25,31 @@ Decisions the contract leaves open:
 - **Redirects** are followed by arqd, at most 5, and every hop is checked like the first. A
   redirect whose status is in the step's ``expect`` is not followed (it is the answer). 303 (and
   301/302 after a POST) continue as GET without a body, as browsers do. A redirect to another
-  origin (scheme, host or port) drops the credentials and every secret header.
-- **Secrets.** Job credentials replace any ``Authorization`` header of a step. Header values named
-  like secrets (``Authorization``, ``Proxy-Authorization``, ``Cookie``, ``*token*``, ``*secret*``,
-  ``*api-key*``, ...) never reach a checkpoint, an error message, a log line or the result; a
-  response that echoes one back has it replaced by ``"[redacted]"`` (secrets shorter than 4
-  characters are not scrubbed from responses: that would shred every body). Credentials are stored
-  only encrypted (:func:`encrypt_credentials`, Fernet, key from :func:`load_or_create_key`; every
-  daemon sharing a backend needs the same key file).
+  origin (scheme, host or port) carries on only the step headers of a small allow-list
+  (``Accept``, ``Accept-Encoding``, ``Accept-Language``, ``Cache-Control``, ``Content-Language``,
+  ``Content-Type``, ``User-Agent``) that the step does not mark secret: credentials and every
+  other header stay with the origin they were written for, secret-looking or not. A 307/308 (or
+  301/302 after a PUT, PATCH or DELETE) to another origin resends the body: if the body holds a
+  secret field, the redirect is not followed and the step fails at once (``error.type``
+  ``"RedirectRefused"``); stripping the field would send the other origin a request the job
+  never asked for.
+- **Secrets.** A value is secret when the step marks it (``"secret": {"headers": [names],
+  "query": [names], "body": [JSON pointers]}``; every name must name something of the step, so a
+  typo is a 422, not a leak) or when its name looks like one (``Authorization``, ``Cookie``,
+  ``*token*``, ``*secret*``, ``*password*``, ``*api-key*``, a ``key`` or ``auth`` word, ...).
+  Job credentials replace any ``Authorization`` header of a step. Secret values never reach a
+  checkpoint, an error message, a log line, a ``repr`` or the job JSON (:func:`redact_steps`
+  shows ``"[redacted]"``); a response that echoes one back has it replaced by ``"[redacted]"``
+  (secrets shorter than 4 characters are not scrubbed from responses: that would shred every
+  body). The job record holds the raw steps and the credentials only sealed (:func:`seal`,
+  Fernet; see the keys below).
+- **Keys.** The sealing keys are ``[http_steps] keys`` (seal with the first, open with any: how
+  a key is rotated), else ``key``, else the file ``key_file`` (one key a line, the first seals),
+  created on first use; its default is ``steps.key`` beside the sqlite database, so every daemon
+  on that database finds the same one (:func:`step_keys`). A queue several hosts share
+  (``QueueBackend.multi_host``) needs keys set explicitly, or a key file that already exists:
+  :func:`check_keys` refuses to start, reload or pass ``check-config`` otherwise. The core reads
+  the keys again whenever its config changes (SIGHUP). No key is ever logged or quoted.
 - **Request and response bodies.** ``body`` is sent JSON-encoded (``Content-Type:
   application/json`` unless the step sets one); absent or ``null`` means no body. Response bodies
   are read up to 64 KiB: parsed JSON when the response says JSON and is complete, else text;
@@ -53,20 +70,24 @@ import os
 import re
 import socket
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import unquote_plus
 
 import aiohttp
 import msgspec
 import structlog
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from multidict import CIMultiDict
 from yarl import URL
 
 from arqd.errors import ArqdError, ConfigError, InvalidRequest
 from arqd.model import StepState
+
+if TYPE_CHECKING:
+    from arqd.config import Config
 
 __all__ = [
     "BODY_LIMIT",
@@ -77,16 +98,24 @@ __all__ = [
     "Resolver",
     "StepFailed",
     "StepPhase",
+    "StepSecrets",
     "StepSpec",
+    "check_keys",
     "decrypt_credentials",
     "encrypt_credentials",
     "is_public_address",
+    "key_file",
     "load_or_create_key",
+    "load_or_create_keys",
     "parse_allow_hosts",
     "parse_credentials",
     "parse_steps",
+    "read_keys",
     "redact_steps",
     "run_steps",
+    "seal",
+    "step_keys",
+    "unseal",
 ]
 
 BODY_LIMIT = 64 * 1024  # API.md: a step's response is checkpointed truncated to 64 KiB
@@ -99,7 +128,8 @@ _log = structlog.get_logger("arqd.steps")
 
 # Header, query and body-field names whose values are secrets.
 _SECRET_NAME = re.compile(
-    r"(?i)(authorization|cookie|token|secret|passw(or)?d|api[-_]?key|credential|signature)"
+    r"(?i)(authorization|cookie|token|secret|passw(or)?d|api[-_]?key|credential|signature"
+    r"|(^|[-_.])(auth|key)([-_.]|$))"
 )
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 header name
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -108,6 +138,19 @@ _RESERVED_HEADERS = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "te", "upgrade", "keep-alive"}
 )
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# The only step headers a redirect to another origin carries on: content negotiation and the
+# client's name, nothing that could authenticate, identify or be secret.
+_SAFE_HEADERS = frozenset(
+    {
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "cache-control",
+        "content-language",
+        "content-type",
+        "user-agent",
+    }
+)
 _HOSTNAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
@@ -117,6 +160,21 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 StepName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
 StatusCode = Annotated[int, msgspec.Meta(ge=100, le=599)]
+
+
+HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
+Pointer = Annotated[str, msgspec.Meta(max_length=1024)]  # an RFC 6901 JSON pointer into ``body``
+
+
+class StepSecrets(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """What a step marks as secret, by name: ``headers`` (any case), ``query`` parameter names,
+    and ``body`` fields as JSON pointers (``"/card/pin"``, ``""`` for the whole body)."""
+
+    headers: Annotated[tuple[HeaderName, ...], msgspec.Meta(max_length=64)] = ()
+    query: Annotated[
+        tuple[Annotated[str, msgspec.Meta(max_length=1024)], ...], msgspec.Meta(max_length=64)
+    ] = ()
+    body: Annotated[tuple[Pointer, ...], msgspec.Meta(max_length=64)] = ()
 
 
 class StepSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -131,6 +189,7 @@ class StepSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
     retry_exponent: Annotated[float, msgspec.Meta(ge=1)] = 2.0
+    secret: StepSecrets = msgspec.field(default_factory=StepSecrets)
 
     def __post_init__(self) -> None:
         _check_url(self.url)
@@ -139,11 +198,14 @@ class StepSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
             msgspec.json.encode(self.body)
         except (TypeError, ValueError, OverflowError):
             raise ValueError("body: must be JSON") from None
+        _check_marks(self)
 
     def __repr__(self) -> str:
+        marks = self.secret
         return (
-            f"StepSpec(name={self.name!r}, method={self.method!r}, url={_redact_url(self.url)!r},"
-            f" headers={_redact_headers(self.headers)!r})"
+            f"StepSpec(name={self.name!r}, method={self.method!r},"
+            f" url={_redact_url(self.url, marks.query)!r},"
+            f" headers={_redact_headers(self.headers, marks.headers)!r})"
         )
 
     def expects(self, status: int) -> bool:
@@ -177,6 +239,22 @@ def _check_headers(headers: dict[str, str]) -> None:
         if _CONTROL.search(value.replace("\t", " ")):
             raise ValueError(f"headers: the value of {name} holds control characters")
         seen.add(lower)
+
+
+def _check_marks(step: StepSpec) -> None:
+    """Every name in ``secret`` must name something of the step: a typo would leave the value
+    it meant to protect in clear."""
+    names = {n.lower() for n in step.headers}
+    for name in step.secret.headers:
+        if name.lower() not in names:
+            raise ValueError(f"secret.headers: {name} is not one of the step's headers")
+    query = URL(step.url).query
+    for name in step.secret.query:
+        if name not in query:
+            raise ValueError(f"secret.query: {name!r} is not a query parameter of the url")
+    for pointer in step.secret.body:
+        if step.body is None or _pointed(step.body, pointer) is _MISSING:
+            raise ValueError(f"secret.body: {pointer!r} is not a JSON pointer into the body")
 
 
 def parse_steps(raw: list[dict[str, Any]]) -> list[StepSpec]:
@@ -279,35 +357,43 @@ def parse_credentials(raw: dict[str, str] | None) -> Credentials | None:
     return Credentials("basic", secret)
 
 
-def _fernet(key: bytes) -> Fernet:
+Keys = bytes | Sequence[bytes]
+"""One Fernet key, or a keyring: seal with the first, open with any."""
+
+
+def _fernet(key: Keys) -> Fernet | MultiFernet:
+    keys = [key] if isinstance(key, bytes) else list(key)
     try:
-        return Fernet(key)
+        fernets = [Fernet(k) for k in keys]
     except (ValueError, TypeError):
         raise ConfigError("the step credentials key is not a valid Fernet key") from None
+    if not fernets:
+        raise ConfigError("no key to seal step secrets with")
+    return fernets[0] if len(fernets) == 1 else MultiFernet(fernets)
 
 
-def encrypt_credentials(creds: Credentials, key: bytes) -> str:
+def encrypt_credentials(creds: Credentials, key: Keys) -> str:
     """The credentials as a Fernet token (ASCII), the only form in which a job record holds them."""
     return _fernet(key).encrypt(msgspec.json.encode(creds.to_dict())).decode("ascii")
 
 
-def seal(value: Any, key: bytes) -> str:
+def seal(value: Any, key: Keys) -> str:
     """Any JSON value as a Fernet token: how a job record holds its steps' secrets."""
     return _fernet(key).encrypt(msgspec.json.encode(value)).decode("ascii")
 
 
-def unseal(token: str | bytes, key: bytes) -> Any:
-    """Inverse of :func:`seal`; :class:`CredentialsUnreadable` on a wrong key."""
+def unseal(token: str | bytes, key: Keys) -> Any:
+    """Inverse of :func:`seal`; :class:`CredentialsUnreadable` when no key opens it."""
     try:
         return msgspec.json.decode(_fernet(key).decrypt(token))
     except (InvalidToken, msgspec.DecodeError):
         raise CredentialsUnreadable(
-            "the job's sealed step data cannot be decrypted with this daemon's key "
-            "([http_steps] key or key_file must be the same on every daemon)"
+            "the job's sealed step data cannot be opened with this daemon's keys (every daemon "
+            "needs the key that sealed it in http_steps.keys, http_steps.key or key_file)"
         ) from None
 
 
-def decrypt_credentials(token: str | bytes, key: bytes) -> Credentials:
+def decrypt_credentials(token: str | bytes, key: Keys) -> Credentials:
     """Inverse of :func:`encrypt_credentials`; :class:`CredentialsUnreadable` on a wrong key."""
     try:
         data = msgspec.json.decode(_fernet(key).decrypt(token), type=dict[str, str])
@@ -321,13 +407,81 @@ def decrypt_credentials(token: str | bytes, key: bytes) -> Credentials:
     return creds
 
 
+# --- where the keys come from ---------------------------------------------------------------------
+
+KEY_FILE = "steps.key"  # the default key file's name, beside the sqlite database
+_process_key: list[bytes] = []  # the memory backend's key: its jobs die with the process
+
+
+def step_keys(config: Config, multi_host: bool = False) -> tuple[bytes, ...]:
+    """The keys sealing step secrets (the first seals, any opens): ``http_steps.keys``, else
+    ``key``, else the key file (made when missing, except for a queue several hosts share);
+    a memory queue without any uses a key of this process. :class:`ConfigError` if none."""
+    cfg = config.http_steps
+    if cfg.key_list:
+        return tuple(k.encode() for k in cfg.key_list)
+    if cfg.key is not None:
+        return (cfg.key.encode(),)
+    path = key_file(config)
+    if multi_host:
+        check_keys(config, multi_host)
+        assert path is not None  # check_keys refuses a shared queue without an existing file
+        return read_keys(path)
+    if path is not None:
+        return load_or_create_keys(path)
+    if config.queue.backend == "memory":
+        if not _process_key:
+            _process_key.append(Fernet.generate_key())
+        return (_process_key[0],)
+    raise ConfigError(  # pragma: no cover - every backend has a default or is multi_host
+        f"{config.source}: http_steps: set keys, key or key_file"
+    )
+
+
+def key_file(config: Config) -> Path | None:
+    """``http_steps.key_file``; by default ``steps.key`` beside the sqlite database, where every
+    daemon using that database finds it (None for other backends)."""
+    if config.http_steps.key_file is not None:
+        return Path(config.http_steps.key_file)
+    if config.queue.backend == "sqlite":
+        return Path(config.queue.path).parent / KEY_FILE
+    return None
+
+
+def check_keys(config: Config, multi_host: bool) -> None:
+    """The start (and reload, and ``check-config``) check of the steps keys: a queue shared by
+    several hosts (``multi_host``) needs keys every host agrees on, given explicitly; an
+    existing key file must be private and hold keys. Never quotes a key."""
+    cfg = config.http_steps
+    if cfg.key_list or cfg.key is not None:
+        return  # their shape was checked when the config loaded
+    path = key_file(config)
+    if multi_host and (cfg.key_file is None or path is None or not path.exists()):
+        missing = "" if cfg.key_file is None else f" ({cfg.key_file} does not exist)"
+        raise ConfigError(
+            f"{config.source}: http_steps: the {config.queue.backend} queue is shared by "
+            "daemons on several hosts, and step secrets sealed on one must open on all, but no "
+            f"key is set{missing}: set the same http_steps.keys (or http_steps.key) on every "
+            "daemon, e.g. ARQD_HTTP_STEPS_KEYS (or ARQD_HTTP_STEPS_KEY) in the environment, "
+            "or point http_steps.key_file at a key file present on every host"
+        )
+    if path is not None and path.exists():
+        read_keys(path)
+
+
 def load_or_create_key(path: Path) -> bytes:
-    """The Fernet key in ``path``, made (mode 0600, atomically) when missing.
+    """The (first) Fernet key in ``path``, made when missing: see :func:`load_or_create_keys`."""
+    return load_or_create_keys(path)[0]
+
+
+def load_or_create_keys(path: Path) -> tuple[bytes, ...]:
+    """The Fernet keys in ``path`` (one a line, the first seals), a new key written there
+    (mode 0600, atomically) when the file is missing.
 
     A key file readable by group or others is refused (:class:`ConfigError`), as ssh does.
     """
     try:
-        return _read_key(path)
+        return read_keys(path)
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -341,22 +495,36 @@ def load_or_create_key(path: Path) -> bytes:
         try:
             os.link(tmp, path)  # publish whole, and never over a key another process just made
         except FileExistsError:
-            return _read_key(path)
+            return read_keys(path)
         _fsync_dir(path.parent)
     finally:
         os.unlink(tmp)
-    return key
+    return (key,)
 
 
-def _read_key(path: Path) -> bytes:
-    mode = path.stat().st_mode
-    if mode & 0o077:
-        raise ConfigError(
-            f"{path}: the step credentials key must be readable by its owner only (chmod 600)"
-        )
-    key = path.read_bytes().strip()
-    _fernet(key)
-    return key
+def read_keys(path: Path) -> tuple[bytes, ...]:
+    """The keys of an existing key file; :class:`ConfigError` if others may read it or a line
+    is not a key (the message names the line, never the key)."""
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            raise ConfigError(
+                f"{path}: the step credentials key must be readable by its owner only (chmod 600)"
+            )
+        lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        raise  # load_or_create_keys makes it
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the steps key file: {exc.strerror}") from None
+    keys = tuple(line.strip() for line in lines if line.strip())
+    for number, key in enumerate(keys, 1):
+        try:
+            Fernet(key)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{path}: key {number} is not a Fernet key") from None
+    if not keys:
+        raise ConfigError(f"{path}: the steps key file holds no key")
+    return keys
 
 
 def _fsync_dir(path: Path) -> None:
@@ -371,35 +539,59 @@ def _fsync_dir(path: Path) -> None:
 
 
 def redact_steps(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The steps with secret header values, URL passwords and secret-named query parameters and
-    body fields replaced by ``"[redacted]"``; for showing a job's payload."""
+    """The steps (already validated by :func:`parse_steps`) with every secret value replaced by
+    ``"[redacted]"``: the values the step marks in ``secret``, and those whose header, query
+    parameter or body field name looks like a secret, plus URL passwords; for showing a job."""
     return [_redact_step(step) if isinstance(step, dict) else step for step in raw]
 
 
 def _redact_step(step: dict[str, Any]) -> dict[str, Any]:
     out = dict(step)
+    marks = _marks_of(step)
     if isinstance(out.get("headers"), dict):
-        out["headers"] = _redact_headers(out["headers"])
+        out["headers"] = _redact_headers(out["headers"], marks.headers)
     if isinstance(out.get("url"), str):
-        out["url"] = _redact_url(out["url"])
+        out["url"] = _redact_url(out["url"], marks.query)
     if "body" in out:
-        out["body"] = _redact_json(out["body"])
+        body = out["body"]
+        for pointer in marks.body:
+            body = _replaced(body, pointer, REDACTED)
+        out["body"] = _redact_json(body)
     return out
 
 
-def _redact_headers(headers: dict[str, Any]) -> dict[str, Any]:
-    return {k: REDACTED if _SECRET_NAME.search(str(k)) else v for k, v in headers.items()}
+def _marks_of(step: dict[str, Any]) -> StepSecrets:
+    try:
+        return msgspec.convert(step.get("secret") or {}, StepSecrets)
+    except msgspec.ValidationError:  # pragma: no cover - redact_steps takes validated steps
+        return StepSecrets()
 
 
-def _redact_url(url: str) -> str:
+def _is_secret_name(name: object, marked: Iterable[str] = ()) -> bool:
+    return bool(_SECRET_NAME.search(str(name))) or str(name).lower() in {m.lower() for m in marked}
+
+
+def _redact_headers(headers: dict[str, Any], marked: Iterable[str] = ()) -> dict[str, Any]:
+    marked = tuple(marked)
+    return {k: REDACTED if _is_secret_name(k, marked) else v for k, v in headers.items()}
+
+
+def _redact_url(url: str, marked: Iterable[str] = ()) -> str:
+    """The URL without its password and with secret query parameters' values redacted (query
+    names are case-sensitive: a marked ``sig`` does not cover ``SIG``)."""
+    names = set(marked)
+
+    def secret(name: str) -> bool:
+        return name in names or bool(_SECRET_NAME.search(name))
+
     try:
         parsed = URL(url)
         if parsed.raw_password:
             parsed = parsed.with_password(REDACTED)
         query = parsed.query
-        if any(_SECRET_NAME.search(k) for k in query):
+        if any(secret(k) for k in query):
             parsed = parsed.with_query(
-                [(k, REDACTED if _SECRET_NAME.search(k) else v) for k, v in query.items()]
+                [(k, REDACTED if secret(k) else v) for k, v in query.items()]
             )
         return str(parsed)
     except (ValueError, TypeError):
@@ -417,17 +609,106 @@ def _redact_json(value: Any) -> Any:
     return value
 
 
+def _has_secret_field(value: Any) -> bool:
+    """True if a JSON value holds a field named like a secret, at any depth."""
+    if isinstance(value, dict):
+        return any(_SECRET_NAME.search(str(k)) or _has_secret_field(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_secret_field(v) for v in value)
+    return False
+
+
+# JSON pointers (RFC 6901): "" is the whole value, "/a/0" the first item of field "a";
+# "~1" stands for "/" and "~0" for "~" inside a token; an array index has no leading zero.
+_MISSING: Any = object()
+_INDEX = re.compile(r"^(0|[1-9][0-9]*)$")
+_BAD_ESCAPE = re.compile(r"~(?![01])")
+
+
+def _tokens(pointer: str) -> list[str] | None:
+    if pointer == "":
+        return []
+    if not pointer.startswith("/") or _BAD_ESCAPE.search(pointer):
+        return None
+    return [t.replace("~1", "/").replace("~0", "~") for t in pointer[1:].split("/")]
+
+
+def _child_key(node: Any, token: str) -> Any:
+    """The key or index ``token`` names in ``node``, or _MISSING."""
+    if isinstance(node, dict):
+        return token if token in node else _MISSING
+    if isinstance(node, list) and _INDEX.match(token) and int(token) < len(node):
+        return int(token)
+    return _MISSING
+
+
+def _pointed(doc: Any, pointer: str) -> Any:
+    """The value ``pointer`` names in ``doc``, or _MISSING."""
+    tokens = _tokens(pointer)
+    if tokens is None:
+        return _MISSING
+    for token in tokens:
+        key = _child_key(doc, token)
+        if key is _MISSING:
+            return _MISSING
+        doc = doc[key]
+    return doc
+
+
+def _replaced(doc: Any, pointer: str, value: Any) -> Any:
+    """``doc`` with the value at ``pointer`` replaced (copied along the path, never in place);
+    ``doc`` itself when the pointer names nothing."""
+    tokens = _tokens(pointer)
+    if tokens is None or _pointed(doc, pointer) is _MISSING:
+        return doc
+    if not tokens:
+        return value
+    root = copy = doc.copy()
+    for token in tokens[:-1]:
+        key = _child_key(copy, token)
+        copy[key] = copy[key].copy()
+        copy = copy[key]
+    copy[_child_key(copy, tokens[-1])] = value
+    return root
+
+
+def _leaves(value: Any) -> list[str]:
+    """Every string and number inside a JSON value, as text: what a marked subtree protects."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _leaves(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _leaves(v)]
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return [msgspec.json.encode(value).decode()]
+    return []
+
+
 def _secrets_of(steps: Iterable[StepSpec], credentials: Credentials | None) -> tuple[str, ...]:
     """Every secret string of a job, longest first, for scrubbing what servers send back."""
     found: set[str] = set(credentials.secrets() if credentials else ())
     for step in steps:
+        marks = step.secret
         for name, value in step.headers.items():
-            if _SECRET_NAME.search(name):
+            if _is_secret_name(name, marks.headers):
                 found.update(_header_secrets(value))
-        query = URL(step.url).query
-        found.update(v for k, v in query.items() if _SECRET_NAME.search(k))
+        for name, raw in _raw_query(step.url):  # a value both decoded and as written
+            if name in marks.query or _SECRET_NAME.search(name):
+                found.update((raw, unquote_plus(raw)))
         found.update(_json_secrets(step.body))
+        for pointer in marks.body:
+            found.update(_leaves(_pointed(step.body, pointer)))
     return tuple(sorted((s for s in found if len(s) >= MIN_SCRUBBED), key=len, reverse=True))
+
+
+def _raw_query(url: str) -> list[tuple[str, str]]:
+    """``(name, value as written)`` for each query parameter of ``url``."""
+    pairs = []
+    for part in URL(url).raw_query_string.split("&"):
+        name, _, raw = part.partition("=")
+        pairs.append((unquote_plus(name), raw))
+    return pairs
 
 
 def _header_secrets(value: str) -> list[str]:
@@ -441,7 +722,7 @@ def _json_secrets(value: Any) -> list[str]:
     if isinstance(value, dict):
         out: list[str] = []
         for k, v in value.items():
-            out += [v] if isinstance(v, str) and _SECRET_NAME.search(str(k)) else _json_secrets(v)
+            out += _leaves(v) if _SECRET_NAME.search(str(k)) else _json_secrets(v)
         return out
     if isinstance(value, list):
         return [s for v in value for s in _json_secrets(v)]
@@ -653,6 +934,8 @@ class _Request:
     url: URL
     headers: CIMultiDict[str]
     body: bytes | None
+    secret_body: bool = False  # the body holds a marked or secret-named field
+    marked: frozenset[str] = frozenset()  # header names the step marks secret, lowercased
 
 
 @dataclass(frozen=True, slots=True)
@@ -671,14 +954,17 @@ class _Verdict:
     status: int | None
     detail: str
     outcome: dict[str, Any] | None = None
+    error_type: str = "StepFailed"  # of a "fail"
 
 
 class _Unfollowable(Exception):
-    """A redirect arqd will not follow (bad target, too many hops): a failed step."""
+    """A redirect arqd will not follow (bad target, too many hops, secrets to another origin):
+    a failed step of error type ``kind``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, kind: str = "StepFailed") -> None:
         super().__init__(message)
         self.status = status
+        self.kind = kind
 
 
 async def run_steps(
@@ -784,7 +1070,7 @@ class _Runner:
             kind = "StepFailed"
             message = f"{where}: gave up after {attempt} attempt{plural}: {verdict.detail}"
         else:
-            kind, message = "StepFailed", f"{where}: {verdict.detail}"
+            kind, message = verdict.error_type, f"{where}: {verdict.detail}"
         return StepFailed(
             step.name,
             _scrub(message, self.secrets),
@@ -800,7 +1086,7 @@ class _Runner:
         except _Refused as exc:
             return _Verdict("refused", None, str(exc))
         except _Unfollowable as exc:
-            return _Verdict("fail", exc.status, str(exc))
+            return _Verdict("fail", exc.status, str(exc), error_type=exc.kind)
         except TimeoutError:
             return _Verdict("retry", None, f"no answer within {step.timeout:g} s")
         except (aiohttp.ClientError, OSError) as exc:
@@ -830,7 +1116,10 @@ class _Runner:
             headers["Content-Type"] = "application/json"
         if self.credentials is not None:
             headers["Authorization"] = self.credentials.header()
-        return _Request(step.method, URL(step.url).with_fragment(None), headers, body)
+        secret_body = body is not None and (bool(step.secret.body) or _has_secret_field(step.body))
+        url = URL(step.url).with_fragment(None)
+        marked = frozenset(n.lower() for n in step.secret.headers)
+        return _Request(step.method, url, headers, body, secret_body, marked)
 
     async def _send(self, request: _Request, addresses: list[str], step: StepSpec) -> _Reply:
         """Send to the first checked address that accepts a connection."""
@@ -890,14 +1179,22 @@ def _follow(request: _Request, reply: _Reply) -> _Request:
     if target.raw_user or target.raw_password:
         raise _Unfollowable(reply.status, "redirected to a URL holding credentials")
     method, body, headers = request.method, request.body, request.headers.copy()
+    secret_body = request.secret_body
     to_get = reply.status == 303 or (reply.status in (301, 302) and method == "POST")
     if to_get and method != "HEAD":
-        method, body = "GET", None
+        method, body, secret_body = "GET", None, False
         headers.popall("Content-Type", None)
     if _origin(target) != _origin(request.url):
-        for name in [n for n in headers if _SECRET_NAME.search(n)]:
-            headers.popall(name, None)
-    return _Request(method, target, headers, body)
+        if body is not None and secret_body:
+            raise _Unfollowable(
+                reply.status,
+                f"a {reply.status} redirect to another origin ({_host_header(target)}) would "
+                "resend the body's secret fields; not followed",
+                kind="RedirectRefused",
+            )
+        safe = _SAFE_HEADERS - request.marked
+        headers = CIMultiDict((k, v) for k, v in headers.items() if k.lower() in safe)
+    return _Request(method, target, headers, body, secret_body, request.marked)
 
 
 async def _read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes:

@@ -34,6 +34,24 @@ def make_queue(cfg: QueueConfig, clock: Clock = SYSTEM_CLOCK) -> QueueBackend:
     raise ConfigError(f"queue.backend: {cfg.backend!r} is not available in this build")
 
 
+def queue_class(backend: str) -> type[QueueBackend]:
+    """The class of a queue backend by its config name, without making one (for what it
+    declares, such as ``multi_host``)."""
+    if backend == "memory":
+        from arqd.backends.memory import MemoryQueue
+
+        return MemoryQueue
+    if backend == "sqlite":
+        from arqd.backends.sqlite import SqliteQueue
+
+        return SqliteQueue
+    if backend == "dynamodb":
+        from arqd.backends.dynamodb import DynamoQueue
+
+        return DynamoQueue
+    raise ConfigError(f"queue.backend: {backend!r} is not available in this build")
+
+
 def make_results(cfg: ResultsConfig, clock: Clock = SYSTEM_CLOCK) -> ResultStore:
     if cfg.backend == "memory":
         from arqd.backends.memory import MemoryResults

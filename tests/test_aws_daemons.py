@@ -29,8 +29,14 @@ AWS_ENV = {
 }
 
 
-def aws_config(tmp_path: Path, endpoint: str, name: str, workers: str = "") -> str:
-    """A daemon config on the shared table and bucket ``name`` at ``endpoint``."""
+STEPS_KEY = "YXJxZC10ZXN0cy1zdGVwcy1rZXktbm90LXNlY3JldCE="  # a Fernet key, for tests only
+
+
+def aws_config(
+    tmp_path: Path, endpoint: str, name: str, workers: str = "", steps: str = f'key = "{STEPS_KEY}"'
+) -> str:
+    """A daemon config on the shared table and bucket ``name`` at ``endpoint``; ``steps`` is the
+    ``[http_steps]`` table (a shared queue needs a steps key)."""
     base = sqlite_config(tmp_path, workers=workers)
     head, _, rest = base.partition("[queue]")
     _, _, rest = rest.partition("[workers]")
@@ -52,6 +58,7 @@ inline_max = "1KiB"
 
 [workers]"""
         + rest
+        + f"\n[http_steps]\n{steps}\n"
     )
 
 

@@ -23,7 +23,7 @@ from arqd.http.openapi import OPERATIONS, document
 from arqd.http.server import ROUTES, make_app
 from arqd.http.wire import job_dict
 from arqd.model import GroupMemberSpec, GroupSpec, Job, JobSpec, State
-from arqd.steps import StepPhase, StepSpec
+from arqd.steps import StepPhase, StepSecrets, StepSpec
 
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 # Constraint keywords msgspec emits for validation, compared one by one with the document.
@@ -100,7 +100,9 @@ def _constraints(schema: dict[str, Any]) -> dict[str, Any]:
 REQUESTS = [(JobSpec, "JobSpec"), (GroupMemberSpec, "GroupMemberSpec"), (GroupSpec, "GroupSpec")]
 
 
-@pytest.mark.parametrize(("struct", "name"), [*REQUESTS, (StepSpec, "Step")])
+@pytest.mark.parametrize(
+    ("struct", "name"), [*REQUESTS, (StepSpec, "Step"), (StepSecrets, "StepSecrets")]
+)
 def test_request_schemas_carry_msgspecs_constraints(struct: type, name: str):
     """Each request schema is closed, has the struct's fields and at least msgspec's checks."""
     ours = document()["components"]["schemas"][name]

@@ -30,6 +30,7 @@ class Remote:
     def __init__(self) -> None:
         self.calls: collections.Counter[str] = collections.Counter()
         self.auth: list[str | None] = []
+        self.received: list[tuple[str | None, str | None, Any]] = []  # X-Sig-Thing, ?sig, body
         self.script: dict[str, list[int]] = {}
         self.hold = asyncio.Event()
         self.hold.set()
@@ -46,6 +47,8 @@ class Remote:
         script = self.script.get(name)
         status = script.pop(0) if script else 200
         body = await request.read()
+        got = json.loads(body) if body else None
+        self.received.append((request.headers.get("X-Sig-Thing"), request.query.get("sig"), got))
         return web.json_response(
             {"route": name, "got": json.loads(body) if body else None}, status=status
         )
@@ -133,6 +136,47 @@ async def test_steps_run_in_order_with_retries(client: arqd.HttpClient, remote: 
     assert [(s.state, s.status) for s in done.steps or []] == [("succeeded", 200)] * 3
     shown = json.dumps(await client.request_json("GET", f"/v1/jobs/{job.id}"))
     assert TOKEN not in shown and "sealed" not in shown
+
+
+def database_bytes(where: Path) -> bytes:
+    """Every byte of the queue database, its WAL included."""
+    return b"".join(p.read_bytes() for p in sorted(where.glob("q.sqlite3*")))
+
+
+async def test_marked_secrets_are_stored_only_sealed(
+    tmp_path: Path, client: arqd.HttpClient, remote: Remote
+):
+    """Values a step marks secret (a header, a query parameter, a body field) reach the remote
+    service, but the job JSON shows "[redacted]" in their place, the result has them scrubbed,
+    and no file of the queue database holds them in clear."""
+    header, query, field = "hv-7770001", "qv-7770002", "bv-7770003"
+    job = await submit_steps(
+        client,
+        [
+            {
+                "name": "call",
+                "method": "POST",
+                "url": remote.url(f"/call?sig={query}"),
+                "headers": {"X-Sig-Thing": header},
+                "body": {"user": "alice", "pin": field},
+                "secret": {"headers": ["X-Sig-Thing"], "query": ["sig"], "body": ["/pin"]},
+            }
+        ],
+    )
+    done = await client.wait(job.id, timeout=30)
+    assert done.state == "succeeded", done.error
+    assert remote.received[-1] == (header, query, {"user": "alice", "pin": field})
+    shown = await client.request_json("GET", f"/v1/jobs/{job.id}")
+    (step,) = shown["payload"]["steps"]
+    assert step["headers"] == {"X-Sig-Thing": "[redacted]"}
+    assert step["body"] == {"user": "alice", "pin": "[redacted]"}
+    assert query not in step["url"] and "sig=" in step["url"]
+    result = await client.result(job.id)
+    assert result["steps"]["call"]["body"]["got"] == {"user": "alice", "pin": "[redacted]"}
+    stored = database_bytes(tmp_path)
+    assert stored and b"alice" in stored
+    for secret in (header, query, field):
+        assert secret.encode() not in stored
 
 
 async def test_an_unexpected_status_fails_the_job_naming_the_step(

@@ -96,6 +96,18 @@ class Routes:
     async def echo(self, request: web.Request) -> web.Response:
         return web.json_response({"method": request.method, "headers": dict(request.headers)})
 
+    async def echo_all(self, request: web.Request) -> web.Response:
+        """Everything the request carried: method, headers, query and body."""
+        raw = await request.read()
+        return web.json_response(
+            {
+                "method": request.method,
+                "headers": dict(request.headers),
+                "query": dict(request.query),
+                "body": raw.decode(),
+            }
+        )
+
     async def echo_text(self, request: web.Request) -> web.Response:
         return web.Response(text=repr(dict(request.headers)))
 
@@ -127,6 +139,7 @@ def make_app(rec: Recorder) -> web.Application:
     app.router.add_get("/flaky/{code}/{times}", r.flaky)
     app.router.add_route("*", "/echo", r.echo)
     app.router.add_get("/echo-text", r.echo_text)
+    app.router.add_route("*", "/echo-all", r.echo_all)
     app.router.add_route("*", "/redirect", r.redirect)
     app.router.add_get("/loop", r.loop)
     app.router.add_get("/big", r.big)
@@ -502,8 +515,101 @@ async def test_redirects_are_followed_with_secrets_kept_in_origin(api: Server, o
     assert "Content-Type" not in result["steps"]["same"]["body"]["headers"]
     assert result["steps"]["cross"] == {"status": 200, "body": "reached"}
     ((_, path, headers),) = other.rec.calls
-    assert path == "/landed" and headers["X-Tag"] == "t"
-    assert "Authorization" not in headers and "X-Api-Key" not in headers
+    assert path == "/landed"
+    assert "Authorization" not in headers and "X-Api-Key" not in headers and "X-Tag" not in headers
+
+
+SAFE_AND_UNSAFE = {
+    "Accept": "application/json",
+    "Accept-Language": "fr",
+    "User-Agent": "mine/1",
+    "X-Auth-Key": "ak-0123456789",
+    "X-Tag": "t",
+    "X-Trace": "r-1",
+}
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+async def test_cross_origin_redirect_sends_only_safe_headers(api: Server, other: Server, code: int):
+    """A redirect to another origin (another port) carries only the allow-listed headers
+    (Accept, Accept-Language, User-Agent...) that the step does not mark secret: every other
+    header stays behind, secret-looking or not. A same-origin redirect keeps them all."""
+    run = Run([api.entry, other.entry])
+    cross = api.url(f"/redirect?code={code}&to={other.url('/echo-all')}")
+    same = api.url(f"/redirect?code={code}&to=/echo-all")
+    marked = {"headers": ["accept-language"]}
+    result = await run(
+        [
+            {"name": "cross", "url": cross, "headers": SAFE_AND_UNSAFE},
+            {"name": "same", "url": same, "headers": SAFE_AND_UNSAFE},
+            {"name": "marked", "url": cross, "headers": SAFE_AND_UNSAFE, "secret": marked},
+        ]
+    )
+    (_, path, got), (_, _, without_marked) = other.rec.calls
+    assert path == "/echo-all"
+    assert (
+        "Accept-Language" not in without_marked and without_marked["Accept"] == "application/json"
+    )
+    assert [k for k in got if k.lower().startswith("x-")] == []
+    assert (got["Accept"], got["Accept-Language"], got["User-Agent"]) == (
+        "application/json",
+        "fr",
+        "mine/1",
+    )
+    kept = result["steps"]["same"]["body"]["headers"]
+    assert kept["X-Tag"] == "t" and kept["X-Trace"] == "r-1"
+
+
+@pytest.mark.parametrize("code", [307, 308])
+@pytest.mark.parametrize(
+    ("body", "secret"),
+    [
+        ({"login": "alice", "password": "pw-0123456789"}, None),
+        ({"login": "alice", "card": {"pin": "pin-0123456789"}}, {"body": ["/card/pin"]}),
+    ],
+    ids=["named", "marked"],
+)
+async def test_cross_origin_307_with_a_secret_body_is_refused(
+    api: Server, other: Server, code: int, body: dict[str, Any], secret: Any
+):
+    """A 307/308 to another origin would resend the body: when it holds a secret field (named
+    like one, or marked in "secret"), the step fails at once as RedirectRefused and the other
+    origin receives nothing; the error and the logs do not quote the secret."""
+    run = Run([api.entry, other.entry])
+    step: dict[str, Any] = {
+        "name": "pay",
+        "method": "POST",
+        "url": api.url(f"/redirect?code={code}&to={other.url('/echo-all')}"),
+        "body": body,
+    }
+    if secret is not None:
+        step["secret"] = secret
+    with capture_logs() as logs, pytest.raises(StepFailed) as info:
+        await run([step])
+    assert info.value.type == "RedirectRefused" and info.value.status == code
+    assert info.value.attempts == 1 and run.sleeps == []
+    assert "another origin" in str(info.value)
+    assert other.rec.calls == [] and api.rec.count("/redirect") == 1
+    assert "0123456789" not in str(info.value) + repr(logs)
+
+
+async def test_307_bodies_without_secrets_or_within_the_origin_follow(api: Server, other: Server):
+    """A cross-origin 307 whose body holds no secret is followed with its body; a same-origin
+    307 keeps a secret body (it goes back to the server that already had it)."""
+    run = Run([api.entry, other.entry])
+    cross = api.url(f"/redirect?code=307&to={other.url('/echo-all')}")
+    same = api.url("/redirect?code=307&to=/echo-all")
+    result = await run(
+        [
+            {"name": "plain", "method": "POST", "url": cross, "body": {"n": 1}},
+            {"name": "own", "method": "POST", "url": same, "body": {"password": "pw-0123456789"}},
+        ]
+    )
+    plain = result["steps"]["plain"]["body"]
+    assert (plain["method"], json.loads(plain["body"])) == ("POST", {"n": 1})
+    assert plain["headers"]["Content-Type"] == "application/json"
+    own = [h for m, p, h in api.rec.calls if p == "/echo-all"]
+    assert len(own) == 1 and result["steps"]["own"]["status"] == 200
 
 
 async def test_redirect_loop_fails(api: Server):
@@ -733,6 +839,85 @@ def test_redact_steps_hides_secret_values_only():
     assert "page=2" in step["url"] and step["name"] == "a"
 
 
+HK, QK, BK = "hk-5551234", "qk-5559876", "bk-5554321"  # names no pattern would catch
+
+
+def marked_steps(srv: Server) -> list[dict[str, Any]]:
+    """Two steps whose header X-Sig-Thing, query parameter sig and body fields /pin and
+    /n/1/deep are secrets only because the step marks them so."""
+    return [
+        {
+            "name": "echo",
+            "method": "POST",
+            "url": srv.url(f"/echo-all?sig={QK}&page=2"),
+            "headers": {"X-Sig-Thing": HK, "X-Tag": "visible"},
+            "body": {"login": "alice", "pin": BK, "n": [1, {"deep": BK + "2"}]},
+            "secret": {"headers": ["x-sig-thing"], "query": ["sig"], "body": ["/pin", "/n/1/deep"]},
+        },
+        {
+            "name": "bad",
+            "url": srv.url(f"/status/400?sig={QK}"),
+            "headers": {"X-Sig-Thing": HK},
+            "secret": {"headers": ["X-Sig-Thing"], "query": ["sig"]},
+        },
+    ]
+
+
+async def test_marked_secrets_never_appear_in_what_is_recorded(api: Server):
+    """A header, query parameter or body field marked in "secret" is sent as given, but appears
+    in no redacted step, repr, checkpoint, result, error or log line, even echoed back."""
+    raw = marked_steps(api)
+    run = Run([api.entry])
+    with capture_logs() as logs, pytest.raises(StepFailed) as info:
+        await run(raw)
+    sent = json.dumps(api.rec.calls) + json.dumps(list(api.rec.seen))
+    assert HK in sent and QK in sent  # they were sent
+    echoed = run.saves[-1].outcomes["echo"]["body"]
+    assert (
+        echoed["headers"]["X-Sig-Thing"] == "[redacted]" and echoed["query"]["sig"] == "[redacted]"
+    )
+    assert echoed["headers"]["X-Tag"] == "visible" and echoed["query"]["page"] == "2"
+    recorded = msgspec.json.encode(run.saves).decode() + repr(run.saves)
+    recorded += str(info.value) + repr(info.value.args) + repr(logs) + repr(parse_steps(raw))
+    recorded += json.dumps(redact_steps(raw))
+    for secret in (HK, QK, BK):
+        assert secret not in recorded
+
+
+def test_redact_steps_hides_marked_values():
+    """redact_steps replaces every marked value (headers case-insensitively, every value of a
+    repeated query parameter, the body field a JSON pointer names, whole subtrees and the whole
+    body with ""), keeps the rest, and leaves its input alone."""
+    raw = [
+        {
+            "name": "a",
+            "url": f"https://api.example.com/x?sig={QK}&sig=2nd-value&page=2",
+            "headers": {"X-Sig-Thing": HK, "X-Tag": "visible"},
+            "body": {"a/b": {"c~d": BK}, "list": [0, {"obj": [BK]}], "keep": "me"},
+            "secret": {
+                "headers": ["x-sig-thing"],
+                "query": ["sig"],
+                "body": ["/a~1b/c~0d", "/list/1"],
+            },
+        },
+        {"name": "b", "url": "https://api.example.com/", "body": BK, "secret": {"body": [""]}},
+    ]
+    before = json.dumps(raw)
+    out = redact_steps(raw)
+    assert json.dumps(raw) == before
+    assert out[0]["headers"] == {"X-Sig-Thing": "[redacted]", "X-Tag": "visible"}
+    assert out[0]["body"] == {
+        "a/b": {"c~d": "[redacted]"},
+        "list": [0, "[redacted]"],
+        "keep": "me",
+    }
+    assert (
+        QK not in out[0]["url"] and "2nd-value" not in out[0]["url"] and "page=2" in out[0]["url"]
+    )
+    assert out[0]["secret"] == raw[0]["secret"]  # the names are shown, not the values
+    assert out[1]["body"] == "[redacted]"
+
+
 # --- validation -----------------------------------------------------------------------------------
 
 URL = "https://api.example.com/x"
@@ -761,6 +946,24 @@ URL = "https://api.example.com/x"
         ({"name": "a", "url": URL, "headers": {"X-A": "1\r\nX-B: 2"}}, "headers"),
         ({"name": "a", "url": URL, "headers": {"X-A": 1}}, "headers"),
         ({"name": "a", "url": URL, "headers": {"bad name": "1"}}, "headers"),
+        (
+            {"name": "a", "url": URL, "headers": {"X-A": "1"}, "secret": {"headers": ["X-B"]}},
+            "secret.headers",
+        ),
+        ({"name": "a", "url": URL + "?q=1", "secret": {"query": ["Q"]}}, "secret.query"),
+        (
+            {"name": "a", "url": URL, "body": {"pw": 1}, "secret": {"body": ["/pass"]}},
+            "secret.body",
+        ),
+        (
+            {"name": "a", "url": URL, "body": {"pw": 1}, "secret": {"body": ["no-slash"]}},
+            "secret.body",
+        ),
+        ({"name": "a", "url": URL, "body": [1], "secret": {"body": ["/01"]}}, "secret.body"),
+        ({"name": "a", "url": URL, "body": [1], "secret": {"body": ["/1"]}}, "secret.body"),
+        ({"name": "a", "url": URL, "secret": {"body": [""]}}, "secret.body"),
+        ({"name": "a", "url": URL, "secret": {"cookies": ["x"]}}, "cookies: unknown field"),
+        ({"name": "a", "url": URL, "secret": ["X-A"]}, "secret"),
     ],
 )
 def test_bad_step_names_the_step_and_field(step: dict[str, Any], field_name: str):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 import msgspec
 
@@ -125,10 +125,12 @@ class QueueBackend(_AsyncClosing, abc.ABC):
     """Durable job records, leases and dedupe keys.
 
     ``identity`` names the storage (e.g. ``sqlite:/abs/path``), so two objects on the same storage
-    in one process can share wake-ups.
+    in one process can share wake-ups. ``multi_host`` declares that daemons on several hosts may
+    share the storage (the core then needs settings every host agrees on, such as the steps key).
     """
 
     name: str = "abstract"
+    multi_host: ClassVar[bool] = False
 
     def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self.clock = clock

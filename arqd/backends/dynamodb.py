@@ -601,6 +601,7 @@ class DynamoQueue(QueueBackend):
     """Job records in one DynamoDB table; see the module docstring and ``docs/dynamodb.md``."""
 
     name = "dynamodb"
+    multi_host = True
 
     def __init__(self, settings: DynamoSettings, *, clock: Clock = SYSTEM_CLOCK) -> None:
         super().__init__(clock=clock)

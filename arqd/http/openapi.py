@@ -40,6 +40,7 @@ STEP_STATES = ["pending", "running", "succeeded", "failed"]  # steps.StepPhase
 MAX_WAIT = 60  # server.WAIT_MAX
 MAX_LIST = 1000  # server.LIST_MAX
 MAX_BATCH = 1000  # server.BATCH_MAX and core.GROUP_MAX
+MARKS_MAX = 64  # steps.StepSecrets: names per list
 
 
 def ref(name: str) -> Schema:
@@ -175,11 +176,43 @@ def _step() -> Schema:
         "timeout": number("Seconds; default 30.", exclusiveMinimum=0),
         "max_attempts": integer("Default 5.", minimum=1, maximum=100),
         "retry_exponent": number("Retry delay is `retry_exponent ** attempt`.", minimum=1),
+        "secret": ref("StepSecrets"),
     }
     return obj(
         properties,
         optional=set(properties) - {"name", "url"},
         description="One HTTP request of a multi-step job.",
+    )
+
+
+def _step_secrets() -> Schema:
+    names = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
+    return obj(
+        {
+            "headers": array(
+                string(pattern=names), "Header names, in any case.", maxItems=MARKS_MAX
+            ),
+            "query": array(
+                string(maxLength=1024),
+                "Query parameter names (case-sensitive).",
+                maxItems=MARKS_MAX,
+            ),
+            "body": array(
+                string(maxLength=1024),
+                'JSON pointers (RFC 6901) into `body`: `"/card/pin"`, `"/items/0/token"`, `""` '
+                "for the whole body.",
+                maxItems=MARKS_MAX,
+            ),
+        },
+        optional=["headers", "query", "body"],
+        description="Values of the step that are secret, named: sent as given, but stored only "
+        'sealed, shown as `"[redacted]"` in the job, scrubbed from the responses kept, never '
+        "logged. Each name must name something of the step. Values whose name looks secret "
+        "(`Authorization`, `Cookie`, `*token*`, `*password*`, `*api-key*`, `key`, `auth`...) "
+        "are treated so without marking. A redirect to another origin carries only `Accept`, "
+        "`Accept-Encoding`, `Accept-Language`, `Cache-Control`, `Content-Language`, "
+        "`Content-Type` and `User-Agent` (unless marked), and a 307/308 to another origin "
+        'whose body holds a secret fails the step (`error.type` `"RedirectRefused"`).',
     )
 
 
@@ -314,6 +347,7 @@ def schemas() -> dict[str, Schema]:
         # requests
         "JobSpec": job_spec(description="A job as a client submits it."),
         "Step": _step(),
+        "StepSecrets": _step_secrets(),
         "Credentials": _credentials(),
         "BatchSpec": obj(
             {"jobs": array(ref("JobSpec"), minItems=1, maxItems=MAX_BATCH)},
@@ -438,7 +472,9 @@ EXAMPLE_STEPS_JOB = {
             "name": "reserve",
             "method": "PUT",
             "url": "https://api.example.com/reservations",
-            "body": {"sku": "a1"},
+            "headers": {"X-Partner-Id": "p-8812"},
+            "body": {"sku": "a1", "card": {"number": "4111111111111111"}},
+            "secret": {"headers": ["X-Partner-Id"], "body": ["/card/number"]},
             "expect": [200, 201],
         },
         {"name": "confirm", "method": "POST", "url": "https://api.example.com/confirmations"},
