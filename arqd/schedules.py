@@ -25,9 +25,9 @@ import structlog
 from croniter import croniter
 
 from arqd.config import Config, ScheduleConfig
-from arqd.core import SCHEDULE_KEY, Core
+from arqd.core import Core
 from arqd.errors import ArqdError, ConfigError
-from arqd.model import JobSpec
+from arqd.model import SCHEDULE_KEY, JobSpec
 
 log = structlog.get_logger("arqd.schedules")
 

@@ -84,7 +84,7 @@ async def test_catch_up_last_fires_the_missed_tick_once():
     naming the schedule) and "none" does not; starting again does not submit it twice."""
     clock = ManualClock(start=ts("2026-01-01T00:07:03"))
     schedules = [
-        {"name": "last", "handler": "echo", "cron": "*/5 * * * *"},
+        {"name": "last", "handler": "echo", "cron": "*/5 * * * *", "catch_up": "last"},
         {"name": "skip", "handler": "echo", "cron": "*/5 * * * *", "catch_up": "none"},
     ]
     app = app_with(schedules, clock)
