@@ -172,6 +172,8 @@ class WorkersConfig(_Section, frozen=True):
     poll_max: PositiveDuration = PositiveDuration(0.5)
 
     def __post_init__(self) -> None:
+        if not self.queues:  # loading checks NON_EMPTY; this catches a struct built in code
+            raise ValueError("queues: must not be empty")
         if self.visibility_timeout < 1:
             raise ValueError("visibility_timeout: must be at least 1s")
         if self.heartbeat is not None and self.heartbeat >= self.visibility_timeout:
@@ -288,6 +290,10 @@ class TokenConfig(_Section, frozen=True):
     sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
     scopes: Annotated[list[Scope], NON_EMPTY]
 
+    def __post_init__(self) -> None:
+        if not self.scopes:  # loading checks NON_EMPTY; this catches a struct built in code
+            raise ValueError("scopes: must not be empty")
+
 
 class AuthConfig(_Section, frozen=True):
     tokens: list[TokenConfig] = msgspec.field(default_factory=list)
@@ -381,7 +387,7 @@ class _Invalid:
     """A value that failed validation (its problems are already recorded)."""
 
 
-INVALID = _Invalid()
+_INVALID = _Invalid()
 
 
 def _join(path: str, name: str) -> str:
@@ -424,7 +430,7 @@ class _Checker:
                 self.add(str(key), "unknown setting")
                 continue
             converted = self.value(fields[key].type, value, key)
-            if converted is not INVALID:
+            if converted is not _INVALID:
                 sections[key] = converted
         return Config(**sections, source=self.source, origins=dict(self.origins))
 
@@ -441,7 +447,7 @@ class _Checker:
             return {
                 name: converted
                 for name, value in raw.items()
-                if (converted := self.value(args[1], value, _join(path, str(name)))) is not INVALID
+                if (converted := self.value(args[1], value, _join(path, str(name)))) is not _INVALID
             }  # a table of named tables (handlers, groups): an invalid entry is left out
         try:
             return msgspec.convert(raw, tp, dec_hook=_dec_hook, strict=False)
@@ -451,7 +457,7 @@ class _Checker:
                 reason = "must not be empty"
             inner = where.strip("`").removeprefix("$")
             self.add(path + inner if inner.startswith("[") else _join(path, inner[1:]), reason)
-            return INVALID
+            return _INVALID
 
     def section(self, cls: type[_Section], raw: Mapping[str, Any], path: str) -> Any:
         fields = _fields(cls)
@@ -464,14 +470,14 @@ class _Checker:
                 valid = False
                 continue
             converted = self.value(field.type, value, _join(path, key))
-            valid = valid and converted is not INVALID
+            valid = valid and converted is not _INVALID
             values[key] = converted
         for name in fields.keys() - raw.keys():
             if fields[name].required:
                 self.add(_join(path, name), "missing (this setting is required)")
                 valid = False
         if not valid:
-            return INVALID
+            return _INVALID
         try:
             return cls(**values)
         except ValueError as exc:
@@ -480,7 +486,7 @@ class _Checker:
                 self.add(_join(path, field), reason)
             else:
                 self.add(path, str(exc))
-            return INVALID
+            return _INVALID
 
     def items(self, cls: type[_Section], raw: list[Any], path: str) -> Any:
         """A list of tables. Items with a required ``name`` (schedules, tokens) are named by it
@@ -494,9 +500,9 @@ class _Checker:
             ok = isinstance(name, str) and _NAME.match(name)
             label = f"{path}.{name}" if ok else f"{path}[{i}]"
             converted = self.value(cls, item, label)
-            if converted is not INVALID:
+            if converted is not _INVALID:
                 out.append(converted)
-        return out if named or len(out) == len(raw) else INVALID
+        return out if named or len(out) == len(raw) else _INVALID
 
 
 # --- checks across settings -----------------------------------------------------------------------
