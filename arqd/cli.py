@@ -47,23 +47,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the config, import its handlers and check its exposure; print every problem,
+    one line each, and exit 1 if there is any."""
+    from arqd.config import Config, validate_config
     from arqd.daemon import check_exposure
     from arqd.handlers import Registry
     from arqd.steps import check_keys
     from arqd.stores import queue_class
 
     path = _config_path(args)
-    try:
-        config = load_config(path)
-        check_exposure(config)
-        check_keys(config, queue_class(config.queue.backend).multi_host)
-        registry = Registry.from_config(config)
-    except ConfigError as exc:
-        print(f"arqd: {exc}", file=sys.stderr)
+    config, found = validate_config(path)
+    problems = [str(p) for p in found]
+    if config is not None:
+        checks: list[Callable[[Config], object]] = [Registry.from_config]
+        if not any(p.setting.split(".")[0] in ("server", "auth") for p in found):
+            checks.append(check_exposure)  # on a valid server and auth only: no false alarm
+        checks.append(lambda c: check_keys(c, queue_class(c.queue.backend).multi_host))
+        for check in checks:
+            try:
+                check(config)
+            except ConfigError as exc:
+                problems += str(exc).splitlines()
+    for problem in problems:
+        print(f"arqd: {problem}", file=sys.stderr)
+    if problems or config is None:
         return 1
     print(
         f"{path}: ok ({config.queue.backend} queue, {config.results.backend} results, "
-        f"{len(registry.names())} handlers, concurrency {config.workers.concurrency})"
+        f"{len(config.handlers)} handlers, concurrency {config.workers.concurrency})"
     )
     return 0
 

@@ -3,8 +3,16 @@
 Every section is a frozen msgspec Struct that rejects unknown keys, so a typo is an error rather
 than a silently ignored setting. Durations are strings such as ``"500ms"``, ``"30s"``, ``"5m"``,
 ``"24h"`` (or plain numbers of seconds); sizes are ``"64KiB"``, ``"1MiB"`` (or plain bytes).
-``ARQD_<SECTION>_<KEY>`` environment variables override file settings; their values are read as
-TOML values when they parse as such (``64``, ``true``, ``["a", "b"]``) and as strings otherwise.
+``ARQD_<SECTION>_<KEY>`` environment variables override file settings (and reach tables inside
+a section: ``ARQD_DEFAULTS_BACKOFF_BASE``); their values are read as TOML values when they parse
+as such (``64``, ``true``, ``["a", "b"]``) and as strings otherwise.
+
+Validation visits every section, table entry and list item on its own and gathers every problem,
+so one run names them all, each as ``<source>: <setting>: <reason>``: the source is the
+``ARQD_*`` variable the value came from, else the file. A config that would leave the daemon
+doing nothing (no queue to lease from, a token with no scope, a zero timeout, a cron that never
+fires, a group every trigger would refuse) is refused like a malformed one, so start, reload and
+``arqd check-config`` all refuse it.
 """
 
 from __future__ import annotations
@@ -13,21 +21,46 @@ import base64
 import os
 import re
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 from croniter import croniter
 
-from arqd.errors import ConfigError
+from arqd.errors import ConfigError, InvalidRequest
+from arqd.model import (
+    GROUP_MAX,
+    META_MAX,
+    SCHEDULE_KEY,
+    Attempts,
+    GroupMemberSpec,
+    Key,
+    MemberName,
+    QueueName,
+    member_names,
+)
 
-__all__ = ["Config", "load_config", "parse_duration", "parse_size"]
+__all__ = [
+    "Config",
+    "Problem",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+    "validate_config",
+]
 
 
 class Duration(float):
     """Seconds, written in config as ``"30s"``."""
+
+
+class PositiveDuration(Duration):
+    """A duration that must be more than zero (a zero timeout or interval stops all work)."""
 
 
 class Size(int):
@@ -74,6 +107,11 @@ def parse_size(value: object) -> int:
 
 
 def _dec_hook(kind: type, value: Any) -> Any:
+    if kind is PositiveDuration:
+        seconds = parse_duration(value)
+        if seconds <= 0:
+            raise ValueError(f"must be more than 0, got {value!r}")
+        return PositiveDuration(seconds)
     if kind is Duration:
         return Duration(parse_duration(value))
     if kind is Size:
@@ -81,11 +119,19 @@ def _dec_hook(kind: type, value: Any) -> Any:
     raise NotImplementedError(kind)
 
 
-QueueName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}\Z")]
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+Scope = Literal["submit", "read", "cancel", "admin"]
+# Lists where an empty one would leave the daemon doing nothing are refused when empty
+# (workers.queues: nothing leased; a token's scopes: nothing allowed).
+NON_EMPTY = msgspec.Meta(min_length=1)
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Config tables are immutable and reject unknown keys; subclasses inherit both."""
+    """Config tables are immutable and reject unknown keys; subclasses inherit both.
+
+    A ``__post_init__`` check raises ``ValueError("<field>: <reason>")`` so that the problem is
+    reported against that field."""
 
 
 class ServerConfig(_Section, frozen=True):
@@ -111,24 +157,28 @@ class ResultsConfig(_Section, frozen=True):
     prefix: str = ""
     region: str | None = None
     endpoint_url: str | None = None
-    temporary_ttl: Duration = Duration(24 * 3600)
+    temporary_ttl: PositiveDuration = PositiveDuration(24 * 3600)
     inline_max: Size = Size(64 * 1024)
 
 
 class WorkersConfig(_Section, frozen=True):
     concurrency: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 32
-    queues: list[QueueName] = msgspec.field(default_factory=lambda: ["default"])
+    queues: Annotated[list[QueueName], NON_EMPTY] = msgspec.field(
+        default_factory=lambda: ["default"]
+    )
     visibility_timeout: Duration = Duration(30)
     shutdown_grace: Duration = Duration(30)
-    heartbeat: Duration | None = None  # default: a third of visibility_timeout, at most 2 s
+    heartbeat: PositiveDuration | None = None  # default: a third of visibility_timeout, ≤ 2 s
     batch: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
-    poll_max: Duration = Duration(0.5)
+    poll_max: PositiveDuration = PositiveDuration(0.5)
 
     def __post_init__(self) -> None:
+        if not self.queues:  # loading checks NON_EMPTY; this catches a struct built in code
+            raise ValueError("queues: must not be empty")
         if self.visibility_timeout < 1:
-            raise ValueError("visibility_timeout must be at least 1s")
+            raise ValueError("visibility_timeout: must be at least 1s")
         if self.heartbeat is not None and self.heartbeat >= self.visibility_timeout:
-            raise ValueError("heartbeat must be shorter than visibility_timeout")
+            raise ValueError("heartbeat: must be shorter than visibility_timeout")
 
     @property
     def heartbeat_interval(self) -> float:
@@ -145,59 +195,105 @@ class BackoffConfig(_Section, frozen=True):
 
 
 class DefaultsConfig(_Section, frozen=True):
-    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
-    timeout: Duration = Duration(300)
+    max_attempts: Attempts = 5
+    timeout: PositiveDuration = PositiveDuration(300)
     backoff: BackoffConfig = msgspec.field(default_factory=BackoffConfig)
 
 
 class HandlerConfig(_Section, frozen=True):
+    short_form: ClassVar[str] = "call"  # ``name = "module:function"`` is ``{ call = ... }``
+
     call: str
-    timeout: Duration | None = None
-    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
+    timeout: PositiveDuration | None = None
+    max_attempts: Attempts | None = None
     cache: bool = False
     sticky: bool = False
     queue: QueueName | None = None
 
     def __post_init__(self) -> None:
-        if not re.match(r"^[\w.]+:[\w.]+$", self.call):
-            raise ValueError(f'call must be "module:function", got {self.call!r}')
+        if not re.match(r"^[\w.]+:[\w.]+\Z", self.call):
+            raise ValueError(f'call: must be "module:function", got {self.call!r}')
 
 
 class GroupJob(_Section, frozen=True):
-    handler: str
-    name: str | None = None
+    """A job of a configured group: a handler and its payload, or multi-step HTTP ``steps``
+    (with optional ``credentials``), as a submitted job spec."""
+
+    handler: str | None = None
+    steps: list[dict[str, Any]] | None = None
+    credentials: dict[str, str] | None = None
+    name: MemberName | None = None
     payload: Any = None
     queue: QueueName | None = None
-    key: str | None = None
+    key: Key | None = None
     sticky: bool = False
-    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
-    timeout: Duration | None = None
+    max_attempts: Attempts | None = None
+    timeout: PositiveDuration | None = None
     meta: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.handler is None) == (self.steps is None):
+            raise ValueError("handler: a job needs a handler or steps (one of them)")
+        if self.steps is not None and self.payload is not None:
+            raise ValueError("payload: a multi-step job takes none (its steps carry bodies)")
+        if self.steps is None and self.credentials is not None:
+            raise ValueError("credentials: only multi-step HTTP jobs take credentials")
+
+    def spec(self) -> GroupMemberSpec:
+        """The job spec a trigger submits."""
+        return GroupMemberSpec(
+            handler=self.handler,
+            steps=self.steps,
+            credentials=self.credentials,
+            name=self.name,
+            payload=self.payload,
+            queue=self.queue,
+            key=self.key,
+            sticky=self.sticky,
+            max_attempts=self.max_attempts,
+            timeout=None if self.timeout is None else float(self.timeout),
+            meta=self.meta,
+        )
 
 
 class GroupConfig(_Section, frozen=True):
     jobs: list[GroupJob]
 
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.jobs) <= GROUP_MAX:
+            raise ValueError(f"jobs: a group holds 1 to {GROUP_MAX} jobs")
+
 
 class ScheduleConfig(_Section, frozen=True):
-    name: str
+    name: Name
     handler: str
     cron: str | None = None
+    # How a 6-field ``cron`` is read: seconds "first" (API.md) or "last" (croniter's order).
+    cron_seconds: Literal["first", "last"] | None = None
     every: Duration | None = None
     payload: Any = None
     queue: QueueName | None = None
     timezone: str = "UTC"
-    catch_up: Literal["none", "last"] = "last"
+    catch_up: Literal["none", "last"] = "none"
 
     def __post_init__(self) -> None:
         if (self.cron is None) == (self.every is None):
             raise ValueError(f"schedule {self.name!r} needs exactly one of cron or every")
 
+    @property
+    def seconds_first(self) -> bool:
+        """Whether a 6-field ``cron`` has its seconds field first (else last)."""
+        return self.cron_seconds == "first"
+
 
 class TokenConfig(_Section, frozen=True):
-    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
-    scopes: list[Literal["submit", "read", "cancel", "admin"]]
+    name: Name
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
+    scopes: Annotated[list[Scope], NON_EMPTY]
+
+    def __post_init__(self) -> None:
+        if not self.scopes:  # loading checks NON_EMPTY; this catches a struct built in code
+            raise ValueError("scopes: must not be empty")
 
 
 class AuthConfig(_Section, frozen=True):
@@ -269,7 +365,10 @@ class Config(_Section, frozen=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     http_steps: HttpStepsConfig = msgspec.field(default_factory=HttpStepsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    # Not settings: where the config came from, and which settings ARQD_* variables set
+    # (setting path -> variable name), so that an error names its true source.
     source: str = "<defaults>"
+    origins: dict[str, str] = msgspec.field(default_factory=dict)
 
     def handler_configs(self) -> dict[str, HandlerConfig]:
         """Every handler in its long form."""
@@ -278,90 +377,294 @@ class Config(_Section, frozen=True):
             for name, h in self.handlers.items()
         }
 
+    def problem(self, setting: str, reason: str) -> str:
+        """``<source>: <setting>: <reason>``, naming the ``ARQD_*`` variable that set
+        ``setting`` (or a table holding it) if one did, else the file."""
+        return str(Problem(_origin(setting, self.origins, self.source), setting, reason))
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Config:
-        _check_tables(data, source)
-        try:
-            cfg = msgspec.convert(dict(data), cls, dec_hook=_dec_hook, strict=False)
-        except msgspec.ValidationError as exc:
-            raise ConfigError(_explain(source, str(exc))) from None
-        cfg = msgspec.structs.replace(cfg, source=source)
-        _check_references(cfg)
+        cfg, problems = _validate(data, source, {})
+        if problems:
+            raise ConfigError("\n".join(map(str, problems)))
         return cfg
 
 
-def _check_tables(data: Mapping[str, Any], source: str) -> None:
-    """Validate named tables one entry at a time, so an error names the entry (msgspec's own
-    path for a dict value is ``handlers[...]``)."""
-    for section, kind in (("handlers", str | HandlerConfig), ("groups", GroupConfig)):
-        table = data.get(section)
-        if not isinstance(table, Mapping):
-            continue
-        for name, value in table.items():
-            try:
-                msgspec.convert(value, kind, dec_hook=_dec_hook, strict=False)
-            except msgspec.ValidationError as exc:
-                raise ConfigError(_explain(source, str(exc), f"{section}.{name}")) from None
+_NOT_SETTINGS = frozenset({"source", "origins"})
 
 
-def _explain(source: str, message: str, prefix: str = "") -> str:
-    """Turn msgspec's ``reason - at `$.workers.concurrency` `` into ``file: setting: reason``."""
-    reason, _, where = message.partition(" - at ")
-    parts = [prefix, where.strip("`").removeprefix("$").lstrip(".")]
-    m = re.match(r"Object contains unknown field `(.+)`", reason)
-    if m:
-        parts.append(m.group(1))
-        reason = "unknown setting"
-    setting = ".".join(p for p in parts if p) or "(top level)"
-    return f"{source}: {setting}: {reason}"
+# --- validation -----------------------------------------------------------------------------------
 
 
-def _check_references(cfg: Config) -> None:
-    names = set(cfg.handlers) | {"arqd.steps"}
-    for group, spec in cfg.groups.items():
-        if not spec.jobs:
-            raise ConfigError(f"{cfg.source}: groups.{group}: a group needs at least one job")
-        for job in spec.jobs:
-            if job.handler not in names:
-                raise ConfigError(f"{cfg.source}: groups.{group}: unknown handler {job.handler!r}")
-    _check_allow_hosts(cfg)
+class Problem(NamedTuple):
+    """One reason a config is refused."""
+
+    source: str  # the file, or the ARQD_* variable the value came from
+    setting: str  # e.g. "workers.queues", "handlers.report.call"; empty for the whole file
+    reason: str
+
+    def __str__(self) -> str:
+        reason = " ".join(self.reason.splitlines())  # one line per problem, always
+        return (
+            f"{self.source}: {self.setting}: {reason}"
+            if self.setting
+            else f"{self.source}: {reason}"
+        )
+
+
+def _origin(setting: str, origins: Mapping[str, str], default: str) -> str:
+    """The variable that set ``setting`` or a table above it (the longest match), or ``default``."""
+    best = ""
+    for key in origins:
+        if (setting == key or setting.startswith((key + ".", key + "["))) and len(key) > len(best):
+            best = key
+    return origins[best] if best else default
+
+
+class _Invalid:
+    """A value that failed validation (its problems are already recorded)."""
+
+
+_INVALID = _Invalid()
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path and name else path or name
+
+
+def _section_of(tp: Any) -> type[_Section] | None:
+    """The config section a field holds: the type itself, or the section in a union."""
+    if isinstance(tp, type) and issubclass(tp, _Section):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if isinstance(arg, type) and issubclass(arg, _Section):
+                return arg
+    return None
+
+
+def _fields(cls: type[_Section]) -> dict[str, Any]:
+    return {f.name: f for f in msgspec.structs.fields(cls) if f.name not in _NOT_SETTINGS}
+
+
+class _Checker:
+    """Converts a raw config table piece by piece, recording every problem it meets."""
+
+    def __init__(self, source: str, origins: Mapping[str, str]) -> None:
+        self.source = source
+        self.origins = origins
+        self.problems: list[Problem] = []
+
+    def add(self, setting: str, reason: str) -> None:
+        where = _origin(setting, self.origins, self.source)
+        self.problems.append(Problem(where, setting or "(top level)", reason))
+
+    def config(self, data: Mapping[str, Any]) -> Config:
+        """The config with every valid section; an invalid section is left at its default."""
+        fields = _fields(Config)
+        sections: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in fields:
+                self.add(str(key), "unknown setting")
+                continue
+            converted = self.value(fields[key].type, value, key)
+            if converted is not _INVALID:
+                sections[key] = converted
+        return Config(**sections, source=self.source, origins=dict(self.origins))
+
+    def value(self, tp: Any, raw: Any, path: str) -> Any:
+        section = _section_of(tp)
+        if section is not None and isinstance(raw, Mapping):
+            return self.section(section, raw, path)
+        if section is not None and isinstance(raw, str) and hasattr(section, "short_form"):
+            return self.section(section, {section.short_form: raw}, path)
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is list and isinstance(raw, list) and _section_of(args[0]):
+            return self.items(args[0], raw, path)
+        if typing.get_origin(tp) is dict and isinstance(raw, Mapping) and _section_of(args[1]):
+            return {
+                name: converted
+                for name, value in raw.items()
+                if (converted := self.value(args[1], value, _join(path, str(name)))) is not _INVALID
+            }  # a table of named tables (handlers, groups): an invalid entry is left out
+        try:
+            return msgspec.convert(raw, tp, dec_hook=_dec_hook, strict=False)
+        except msgspec.ValidationError as exc:
+            reason, _, where = str(exc).partition(" - at ")
+            if reason == "Expected `array` of length >= 1":
+                reason = "must not be empty"
+            inner = where.strip("`").removeprefix("$")
+            self.add(path + inner if inner.startswith("[") else _join(path, inner[1:]), reason)
+            return _INVALID
+
+    def section(self, cls: type[_Section], raw: Mapping[str, Any], path: str) -> Any:
+        fields = _fields(cls)
+        values: dict[str, Any] = {}
+        valid = True
+        for key, value in raw.items():
+            field = fields.get(key)
+            if field is None:
+                self.add(_join(path, str(key)), "unknown setting")
+                valid = False
+                continue
+            converted = self.value(field.type, value, _join(path, key))
+            valid = valid and converted is not _INVALID
+            values[key] = converted
+        for name in fields.keys() - raw.keys():
+            if fields[name].required:
+                self.add(_join(path, name), "missing (this setting is required)")
+                valid = False
+        if not valid:
+            return _INVALID
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            field, colon, reason = str(exc).partition(": ")
+            if colon and field in fields:
+                self.add(_join(path, field), reason)
+            else:
+                self.add(path, str(exc))
+            return _INVALID
+
+    def items(self, cls: type[_Section], raw: list[Any], path: str) -> Any:
+        """A list of tables. Items with a required ``name`` (schedules, tokens) are named by it
+        and an invalid one is dropped; other items are named by position, and one invalid item
+        invalidates the list (its neighbours' positions carry meaning: default names)."""
+        fields = _fields(cls)
+        named = "name" in fields and fields["name"].required
+        out = []
+        for i, item in enumerate(raw):
+            name = item.get("name") if isinstance(item, Mapping) and named else None
+            ok = isinstance(name, str) and _NAME.match(name)
+            label = f"{path}.{name}" if ok else f"{path}[{i}]"
+            converted = self.value(cls, item, label)
+            if converted is not _INVALID:
+                out.append(converted)
+        return out if named or len(out) == len(raw) else _INVALID
+
+
+# --- checks across settings -----------------------------------------------------------------------
+
+STEPS_HANDLER = "arqd.steps"  # the built-in handler of multi-step jobs (arqd.core names it too)
+
+
+def _check_references(cfg: Config, data: Mapping[str, Any], checker: _Checker) -> None:
+    """What no single table can check: handler names, group members, schedules, allow_hosts.
+    Handler names include invalid entries (already reported), so they add no second error."""
+    raw = data.get("handlers")
+    handlers = set(raw) if isinstance(raw, Mapping) else set()
+    handlers |= set(cfg.handlers) | {STEPS_HANDLER}
+    for name, group in cfg.groups.items():
+        _check_group(f"groups.{name}", group, handlers, checker)
     seen: set[str] = set()
     for sched in cfg.schedules:
-        if sched.handler not in names:
-            raise ConfigError(
-                f"{cfg.source}: schedules.{sched.name}: unknown handler {sched.handler!r}"
-            )
+        path = f"schedules.{sched.name}"
         if sched.name in seen:
-            raise ConfigError(f"{cfg.source}: schedules.{sched.name}: duplicate schedule name")
+            checker.add(f"{path}.name", "another schedule has this name")
         seen.add(sched.name)
-        _check_schedule(sched, cfg.source)
+        if sched.handler not in handlers:
+            checker.add(f"{path}.handler", f"unknown handler {sched.handler!r}")
+        for setting, reason in _schedule_problems(sched):
+            checker.add(f"{path}.{setting}", reason)
+    _check_allow_hosts(cfg, checker)
 
 
-def _check_allow_hosts(cfg: Config) -> None:
+def _check_group(path: str, group: GroupConfig, handlers: set[str], checker: _Checker) -> None:
+    """Everything a trigger would refuse with a 422, found when the config loads instead."""
+    names = member_names([job.name for job in group.jobs])
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        checker.add(
+            f"{path}.jobs",
+            f"more than one job is named {', '.join(map(repr, twice))}; names within a group "
+            "must be unique (a job without a name is job1, job2... by its position)",
+        )
+    for i, job in enumerate(group.jobs):
+        where = f"{path}.jobs[{i}]"
+        if job.handler is not None and job.handler not in handlers:
+            checker.add(f"{where}.handler", f"unknown handler {job.handler!r}")
+        if job.key is not None and job.key.startswith(SCHEDULE_KEY):
+            checker.add(f"{where}.key", f"the {SCHEDULE_KEY!r} prefix is reserved for schedules")
+        if job.meta and len(msgspec.json.encode(job.meta)) > META_MAX:
+            checker.add(f"{where}.meta", f"at most {META_MAX} bytes of JSON")
+        if job.steps is not None:
+            from arqd import steps  # the HTTP machinery loads only when needed
+
+            try:
+                steps.parse_steps(job.steps)
+                steps.parse_credentials(job.credentials)
+            except InvalidRequest as exc:
+                checker.add(where, str(exc))
+
+
+_CRON_FIELDS = ("minute", "hour", "day", "month", "weekday")
+
+
+def _schedule_problems(sched: ScheduleConfig) -> list[tuple[str, str]]:
+    """(setting, reason) for each reason ``sched`` cannot run."""
+    problems: list[tuple[str, str]] = []
+    zone: ZoneInfo | None = None
+    try:
+        zone = ZoneInfo(sched.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        problems.append(("timezone", f"unknown time zone {sched.timezone!r}"))
+    if sched.every is not None and sched.every < 1:
+        problems.append(("every", "at least 1s"))
+    if sched.cron is not None:
+        problems += _cron_problems(sched, zone or ZoneInfo("UTC"))
+    elif sched.cron_seconds is not None:
+        problems.append(("cron_seconds", "only a 6-field cron has a seconds field"))
+    return problems
+
+
+def _cron_problems(sched: ScheduleConfig, zone: ZoneInfo) -> list[tuple[str, str]]:
+    cron = sched.cron or ""
+    fields = cron.split()
+    if len(fields) not in (5, 6):
+        return [("cron", f"not a 5- or 6-field cron expression: {cron!r}")]
+    if len(fields) == 5 and sched.cron_seconds is not None:
+        return [("cron_seconds", "only a 6-field cron has a seconds field")]
+    if len(fields) == 6 and sched.cron_seconds is None:
+        first = " ".join(f"{n}={v}" for n, v in zip(("second", *_CRON_FIELDS), fields, strict=True))
+        last = " ".join(f"{n}={v}" for n, v in zip((*_CRON_FIELDS, "second"), fields, strict=True))
+        return [
+            (
+                "cron",
+                f"{cron!r} has 6 fields, which read two ways: with the seconds first (API.md) "
+                f"as {first}, or with the seconds last (croniter's order) as {last}; say which "
+                'with cron_seconds = "first" or "last"',
+            )
+        ]
+    if not croniter.is_valid(cron, second_at_beginning=sched.seconds_first):
+        return [("cron", f"not a valid cron expression: {cron!r}")]
+    try:
+        ticks = croniter(cron, datetime.now(zone), second_at_beginning=sched.seconds_first)
+        ticks.get_next(float)
+        ticks.get_prev(float)
+    except ValueError:  # croniter's CroniterBadDateError: no such date in the next 50 years
+        return [("cron", f"{cron!r} never fires (no such date)")]
+    return []
+
+
+def _check_allow_hosts(cfg: Config, checker: _Checker) -> None:
     from arqd.steps import parse_allow_hosts  # the HTTP machinery loads only when needed
 
     try:
         parse_allow_hosts(cfg.http_steps.allow_hosts)
     except ValueError as exc:
-        raise ConfigError(f"{cfg.source}: http_steps.{exc}") from None
+        checker.add("http_steps.allow_hosts", str(exc).removeprefix("allow_hosts: "))
 
 
-def _check_schedule(sched: ScheduleConfig, source: str) -> None:
-    where = f"{source}: schedules.{sched.name}"
-    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", sched.name):
-        raise ConfigError(f"{where}: a name of letters, digits, '_', '.', '-'")
-    if sched.cron is not None:
-        fields = len(sched.cron.split())
-        if fields not in (5, 6) or not croniter.is_valid(
-            sched.cron, second_at_beginning=fields == 6
-        ):
-            raise ConfigError(f"{where}.cron: not a 5- or 6-field cron expression: {sched.cron!r}")
-    if sched.every is not None and sched.every < 1:
-        raise ConfigError(f"{where}.every: at least 1s")
-    try:
-        ZoneInfo(sched.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"{where}.timezone: unknown time zone {sched.timezone!r}") from None
+def _validate(
+    data: Mapping[str, Any], source: str, origins: Mapping[str, str]
+) -> tuple[Config, list[Problem]]:
+    checker = _Checker(source, origins)
+    cfg = checker.config(data)
+    _check_references(cfg, data, checker)
+    return cfg, checker.problems
+
+
+# --- the environment ------------------------------------------------------------------------------
 
 
 def _env_value(raw: str) -> Any:
@@ -371,30 +674,60 @@ def _env_value(raw: str) -> Any:
         return raw
 
 
-def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Fold ``ARQD_<SECTION>_<KEY>`` variables into the raw config table."""
-    sections = {f.name for f in msgspec.structs.fields(Config)} - {"source"}
-    for var, raw in environ.items():
-        if not var.startswith("ARQD_"):
-            continue
-        rest = var[5:].lower()
-        section = next(
-            (s for s in sorted(sections, key=len, reverse=True) if rest.startswith(s + "_")), None
+def _env_setting(rest: str) -> list[str] | None:
+    """The setting path that ``ARQD_<REST>`` names (``rest`` lowercased), walking sections and
+    tables inside them; ``None`` when it names no section (``ARQD_URL`` is the CLI's)."""
+    cls: type[_Section] = Config
+    path: list[str] = []
+    while True:
+        fields = _fields(cls)
+        if path and rest in fields:
+            return [*path, rest]
+        tables = {n: f.type for n, f in fields.items() if _section_of(f.type) or _is_dict(f.type)}
+        name = next(
+            (n for n in sorted(tables, key=len, reverse=True) if rest.startswith(n + "_")), None
         )
-        if section is None:
+        if name is None:
+            return [*path, rest] if path else None  # an unknown key is reported, not ignored
+        path.append(name)
+        rest = rest[len(name) + 1 :]
+        section = _section_of(tables[name])
+        if section is None:  # a table of named entries (handlers, groups): the rest is the name
+            return [*path, rest]
+        cls = section
+
+
+def _is_dict(tp: Any) -> bool:
+    return typing.get_origin(tp) is dict
+
+
+def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Fold ``ARQD_<SECTION>_<KEY>`` variables into the raw config table; answer which setting
+    each one set (setting path -> variable name)."""
+    origins: dict[str, str] = {}
+    for var, raw in sorted(environ.items()):
+        path = _env_setting(var[5:].lower()) if var.startswith("ARQD_") else None
+        if path is None:
             continue
-        key = rest[len(section) + 1 :]
-        table = data.setdefault(section, {})
-        if isinstance(table, dict):
-            table[key] = _env_value(raw)
-    return data
+        table = data
+        for part in path[:-1]:
+            if not isinstance(table.get(part), dict):
+                table[part] = {}  # the variable replaces whatever the file had there
+            table = table[part]
+        table[path[-1]] = _env_value(raw)
+        origins[".".join(path)] = var
+    return origins
 
 
-def load_config(
+# --- loading --------------------------------------------------------------------------------------
+
+
+def validate_config(
     path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None
-) -> Config:
-    """Read, override from the environment and validate; raise :class:`ConfigError` naming the
-    file, the setting and the reason."""
+) -> tuple[Config | None, list[Problem]]:
+    """Read, override from the environment and validate; answer the config (every invalid part
+    left at its default, so later checks can still run on the rest) and every problem found.
+    The config is ``None`` when the file itself cannot be read."""
     environ = os.environ if environ is None else environ
     source = "<defaults>" if path is None else str(path)
     data: dict[str, Any] = {}
@@ -402,15 +735,26 @@ def load_config(
         try:
             data = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
-            raise ConfigError(f"{source}: no such file") from None
+            return None, [Problem(source, "", "no such file")]
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
-    data = apply_env(data, environ)
-    cfg = Config.from_dict(data, source)
+            return None, [Problem(source, "", f"not valid TOML: {exc}")]
+        except (OSError, UnicodeDecodeError) as exc:
+            return None, [Problem(source, "", f"cannot read: {exc}")]
+    origins = apply_env(data, environ)
+    cfg, problems = _validate(data, source, origins)
     base = Path(path).parent if path is not None else Path.cwd()
-    return _resolve_paths(cfg, base)
+    return _resolve_paths(cfg, base), problems
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read, override from the environment and validate; raise :class:`ConfigError` naming,
+    one line each, every problem's source, setting and reason."""
+    cfg, problems = validate_config(path, environ)
+    if problems or cfg is None:
+        raise ConfigError("\n".join(map(str, problems)))
+    return cfg
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:

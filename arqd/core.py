@@ -35,7 +35,10 @@ from arqd.hub import hub_for
 from arqd.metrics import Metrics, instrument
 from arqd.model import (
     DROPPED,
+    GROUP_MAX,
     JOB_ID_RE,
+    META_MAX,
+    SCHEDULE_KEY,
     ErrorInfo,
     GroupMember,
     GroupMemberSpec,
@@ -47,14 +50,12 @@ from arqd.model import (
     ResultRef,
     State,
     StepState,
+    member_names,
     new_job_id,
 )
 
-META_MAX = 4096
 STEPS_HANDLER = "arqd.steps"  # the built-in handler of multi-step HTTP jobs
 SEALED = "sealed"  # the payload field holding a multi-step job's encrypted secrets
-GROUP_MAX = 1000
-SCHEDULE_KEY = "schedule:"  # keys of schedule ticks (arqd/schedules.py); reserved
 SWEEP_BATCH = 500  # expired records deleted per sweep (one short write transaction)
 PURGE_BATCH = 1000
 JSON = "application/json"
@@ -260,20 +261,7 @@ class Core:
         group = self.config.groups.get(name)
         if group is None:
             raise UnknownGroup(f"no group is defined as {name!r}")
-        return [
-            GroupMemberSpec(
-                handler=j.handler,
-                name=j.name,
-                payload=j.payload,
-                queue=j.queue,
-                key=j.key,
-                sticky=j.sticky,
-                max_attempts=j.max_attempts,
-                timeout=None if j.timeout is None else float(j.timeout),
-                meta=j.meta,
-            )
-            for j in group.jobs
-        ]
+        return [job.spec() for job in group.jobs]
 
     async def submit_group(
         self, name: str, members: Sequence[GroupMemberSpec], owner: str | None = None
@@ -281,7 +269,7 @@ class Core:
         """Store a group's jobs atomically (all or none), then its record."""
         if not 1 <= len(members) <= GROUP_MAX:
             raise InvalidRequest(f"jobs: a group holds 1 to {GROUP_MAX} jobs")
-        names = [m.name or f"job{i + 1}" for i, m in enumerate(members)]
+        names = member_names([m.name for m in members])
         if len(set(names)) != len(names):
             raise InvalidRequest("jobs: job names within a group must be unique")
         now = self.clock.time()

@@ -43,15 +43,16 @@ class HandlerDef:
 
 
 def import_handler(path: str) -> Handler:
+    """The callable at ``"module:function"``; :class:`ConfigError` saying why not."""
     module_name, _, attr = path.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot import handler {path!r}: {exc}") from exc
+    except Exception as exc:  # a user's module may raise anything while it loads; say which
+        raise ConfigError(f"cannot import {path!r}: {type(exc).__name__}: {exc}") from exc
     if not callable(target):
-        raise ConfigError(f"handler {path!r} is not callable")
+        raise ConfigError(f"{path!r} is not callable")
     return target  # type: ignore[no-any-return]  # checked callable just above
 
 
@@ -63,17 +64,27 @@ class Registry:
 
     @classmethod
     def from_config(cls, config: Config, extra: dict[str, HandlerDef] | None = None) -> Registry:
+        """Import every configured handler; :class:`ConfigError` names, one line each, every
+        one that cannot be imported (``<source>: handlers.<name>.call: cannot import ...``)."""
         handlers = dict(extra or {})
+        problems: list[str] = []
         for name, h in config.handler_configs().items():
+            try:
+                fn = import_handler(h.call)
+            except ConfigError as exc:
+                problems.append(config.problem(f"handlers.{name}.call", str(exc)))
+                continue
             handlers[name] = HandlerDef(
                 name=name,
-                fn=import_handler(h.call),
+                fn=fn,
                 timeout=h.timeout,
                 max_attempts=h.max_attempts,
                 cache=h.cache,
                 sticky=h.sticky,
                 queue=h.queue,
             )
+        if problems:
+            raise ConfigError("\n".join(problems))
         return cls(handlers)
 
     def get(self, name: str) -> HandlerDef | None:

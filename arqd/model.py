@@ -11,6 +11,7 @@ import random
 import re
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -19,7 +20,10 @@ import msgspec
 __all__ = [
     "BLOB_NAME_RE",
     "DROPPED",
+    "GROUP_MAX",
     "JOB_ID_RE",
+    "META_MAX",
+    "SCHEDULE_KEY",
     "ErrorInfo",
     "GroupMember",
     "GroupMemberSpec",
@@ -34,6 +38,7 @@ __all__ = [
     "StepState",
     "blob_name",
     "from_ts",
+    "member_names",
     "new_job_id",
     "new_token",
     "to_ts",
@@ -290,3 +295,15 @@ class GroupSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
     name: MemberName | None = None
     jobs: list[GroupMemberSpec]
+
+
+# Limits of the contract, checked by the core on submit and by the config on load.
+META_MAX = 4096  # bytes of a job's ``meta`` as JSON
+GROUP_MAX = 1000  # jobs in one group
+SCHEDULE_KEY = "schedule:"  # the key prefix of schedule ticks (arqd/schedules.py); reserved
+
+
+def member_names(names: Sequence[str | None]) -> list[str]:
+    """A group's member names: each as given, else ``job<position>`` counted from 1. One rule for
+    submitted and configured groups, so a config can be checked for duplicates when it loads."""
+    return [name or f"job{i + 1}" for i, name in enumerate(names)]

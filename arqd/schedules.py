@@ -1,20 +1,26 @@
-"""Cluster-safe schedules: ``[[schedules]]`` with a cron expression (5 fields, or 6 with seconds
-first; croniter) or ``every = "30s"`` (ticks at whole multiples of the interval since the Unix
-epoch).
+"""Cluster-safe schedules: ``[[schedules]]`` with a cron expression (5 fields; or 6, with
+``cron_seconds`` saying whether the seconds field comes first or last; croniter) or
+``every = "30s"`` (ticks at whole multiples of the interval since the Unix epoch).
 
-Every daemon runs the scheduler. Each tick is submitted with the deterministic dedupe key
-``schedule:<name>:<tick seconds>``, so however many daemons fire it, the backend's conditional
-write stores exactly one job (the others get ``created=False``). Schedule keys are never freed by
-a failure or a cancel (see ``Core.frees_key``), so a daemon that is late cannot run a failed
-tick again. The job's ``ready_at`` is the tick time and its ``meta`` is ``{"schedule": name}``.
+Every daemon runs the scheduler. What the cluster has done is kept in the queue backend, one mark
+per schedule (``advance_mark``, named ``schedule:<name>``): the latest tick fired. A daemon fires a
+tick only while the mark is below it, submits it with the deterministic dedupe key
+``schedule:<name>:<tick seconds>`` (so daemons firing at the same moment still store one job,
+the others getting ``created=False``), then raises the mark. A tick at or below the mark is never
+fired again, even once its job was cancelled, purged or expired (each of which frees its key).
+The job's ``ready_at`` is the tick time and its ``meta`` is ``{"schedule": name}``.
 
-After downtime, ``catch_up = "last"`` (the default) fires the most recent missed tick once when
-the scheduler starts; ``"none"`` skips it. Earlier missed ticks are never replayed.
+Ticks missed while no daemon ran are skipped (``catch_up = "none"``, the default, as API.md
+says). A schedule the cluster has never seen (no mark) is noted on first sight by setting its
+mark to its latest past tick without firing it, so a new schedule never fires a past tick.
+``catch_up = "last"`` fires the latest missed tick once, when a daemon starts, and only if the
+mark shows that the cluster knew the schedule before that tick; earlier ticks are never replayed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,9 +31,9 @@ import structlog
 from croniter import croniter
 
 from arqd.config import Config, ScheduleConfig
-from arqd.core import SCHEDULE_KEY, Core
-from arqd.errors import ArqdError, ConfigError
-from arqd.model import JobSpec
+from arqd.core import Core
+from arqd.errors import ArqdError, ConfigError, InvalidRequest
+from arqd.model import SCHEDULE_KEY, JobSpec
 
 log = structlog.get_logger("arqd.schedules")
 
@@ -39,10 +45,16 @@ def tick_key(name: str, tick: float) -> str:
     return f"{SCHEDULE_KEY}{name}:{round(tick)}"
 
 
+def mark_name(name: str) -> str:
+    """The backend mark holding the latest tick the cluster fired of schedule ``name``."""
+    return f"{SCHEDULE_KEY}{name}"
+
+
 @dataclass
 class Schedule:
     config: ScheduleConfig
-    last_run: float | None = None
+    last_run: float | None = None  # the latest tick this daemon fired or found fired
+    seen: float | None = None  # the latest tick this daemon has dealt with; None: not looked yet
 
     @property
     def name(self) -> str:
@@ -55,9 +67,10 @@ class Schedule:
             raise ConfigError(f"schedules.{self.name}.timezone: {exc}") from None
 
     def _cron(self, at: float) -> croniter:
-        expr = self.config.cron or ""
         start = datetime.fromtimestamp(at, UTC).astimezone(self._zone())
-        return croniter(expr, start, second_at_beginning=len(expr.split()) == 6)
+        return croniter(
+            self.config.cron or "", start, second_at_beginning=self.config.seconds_first
+        )
 
     def next_after(self, at: float) -> float:
         if self.config.every is not None:
@@ -86,40 +99,59 @@ class Scheduler:
     def update(self, config: Config) -> None:
         old = self._schedules
         self._schedules = {
-            s.name: Schedule(s, old[s.name].last_run if s.name in old else None)
+            s.name: Schedule(s, old[s.name].last_run, old[s.name].seen)
+            if s.name in old
+            else Schedule(s)
             for s in config.schedules
         }
         self._wake.set()
 
     async def run(self) -> None:
-        await self._catch_up()
         while True:
+            await self.fire_due()
             now = self.core.clock.time()
-            due = {name: s.next_after(now) for name, s in self._schedules.items()}
-            wait = min([MAX_SLEEP, *(t - now for t in due.values())])
+            waits = (s.next_after(now) - now for s in self._schedules.values())
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(0.0, wait))
-                continue  # the schedules changed
-            except TimeoutError:
-                pass
-            now = self.core.clock.time()
-            for name, tick in due.items():
-                sched = self._schedules.get(name)
-                if sched is not None and tick <= now:
-                    await self._fire(sched, tick)
+            with contextlib.suppress(TimeoutError):  # woken early: the schedules changed
+                await asyncio.wait_for(self._wake.wait(), max(0.0, min([MAX_SLEEP, *waits])))
 
-    async def _catch_up(self) -> None:
+    async def fire_due(self) -> None:
+        """Deal with each schedule's latest tick at or before now: look at a schedule this
+        daemon has not looked at yet (start, reload), else fire its tick unless the cluster
+        did. A backend error leaves the tick to the next round."""
         now = self.core.clock.time()
         for sched in list(self._schedules.values()):
-            last = sched.last_at_or_before(now)
             try:
-                if await self.core.queue.find_by_key(tick_key(sched.name, last)) is not None:
-                    sched.last_run = last
-                elif sched.config.catch_up == "last":
-                    await self._fire(sched, last)
+                if sched.seen is None:
+                    await self._first_look(sched, now)
+                elif (tick := sched.last_at_or_before(now)) > sched.seen:
+                    await self._fire_unless_marked(sched, tick)
             except ArqdError as exc:
-                log.warning("schedule.catch_up_failed", schedule=sched.name, error=str(exc))
+                log.warning("schedule.backend_failed", schedule=sched.name, error=str(exc))
+
+    async def _first_look(self, sched: Schedule, now: float) -> None:
+        queue = self.core.queue
+        latest = sched.last_at_or_before(now)
+        mark = await queue.get_mark(mark_name(sched.name))
+        if mark is None:  # new to the cluster: its past ticks are not for us to fire
+            await queue.advance_mark(mark_name(sched.name), latest)
+            log.info("schedule.first_seen", schedule=sched.name, tick=_iso(latest))
+        elif mark >= latest:  # the latest tick is already dealt with
+            if await queue.find_by_key(tick_key(sched.name, mark)) is not None:
+                sched.last_run = mark
+        elif sched.config.catch_up == "last":  # known before its latest tick, which was missed
+            await self._fire(sched, latest)
+            return
+        else:
+            log.info("schedule.missed", schedule=sched.name, tick=_iso(latest))
+        sched.seen = latest
+
+    async def _fire_unless_marked(self, sched: Schedule, tick: float) -> None:
+        mark = await self.core.queue.get_mark(mark_name(sched.name))
+        if mark is not None and mark >= tick:  # another daemon fired it
+            sched.last_run = sched.seen = tick
+            return
+        await self._fire(sched, tick)
 
     async def _fire(self, sched: Schedule, tick: float) -> None:
         cfg = sched.config
@@ -133,17 +165,14 @@ class Scheduler:
         )
         try:
             (stored,) = await self.core.submit([spec], internal=True)
-        except ArqdError as exc:
-            log.error("schedule.fire_failed", schedule=cfg.name, tick=tick, error=str(exc))
+        except InvalidRequest as exc:  # e.g. a handler gone from the registry: skip this tick
+            log.error("schedule.fire_failed", schedule=cfg.name, tick=_iso(tick), error=str(exc))
+            sched.seen = tick
             return
-        sched.last_run = tick
+        await self.core.queue.advance_mark(mark_name(cfg.name), tick)
+        sched.last_run = sched.seen = tick
         if stored.created:
-            log.info(
-                "schedule.fired",
-                schedule=cfg.name,
-                job_id=stored.job.id,
-                tick=datetime.fromtimestamp(tick, UTC).isoformat(),
-            )
+            log.info("schedule.fired", schedule=cfg.name, job_id=stored.job.id, tick=_iso(tick))
 
     def status(self) -> list[dict[str, Any]]:
         now = self.core.clock.time()
@@ -159,3 +188,7 @@ class Scheduler:
             }
             for s in self._schedules.values()
         ]
+
+
+def _iso(tick: float) -> str:
+    return datetime.fromtimestamp(tick, UTC).isoformat()

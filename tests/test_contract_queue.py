@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -443,3 +444,44 @@ async def test_versions_track_changes_and_omit_missing_jobs(
     assert after[leased] > before[leased]
     other = b.id if leased == a.id else a.id
     assert after[other] == before[other]
+
+
+async def test_a_mark_only_rises_and_answers_what_it_was(queue: QueueBackend):
+    """advance_mark sets an absent or lower mark and answers the previous value (None when
+    absent); a lower or equal value changes nothing and answers the mark as it stands."""
+    assert await queue.get_mark("schedule:a") is None
+    assert await queue.advance_mark("schedule:a", 1_800_000_060.0) is None
+    assert await queue.get_mark("schedule:a") == 1_800_000_060.0
+    assert await queue.advance_mark("schedule:a", 1_800_000_120.5) == 1_800_000_060.0
+    assert await queue.advance_mark("schedule:a", 1_800_000_060.0) == 1_800_000_120.5
+    assert await queue.advance_mark("schedule:a", 1_800_000_120.5) == 1_800_000_120.5
+    assert await queue.get_mark("schedule:a") == 1_800_000_120.5
+    assert await queue.get_mark("schedule:b") is None
+
+
+async def test_one_of_many_racing_advances_wins(
+    queue: QueueBackend, clock: ManualClock, queue_factory: Callable[[ManualClock], QueueBackend]
+):
+    """Processes raising one mark to the same value at once: exactly one of them sees it lower
+    (it set it), every other sees the value already there; handles see each other's marks.
+    Racing different values leave the highest."""
+    handles = [queue_factory(clock) for _ in range(4)]
+    for h in handles:
+        if h is not queue:
+            await h.open()
+    try:
+        answers = await asyncio.gather(
+            *(h.advance_mark("m", 60.0) for _ in range(5) for h in handles)
+        )
+        seen = [await h.get_mark("m") for h in handles]
+        values = [float(v) for v in range(20)]
+        random.shuffle(values)
+        await asyncio.gather(*(handles[i % 4].advance_mark("n", v) for i, v in enumerate(values)))
+        highest = await queue.get_mark("n")
+    finally:
+        for h in handles:
+            if h is not queue:
+                await h.aclose()
+    assert sorted(answers, key=lambda a: a is not None) == [None] + [60.0] * 19
+    assert seen == [60.0] * 4
+    assert highest == 19.0

@@ -13,14 +13,17 @@ from pathlib import Path
 import pytest
 
 import arqd
+from arqd.backends.base import ListFilter, Outcome, QueueBackend
 from arqd.backends.memory import MemoryQueue, MemoryResults
 from arqd.clock import ManualClock
 from arqd.config import Config, ScheduleConfig
+from arqd.core import Core
 from arqd.errors import ConfigError
-from arqd.schedules import Schedule, tick_key
+from arqd.handlers import Registry
+from arqd.model import ResultRef, State
+from arqd.schedules import Schedule, Scheduler, mark_name, tick_key
 
 from .daemons import Daemons, sqlite_config
-from .util import eventually
 
 
 def ts(text: str) -> float:
@@ -36,17 +39,42 @@ def test_every_ticks_at_multiples_of_the_interval():
 
 
 def test_cron_five_and_six_fields():
-    """5-field cron is minute-based; 6 fields put seconds first; a timezone shifts the ticks."""
+    """5-field cron is minute-based; 6 fields are read as cron_seconds says (seconds first or
+    last); a timezone shifts the ticks."""
     five = Schedule(ScheduleConfig(name="a", handler="h", cron="*/5 * * * *"))
     assert five.next_after(ts("2026-01-01T00:07:03")) == ts("2026-01-01T00:10:00")
     assert five.last_at_or_before(ts("2026-01-01T00:07:03")) == ts("2026-01-01T00:05:00")
     assert five.last_at_or_before(ts("2026-01-01T00:05:00")) == ts("2026-01-01T00:05:00")
-    six = Schedule(ScheduleConfig(name="b", handler="h", cron="*/15 * * * * *"))
-    assert six.next_after(ts("2026-01-01T00:00:03")) == ts("2026-01-01T00:00:15")
+    first = Schedule(
+        ScheduleConfig(name="b", handler="h", cron="*/15 * * * * *", cron_seconds="first")
+    )
+    assert first.next_after(ts("2026-01-01T00:00:03")) == ts("2026-01-01T00:00:15")
+    last = Schedule(
+        ScheduleConfig(name="c", handler="h", cron="* * * * * */3", cron_seconds="last")
+    )
+    assert last.next_after(ts("2026-01-01T00:00:04")) == ts("2026-01-01T00:00:06")
     paris = Schedule(
-        ScheduleConfig(name="c", handler="h", cron="0 9 * * *", timezone="Europe/Paris")
+        ScheduleConfig(name="d", handler="h", cron="0 9 * * *", timezone="Europe/Paris")
     )
     assert paris.next_after(ts("2026-01-01T00:00:00")) == ts("2026-01-01T08:00:00")
+
+
+def test_six_fields_need_to_say_where_the_seconds_are():
+    """A 6-field cron without cron_seconds is refused with both readings spelled out (API.md
+    puts seconds first, croniter last: "* * * * * */3" is every 3 s, or every second on three
+    weekdays); cron_seconds on a 5-field cron is refused too."""
+    base = {"handlers": {"echo": "arqd.demo:echo"}}
+    six = {"name": "x", "handler": "echo", "cron": "* * * * * */3"}
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict({**base, "schedules": [six]})
+    message = str(info.value)
+    assert "schedules.x.cron: " in message and 'cron_seconds = "first" or "last"' in message
+    assert "weekday=*/3" in message and "second=*/3" in message
+    five = {"name": "y", "handler": "echo", "cron": "0 3 * * *", "cron_seconds": "last"}
+    with pytest.raises(ConfigError, match=r"schedules\.y\.cron_seconds: only a 6-field cron"):
+        Config.from_dict({**base, "schedules": [five]})
+    cfg = Config.from_dict({**base, "schedules": [{**six, "cron_seconds": "last"}]})
+    assert cfg.schedules[0].cron_seconds == "last"
 
 
 @pytest.mark.parametrize(
@@ -60,6 +88,7 @@ def test_cron_five_and_six_fields():
             "schedules.x.timezone",
         ),
         ({"name": "x", "handler": "nope", "every": "1s"}, "unknown handler"),
+        ({"name": "x", "handler": "echo", "cron": "0 0 31 2 *"}, "never fires"),
     ],
 )
 def test_bad_schedules_are_config_errors(schedule: dict[str, str], mentions: str):
@@ -79,33 +108,117 @@ def app_with(schedules: list[dict[str, object]], clock: ManualClock) -> arqd.App
     return arqd.App(config, queue=MemoryQueue(clock=clock), results=MemoryResults(clock=clock))
 
 
-async def test_catch_up_last_fires_the_missed_tick_once():
-    """On start, catch_up = "last" submits the latest missed tick (ready_at = tick time, meta
-    naming the schedule) and "none" does not; starting again does not submit it twice."""
-    clock = ManualClock(start=ts("2026-01-01T00:07:03"))
-    schedules = [
-        {"name": "last", "handler": "echo", "cron": "*/5 * * * *"},
-        {"name": "skip", "handler": "echo", "cron": "*/5 * * * *", "catch_up": "none"},
+def daemon(queue: QueueBackend, schedules: list[dict[str, object]]) -> Scheduler:
+    """One daemon's scheduler on ``queue``, driven by the test through ``fire_due()``."""
+    config = Config.from_dict({"handlers": {"echo": "arqd.demo:echo"}, "schedules": schedules})
+    results = MemoryResults(clock=queue.clock)
+    return Scheduler(Core(queue, results, config, Registry.from_config(config)), config)
+
+
+async def test_a_schedule_never_fires_a_past_tick_on_its_first_start():
+    """A daemon starting for the first time at 07:21 does not fire a "0 3 * * *" schedule's
+    03:00 tick, whatever its catch_up: the cluster never knew the schedule then. It notes the
+    schedule (its mark), and fires the next tick when it comes."""
+    clock = ManualClock(start=ts("2026-01-01T07:21:00"))
+    queue = MemoryQueue(clock=clock)
+    scheduler = daemon(
+        queue,
+        [
+            {"name": "nightly", "handler": "echo", "cron": "0 3 * * *"},
+            {"name": "eager", "handler": "echo", "cron": "0 3 * * *", "catch_up": "last"},
+        ],
+    )
+    await scheduler.fire_due()
+    jobs, _ = await queue.list_jobs(ListFilter(), 10, None)
+    assert jobs == []
+    assert await queue.get_mark(mark_name("nightly")) == ts("2026-01-01T03:00")
+    assert [s["last_run"] for s in scheduler.status()] == [None, None]
+    clock.advance(ts("2026-01-02T03:00:01") - clock.time())
+    await scheduler.fire_due()
+    jobs, _ = await queue.list_jobs(ListFilter(), 10, None)
+    assert sorted(j.key or "" for j in jobs) == [
+        tick_key("eager", ts("2026-01-02T03:00")),
+        tick_key("nightly", ts("2026-01-02T03:00")),
     ]
-    app = app_with(schedules, clock)
-    queue = app.core.queue
-    async with app:
-        await eventually(
-            lambda: app.scheduler is not None and any(s["last_run"] for s in app.scheduler.status())
-        )
-        view = {s["name"]: s for s in app.scheduler.status()}
+
+
+async def test_catch_up_last_fires_the_latest_missed_tick_once():
+    """A schedule the cluster knew before its latest tick: on start, catch_up = "last" submits
+    that missed tick (ready_at = tick time, meta naming the schedule) and "none" (the default)
+    skips it; starting again does not submit it twice."""
+    clock = ManualClock(start=ts("2026-01-01T00:03:03"))
+    queue = MemoryQueue(clock=clock)
+    schedules: list[dict[str, object]] = [
+        {"name": "last", "handler": "echo", "cron": "*/5 * * * *", "catch_up": "last"},
+        {"name": "skip", "handler": "echo", "cron": "*/5 * * * *"},
+    ]
+    await daemon(queue, schedules).fire_due()  # the cluster sees both schedules at 00:03
+    clock.advance(ts("2026-01-01T00:07:03") - clock.time())  # no daemon runs at the 00:05 tick
     tick = ts("2026-01-01T00:05:00")
+    again = daemon(queue, schedules)
+    await again.fire_due()
     job = await queue.find_by_key(tick_key("last", tick))
     assert job is not None and job.ready_at.timestamp() == tick
     assert job.meta == {"schedule": "last"}
     assert await queue.find_by_key(tick_key("skip", tick)) is None
+    view = {s["name"]: s for s in again.status()}
     assert view["last"]["last_run"] == datetime.fromtimestamp(tick, UTC)
     assert view["skip"]["last_run"] is None
     assert view["last"]["next_run"] == datetime.fromtimestamp(ts("2026-01-01T00:10:00"), UTC)
-    async with app_with(schedules, clock) as again:
-        await asyncio.sleep(0.05)
-        jobs, _ = await again.client.list()
-    assert len(jobs) <= 1
+    await daemon(queue, schedules).fire_due()
+    jobs, _ = await queue.list_jobs(ListFilter(), 100, None)
+    assert [j.id for j in jobs] == [job.id]
+
+
+async def finish(queue: QueueBackend, clock: ManualClock) -> None:
+    """Run the one queued job to success, as a consumer would (result kept for 10 s)."""
+    (lease,) = await queue.lease(["default"], 1, 30.0, "test")
+    done = Outcome(
+        job=lease.job,
+        token=lease.token,
+        state=State.SUCCEEDED,
+        result=ResultRef(inline=None),
+        expires_at=clock.time() + 10,
+    )
+    assert await queue.finish([done]) == [True]
+
+
+@pytest.mark.parametrize("free", ["cancel", "purge", "expire"])
+async def test_a_tick_is_never_fired_twice_once_its_key_is_free(
+    queue: QueueBackend, clock: ManualClock, free: str
+):
+    """A fired tick whose job was cancelled, its result purged, or expired and swept (each
+    frees the job's key) is not fired again by another daemon starting with catch_up = "last"
+    within the same tick period, on every backend: the cluster's mark remembers it."""
+    schedule: list[dict[str, object]] = [
+        {"name": "tick", "handler": "echo", "every": "1m", "catch_up": "last"}
+    ]
+    tick = clock.time() + 60  # the clock starts on a whole minute
+    first = daemon(queue, schedule)
+    clock.advance(59.9)
+    await first.fire_due()
+    clock.advance(0.6)
+    await first.fire_due()
+    job = await queue.find_by_key(tick_key("tick", tick))
+    assert job is not None
+    core = first.core
+    if free == "cancel":
+        await core.cancel(job.id)
+    else:
+        await finish(queue, clock)
+    if free == "purge":
+        assert await core.purge("temporary") == 1
+    clock.advance(29.5)  # 30 s past the tick, 20 s past the result's expiry
+    if free == "expire":
+        assert await core.sweep() == 1
+    assert await queue.find_by_key(tick_key("tick", tick)) is None  # the key is free
+    second = daemon(queue, schedule)  # another daemon, or the same one restarted
+    await second.fire_due()
+    clock.advance(30)
+    await second.fire_due()
+    assert await queue.find_by_key(tick_key("tick", tick + 60)) is not None
+    jobs, _ = await queue.list_jobs(ListFilter(), 100, None)
+    assert [j.id for j in jobs if j.ready_at.timestamp() == tick and j.id != job.id] == []
 
 
 async def test_user_keys_cannot_impersonate_a_schedule():

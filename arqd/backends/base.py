@@ -247,6 +247,17 @@ class QueueBackend(_AsyncClosing, abc.ABC):
     async def list_workers(self, seen_since: float) -> list[WorkerInfo]:
         """Workers whose ``last_seen`` is at or after ``seen_since``, by id."""
 
+    @abc.abstractmethod
+    async def advance_mark(self, name: str, value: float) -> float | None:
+        """Set the mark ``name`` to ``value`` if it is absent or lower, atomically for every
+        process sharing the storage, and answer the mark as it was before (``None``: absent).
+        A mark only ever rises; the scheduler keeps in one the latest tick the cluster fired
+        of each schedule."""
+
+    @abc.abstractmethod
+    async def get_mark(self, name: str) -> float | None:
+        """The mark ``name``, or ``None`` if it was never set."""
+
 
 class ResultWriter(abc.ABC):
     """A result being written; invisible to readers until ``commit``."""

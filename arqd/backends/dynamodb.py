@@ -4,7 +4,8 @@ Design (the full reasoning, the request sequence of every operation and its cost
 ``docs/dynamodb.md``):
 
 - **One table**, key ``(pk, sk)``. A job is the item ``pk = "J#<id>", sk = "J"``; a dedupe key
-  is ``"K#<key>"``; per-queue counters live under ``pk = "Q"`` and worker rows under ``pk = "W"``.
+  is ``"K#<key>"``; per-queue counters live under ``pk = "Q"`` and worker rows under ``pk = "W"``;
+  a named mark (``advance_mark``) is ``"M#<name>"``, raised by one conditional UpdateItem.
 - **Visibility**, as in SQLite: a live job carries ``va`` (visible at: ``ready_at`` while queued,
   the lease expiry while running) and ``vq = "<queue>#<shard>"``. The sparse GSI ``vis`` on
   ``(vq, va)`` lists ready jobs and expired leases alike, oldest first; terminal jobs drop both
@@ -118,6 +119,7 @@ JOB_SK = "J"
 QUEUES_PK = "Q"
 WORKERS_PK = "W"
 GROUP_SK = "G"
+MARK_SK = "M"
 STATES = tuple(s.value for s in State)
 
 # --- the table ------------------------------------------------------------------------------------
@@ -199,6 +201,8 @@ KEY_STALE = "#j = :stale"
 KEY_OURS = "#j = :id"
 SHARDS_SET = "SET #ns = :ns"
 SHARDS_IF = "attribute_not_exists(#ns) OR #ns < :ns"
+MARK_SET = "SET #mv = :mv"
+MARK_IF = "attribute_not_exists(#mv) OR #mv < :mv"
 
 _NAME_RE = re.compile(r"#(\w+)")
 
@@ -1531,6 +1535,34 @@ class DynamoQueue(QueueBackend):
             )
             for i in items
         ]
+
+    # --- marks ------------------------------------------------------------------------------------
+
+    async def advance_mark(self, name: str, value: float) -> float | None:
+        """One conditional UpdateItem on ``pk = "M#<name>"``: it raises the mark or, refused,
+        answers the mark that stood (a retried request whose first try landed answers
+        ``value`` itself, as if another process had set it)."""
+        try:
+            out = await self._call(
+                "update_item",
+                TableName=self.table,
+                Key=_mark_key(name),
+                ReturnValues="UPDATED_OLD",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                **_expr(MARK_SET, MARK_IF, mv=_n(value)),
+            )
+        except _ConditionFailed as refused:
+            return None if refused.item is None else float(refused.item["mv"]["N"])
+        old = out.get("Attributes", {}).get("mv")
+        return None if old is None else float(old["N"])
+
+    async def get_mark(self, name: str) -> float | None:
+        item = await self._get_item(_mark_key(name))
+        return None if item is None or "mv" not in item else float(item["mv"]["N"])
+
+
+def _mark_key(name: str) -> Item:
+    return {"pk": _s(f"M#{name}"), "sk": _s(MARK_SK)}
 
 
 def _pk_values(pk: str) -> dict[str, Any]:

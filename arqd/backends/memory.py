@@ -67,6 +67,7 @@ class _Store:
     keys: dict[str, _Key] = field(default_factory=dict)
     workers: dict[str, WorkerInfo] = field(default_factory=dict)
     groups: dict[str, GroupRecord] = field(default_factory=dict)
+    marks: dict[str, float] = field(default_factory=dict)
 
 
 class MemoryQueue(QueueBackend):
@@ -375,6 +376,15 @@ class MemoryQueue(QueueBackend):
             (w for w in self._s.workers.values() if w.last_seen >= seen_since),
             key=lambda w: w.id,
         )
+
+    async def advance_mark(self, name: str, value: float) -> float | None:
+        previous = self._s.marks.get(name)
+        if previous is None or previous < value:
+            self._s.marks[name] = value
+        return previous
+
+    async def get_mark(self, name: str) -> float | None:
+        return self._s.marks.get(name)
 
 
 def _replace(job: Job, **changes: object) -> Job:

@@ -125,6 +125,12 @@ CREATE TABLE IF NOT EXISTS queue_counts (
     PRIMARY KEY (queue, state)
 ) WITHOUT ROWID;
 
+-- Named high-water marks (advance_mark): the latest tick the cluster fired of each schedule.
+CREATE TABLE IF NOT EXISTS marks (
+    name  TEXT PRIMARY KEY,
+    value REAL NOT NULL
+) WITHOUT ROWID;
+
 """
 
 # Rows leave SQLite as one JSON object each, decoded by msgspec straight into a Job (about five
@@ -820,6 +826,24 @@ class SqliteQueue(QueueBackend):
 
     async def ping(self) -> None:
         await self._reader.run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def advance_mark(self, name: str, value: float) -> float | None:
+        def body(conn: sqlite3.Connection, counts: _Counts) -> float | None:
+            row = conn.execute("SELECT value FROM marks WHERE name = ?", (name,)).fetchone()
+            if row is None or row[0] < value:
+                conn.execute(
+                    "INSERT OR REPLACE INTO marks (name, value) VALUES (?, ?)", (name, value)
+                )
+            return None if row is None else float(row[0])
+
+        return await self._write(body)
+
+    async def get_mark(self, name: str) -> float | None:
+        def work(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute("SELECT value FROM marks WHERE name = ?", (name,)).fetchone()
+            return None if row is None else float(row[0])
+
+        return await self._reader.run(work)
 
 
 def _fifo(job: Job) -> tuple[datetime, str]:
