@@ -47,13 +47,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from arqd.daemon import check_exposure
+    from arqd.daemon import preflight
     from arqd.handlers import Registry
 
     path = _config_path(args)
     try:
         config = load_config(path)
-        check_exposure(config)
+        preflight(config)
         registry = Registry.from_config(config)
     except ConfigError as exc:
         print(f"arqd: {exc}", file=sys.stderr)
