@@ -21,6 +21,7 @@ import msgspec
 from croniter import croniter
 
 from arqd.errors import ConfigError
+from arqd.model import NAME_PATTERN
 
 __all__ = ["Config", "load_config", "parse_duration", "parse_size"]
 
@@ -33,9 +34,9 @@ class Size(int):
     """Bytes, written in config as ``"64KiB"``."""
 
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*\Z")
 _SIZE_UNITS = {
     None: 1,
     "B": 1,
@@ -80,7 +81,7 @@ def _dec_hook(kind: type, value: Any) -> Any:
     raise NotImplementedError(kind)
 
 
-QueueName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+QueueName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -158,7 +159,7 @@ class HandlerConfig(_Section, frozen=True):
     queue: QueueName | None = None
 
     def __post_init__(self) -> None:
-        if not re.match(r"^[\w.]+:[\w.]+$", self.call):
+        if not re.match(r"^[\w.]+:[\w.]+\Z", self.call):
             raise ValueError(f'call must be "module:function", got {self.call!r}')
 
 
@@ -194,8 +195,8 @@ class ScheduleConfig(_Section, frozen=True):
 
 
 class TokenConfig(_Section, frozen=True):
-    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    name: Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
     scopes: list[Literal["submit", "read", "cancel", "admin"]]
 
 
@@ -310,7 +311,7 @@ def _check_allow_hosts(cfg: Config) -> None:
 
 def _check_schedule(sched: ScheduleConfig, source: str) -> None:
     where = f"{source}: schedules.{sched.name}"
-    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", sched.name):
+    if not re.match(NAME_PATTERN, sched.name):
         raise ConfigError(f"{where}: a name of letters, digits, '_', '.', '-'")
     if sched.cron is not None:
         fields = len(sched.cron.split())

@@ -19,7 +19,7 @@ from openapi_spec_validator import validate
 
 import arqd
 from arqd.config import Config
-from arqd.http.openapi import OPERATIONS, document
+from arqd.http.openapi import OPERATIONS, document, ecma
 from arqd.http.server import ROUTES, make_app
 from arqd.http.wire import job_dict
 from arqd.model import GroupMemberSpec, GroupSpec, Job, JobSpec, State
@@ -94,6 +94,8 @@ def _constraints(schema: dict[str, Any]) -> dict[str, Any]:
         out["type"] = next(t for t in out["type"] if t != "null")
     if "enum" in out:
         out["enum"] = sorted(out["enum"])
+    if "pattern" in out:  # msgspec's Python pattern, written in JSON Schema's dialect
+        out["pattern"] = ecma(out["pattern"])
     return out
 
 

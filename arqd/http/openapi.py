@@ -11,6 +11,8 @@ The document is built from small helpers rather than written as one literal:
   status its handler answers. The security requirement of each operation is not written there but
   taken from the route's scope in ``ROUTES``, so the document and the auth middleware cannot
   disagree; 401 (and 403 for scoped routes) are added the same way.
+- Patterns are written in JSON Schema's dialect: the model's ``\\Z`` (the true end of the
+  string; Python's ``$`` also matches before a final newline) becomes ``$`` (``ecma()``).
 
 The document describes the API as it always is: with no tokens configured (loopback only, or
 ``server.allow_anonymous``) requests need no ``Authorization`` header and never get 401/403.
@@ -26,13 +28,21 @@ from aiohttp import web
 
 from arqd import __version__
 from arqd.http.wire import encode
-from arqd.model import JOB_ID_RE
+from arqd.model import AHEAD_MAX, JOB_ID_RE, NAME_PATTERN, TEXT_PATTERN
 
 Schema = dict[str, Any]
 
 # --- JSON Schema building blocks ------------------------------------------------------------------
 
-NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # queue, group member and step names
+
+def ecma(pattern: str) -> str:
+    """A Python pattern anchored at the true end (``\\Z``) in JSON Schema's (ECMA-262) dialect,
+    where ``$`` is the true end and ``\\Z`` is not an anchor."""
+    return pattern.removesuffix(r"\Z") + "$" if pattern.endswith(r"\Z") else pattern
+
+
+NAME = ecma(NAME_PATTERN)  # queue, group member and step names
+TEXT = ecma(TEXT_PATTERN)  # handler names and keys: no control characters
 HOST = r"([A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?|\[[0-9A-Fa-f:.]+\])"
 URL = rf"^https?://{HOST}(:[0-9]{{1,5}})?([/?#]\S*)?$"  # steps._check_url
 STATES = ["queued", "running", "succeeded", "failed", "cancelled"]  # model.State
@@ -112,7 +122,9 @@ def _described(schema: Schema, description: str | None) -> Schema:
 def _job_spec_properties() -> dict[str, Schema]:
     """The fields of a job spec (API.md section 1), as msgspec validates them."""
     return {
-        "handler": string("A registered handler's name; required unless `steps`."),
+        "handler": string(
+            "A registered handler's name; required unless `steps`.", maxLength=256, pattern=TEXT
+        ),
         "steps": array(ref("Step"), "A multi-step HTTP job (API.md section 5).", minItems=1),
         "payload": any_json("Passed to the handler; must be absent or null with `steps`."),
         "queue": nullable(string("Default: the handler's queue, else `default`.", pattern=NAME)),
@@ -121,14 +133,24 @@ def _job_spec_properties() -> dict[str, Schema]:
                 "Dedupe/cache key; the `schedule:` prefix is reserved.",
                 minLength=1,
                 maxLength=256,
+                pattern=TEXT,
                 **{"not": {"type": "string", "pattern": "^schedule:"}},
             )
         ),
         "sticky": boolean("The result goes to the persistent cache area."),
-        "delay": nullable(number("Seconds from now; excludes `run_at`.", minimum=0)),
-        "run_at": nullable(datetime("RFC 3339 time with a UTC offset; excludes `delay`.")),
+        "delay": nullable(
+            number("Seconds from now; excludes `run_at`.", minimum=0, maximum=AHEAD_MAX)
+        ),
+        "run_at": nullable(
+            datetime(
+                "RFC 3339 time with a UTC offset, at most 366 days ahead; excludes `delay`. A "
+                "past time means at once."
+            )
+        ),
         "max_attempts": nullable(integer(minimum=1, maximum=100)),
-        "timeout": nullable(number("One attempt's limit in seconds.", exclusiveMinimum=0)),
+        "timeout": nullable(
+            number("One attempt's limit in seconds.", exclusiveMinimum=0, maximum=AHEAD_MAX)
+        ),
         "meta": nullable(
             {"type": "object", "description": "Free-form labels, at most 4096 bytes of JSON."}
         ),
@@ -328,7 +350,7 @@ def schemas() -> dict[str, Schema]:
             optional=["name"],
         ),
         # responses
-        "JobId": string("Time-ordered, unique across hosts.", pattern=JOB_ID_RE.pattern),
+        "JobId": string("Time-ordered, unique across hosts.", pattern=ecma(JOB_ID_RE.pattern)),
         "State": {"enum": STATES, "description": "Terminal: succeeded, failed, cancelled."},
         "JobError": obj(
             {

@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from arqd.app import App
 from arqd.backends.base import ListFilter
-from arqd.core import JSON, Core, explain, parse_group, parse_spec
+from arqd.core import JSON, TOO_DEEP, Core, explain, parse_group, parse_spec
 from arqd.errors import (
     ArqdError,
     BackendError,
@@ -40,7 +40,7 @@ from arqd.http.auth import ANONYMOUS, Principal, Scope, Tokens
 from arqd.http.dashboard import dashboard
 from arqd.http.openapi import openapi
 from arqd.http.wire import encode, error_body, job_dict
-from arqd.model import JOB_ID_RE, Job, JobSpec, State, from_ts
+from arqd.model import JOB_ID_RE, NAME_PATTERN, Job, JobSpec, State, from_ts
 
 log = structlog.get_logger("arqd.http")
 
@@ -270,6 +270,8 @@ async def submit_batch(request: web.Request) -> web.Response:
         raise InvalidRequest(explain(exc)) from None
     except msgspec.DecodeError:
         return error_response(400, "invalid_json", "the body is not valid JSON")
+    except RecursionError:
+        raise InvalidRequest(TOO_DEEP) from None
     if not 1 <= len(batch.jobs) <= BATCH_MAX:
         raise InvalidRequest(f"jobs: a batch holds 1 to {BATCH_MAX} jobs")
     stored = await state_of(request).core.submit(batch.jobs, owner=principal_of(request).name)
@@ -370,7 +372,7 @@ async def get_result(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)\Z")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -556,7 +558,7 @@ async def list_queues(request: web.Request) -> web.Response:
 async def redrive(request: web.Request) -> web.Response:
     core = state_of(request).core
     name = request.match_info["name"]
-    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
+    if not re.match(NAME_PATTERN, name):
         raise JobNotFound(f"no queue {name!r}")
     count = await core.queue.redrive(name)
     if count:
