@@ -82,6 +82,8 @@ def _dec_hook(kind: type, value: Any) -> Any:
 
 
 QueueName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+# A host name of server.allowed_hosts (compared without port, case-insensitively).
+HostName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,253}\Z")]
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -92,6 +94,7 @@ class ServerConfig(_Section, frozen=True):
     listen: str = "127.0.0.1:8080"
     max_body: Size = Size(1024**2)
     allow_anonymous: bool = False
+    allowed_hosts: list[HostName] = msgspec.field(default_factory=list)
 
 
 class QueueConfig(_Section, frozen=True):

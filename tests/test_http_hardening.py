@@ -1,7 +1,9 @@
-"""What an outside audit broke (issue 12), pinned: client input that reached a 500."""
+"""What an outside audit broke (issue 12), pinned: browsers driving an anonymous daemon, client
+input that reached a 500, and a config group read instead of triggered."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -45,7 +47,7 @@ def app_config(tmp_path: Path, backend: str = "memory", **server: Any) -> Config
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[TestServer]:
     """An anonymous daemon (no tokens) on loopback, memory backends."""
-    async with Serve(app_config(tmp_path)) as srv:
+    async with Serve(app_config(tmp_path, allowed_hosts=["arqd.example.org"])) as srv:
         yield srv
 
 
@@ -98,6 +100,180 @@ def assert_error(answer: tuple[int, dict[str, Any], Any], status: int, code: str
 
 
 SPEC = json.dumps({"handler": "echo", "payload": 1}).encode()
+
+
+# --- item 3: browsers cannot drive an anonymous daemon --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/jobs", SPEC),
+        ("/v1/jobs/batch", b'{"jobs": [{"handler": "echo"}]}'),
+        ("/v1/groups", b'{"jobs": [{"handler": "echo"}]}'),
+    ],
+)
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None],
+)
+async def test_json_bodies_must_be_declared_json(
+    server: TestServer, path: str, body: bytes, content_type: str | None
+):
+    """What an HTML form can send (or no declared type at all) is 415 on every JSON route and
+    stores nothing; ``application/json`` with a charset is accepted."""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    # aiohttp would add application/octet-stream to bytes; skip_auto_headers keeps it out
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            server.make_url(path), data=body, headers=headers, skip_auto_headers=["Content-Type"]
+        ) as r,
+    ):
+        assert r.status == 415
+        assert (await r.json())["error"]["code"] == "unsupported_media_type"
+    assert await stored(server) == []
+    status, _, _ = await call(
+        server, "POST", path, body, {"Content-Type": "application/json; charset=utf-8"}
+    )
+    assert status == 202
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/groups/nightly", "/v1/queues/default/redrive", f"/v1/jobs/{'0' * 32}/cancel"]
+)
+async def test_a_form_body_cannot_reach_a_bodiless_route(server: TestServer, path: str):
+    """A route that reads no body still refuses a body that is not JSON (an HTML form's)."""
+    answer = await call(
+        server, "POST", path, b"a=1", {"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert_error(answer, 415, "unsupported_media_type")
+    assert await stored(server) == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+        {"Origin": "http://127.0.0.1:1"},  # another port of the same host: another origin
+        {"Origin": "file://"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"},  # a form POST
+    ],
+)
+async def test_other_sites_pages_are_refused(server: TestServer, headers: dict[str, str]):
+    """A request from another site's page (its Origin, or Sec-Fetch-Site) is 403 and stores
+    nothing, even with a JSON body."""
+    answer = await call(server, "POST", "/v1/jobs", SPEC, {**JSON, **headers})
+    assert_error(answer, 403, "forbidden")
+    assert await stored(server) == []
+    if headers.get("Sec-Fetch-Mode") != "navigate":  # following a link is a GET navigation
+        assert_error(await call(server, "GET", "/v1/jobs", None, headers), 403, "forbidden")
+
+
+async def test_the_daemons_own_pages_are_allowed(server: TestServer):
+    """The dashboard's own origin (by any accepted Host), a name of server.allowed_hosts behind
+    a proxy, and a link followed from another site (a GET navigation) are served."""
+    port = server.port
+    for headers in (
+        {"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"},
+        {"Origin": f"http://localhost:{port}", "Host": f"localhost:{port}"},
+        {"Origin": f"http://[::1]:{port}", "Host": f"[::1]:{port}"},
+        {"Origin": "https://arqd.example.org", "Host": "arqd.example.org"},
+        {"Origin": "https://arqd.example.org"},  # a proxy that rewrote Host
+    ):
+        status, _, body = await call(server, "POST", "/v1/jobs", SPEC, {**JSON, **headers})
+        assert status == 202, (headers, body)
+    navigate = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+    assert (await call(server, "GET", "/v1/jobs", None, navigate))[0] == 200
+    assert (await call(server, "GET", "/", None, {"Origin": "http://evil.example"}))[0] == 200
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example", "evil.example:8080", "127.0.0.1.evil.example", "localhost.:x", "[::1"],
+)
+async def test_dns_rebinding_is_refused_without_a_token(server: TestServer, host: str):
+    """Without a token, a Host that names neither this daemon, localhost, an address nor an
+    allowed name is 421 on reads and writes; nothing is stored."""
+    for method, body in (("GET", None), ("POST", SPEC)):
+        answer = await call(server, method, "/v1/jobs", body, {**JSON, "Host": host})
+        assert_error(answer, 421, "misdirected_request")
+    assert await stored(server) == []
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost:9000", "LOCALHOST", "10.1.2.3:8080", "[::1]", "arqd.example.org:443"]
+)
+async def test_names_of_the_daemon_are_accepted(server: TestServer, host: str):
+    """localhost on any port (a tunnel), an IP address (never rebound by a browser), and a name
+    of server.allowed_hosts pass the Host check."""
+    assert (await call(server, "GET", "/v1/jobs", None, {"Host": host}))[0] == 200
+
+
+async def test_health_checks_pass_any_host(server: TestServer):
+    """/healthz and /readyz answer a load balancer whatever Host it sends."""
+    for path in ("/healthz", "/readyz"):
+        assert (await call(server, "GET", path, None, {"Host": "node-7.lb.internal"}))[0] == 200
+
+
+async def test_a_valid_token_lifts_the_host_check(tmp_path: Path):
+    """Behind a proxy with tokens any Host is fine with a valid token; without one it is 401."""
+    config = app_config(tmp_path)
+    tokens = [{"name": "ops", "sha256": DIGEST, "scopes": ["admin"]}]
+    config = Config.from_dict({**_plain(config), "auth": {"tokens": tokens}})
+    async with Serve(config) as srv:
+        proxy = {"Host": "arqd.behind.proxy"}
+        assert (await call(srv, "GET", "/v1/queues", None, {**proxy, **BEARER}))[0] == 200
+        assert_error(await call(srv, "GET", "/v1/queues", None, proxy), 401, "unauthorized")
+
+
+def _plain(config: Config) -> dict[str, Any]:
+    return {
+        "queue": {"backend": config.queue.backend},
+        "results": {"backend": "memory"},
+        "workers": {"concurrency": 0},
+        "handlers": dict(config.handlers),
+    }
+
+
+async def raw_request(port: int, request: bytes) -> tuple[int, bytes, bytes]:
+    """Send bytes as they are (aiohttp's client refuses non-UTF-8 headers); status, head, body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), head, body
+
+
+async def test_a_non_utf8_token_is_refused_not_a_crash(tmp_path: Path):
+    """An Authorization header that is not UTF-8 proves nothing: 401 JSON, not a 500."""
+    tokens = [{"name": "ops", "sha256": DIGEST, "scopes": ["admin"]}]
+    config = Config.from_dict({**_plain(app_config(tmp_path)), "auth": {"tokens": tokens}})
+    async with Serve(config) as srv:
+        status, _, body = await raw_request(
+            srv.port,
+            b"GET /v1/queues HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe\x80\r\n"
+            b"Connection: close\r\n\r\n",
+        )
+    assert status == 401
+    assert json.loads(body)["error"]["code"] == "unauthorized"
+
+
+async def test_http_client_and_raw_json_calls_still_work(server: TestServer):
+    """arqd.HttpClient (aiohttp's json=) and the bodiless operator calls pass the guards."""
+    async with arqd.HttpClient(str(server.make_url(""))) as client:
+        job = await client.submit("echo", {"a": 1})
+        assert (await client.submit_many([{"handler": "echo"}]))[0].handler == "echo"
+        group = await client.trigger_group("nightly")
+        assert (await client.group(group.id)).id == group.id
+        await client.cancel(job.id)
+        assert await client.request_json("POST", "/v1/queues/default/redrive") == {"requeued": 0}
 
 
 # --- item 4: no input reaches a 500 ---------------------------------------------------------------
@@ -207,3 +383,17 @@ async def test_redrive_refuses_a_name_with_a_trailing_newline(server: TestServer
     """Route names are matched to the true end: ``default%0A`` is no queue (404)."""
     answer = await call(server, "POST", "/v1/queues/default%0A/redrive")
     assert_error(answer, 404, "not_found")
+
+
+# --- item 17: a config group is triggered, not read -----------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+async def test_reading_a_config_group_says_to_post(server: TestServer, method: str):
+    """GET or DELETE /v1/groups/<a group of the config> is 405 with Allow: POST and a hint."""
+    status, headers, body = await call(server, method, "/v1/groups/nightly")
+    assert status == 405
+    assert headers["Allow"] == "POST"
+    assert body["error"]["code"] == "method_not_allowed"
+    assert "POST /v1/groups/nightly" in body["error"]["message"]
+    assert_error(await call(server, method, "/v1/groups/nowhere"), 404, "not_found")
