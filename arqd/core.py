@@ -39,6 +39,8 @@ from arqd.model import (
     AHEAD_MAX,
     DROPPED,
     JOB_ID_RE,
+    NAME_PATTERN,
+    TEXT_PATTERN,
     ErrorInfo,
     GroupMember,
     GroupMemberSpec,
@@ -159,10 +161,19 @@ def public_key(job: Job) -> str | None:
     return job.key
 
 
+# What each model pattern means, for error messages (a regex is no answer to a client).
+_PATTERNS = {
+    NAME_PATTERN: "1 to 64 letters, digits, '_', '.' or '-'",
+    TEXT_PATTERN: "a string without control characters",
+}
+
+
 def explain(exc: msgspec.ValidationError) -> str:
     """msgspec's ``reason - at `$.jobs[0].queue` `` as ``jobs[0].queue: reason``."""
     reason, _, where = str(exc).partition(" - at ")
     where = where.strip("`").removeprefix("$").lstrip(".")
+    for pattern, meaning in _PATTERNS.items():
+        reason = reason.replace(f"`str` matching regex {pattern!r}", meaning)
     return f"{where}: {reason}" if where else reason
 
 
