@@ -50,10 +50,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the config, import its handlers and check its exposure; print every problem,
     one line each, and exit 1 if there is any."""
     from arqd.config import Config, validate_config
-    from arqd.daemon import check_exposure
+    from arqd.daemon import check_step_keys, preflight
     from arqd.handlers import Registry
-    from arqd.steps import check_keys
-    from arqd.stores import queue_class
 
     path = _config_path(args)
     config, found = validate_config(path)
@@ -61,8 +59,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if config is not None:
         checks: list[Callable[[Config], object]] = [Registry.from_config]
         if not any(p.setting.split(".")[0] in ("server", "auth") for p in found):
-            checks.append(check_exposure)  # on a valid server and auth only: no false alarm
-        checks.append(lambda c: check_keys(c, queue_class(c.queue.backend).multi_host))
+            checks.append(preflight)  # exposure needs a valid server and auth: no false alarm
+        else:
+            checks.append(check_step_keys)
         for check in checks:
             try:
                 check(config)

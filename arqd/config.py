@@ -36,6 +36,7 @@ from arqd.errors import ConfigError, InvalidRequest
 from arqd.model import (
     GROUP_MAX,
     META_MAX,
+    NAME_PATTERN,
     SCHEDULE_KEY,
     Attempts,
     GroupMemberSpec,
@@ -67,9 +68,9 @@ class Size(int):
     """Bytes, written in config as ``"64KiB"``."""
 
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*\Z")
 _SIZE_UNITS = {
     None: 1,
     "B": 1,
@@ -119,12 +120,14 @@ def _dec_hook(kind: type, value: Any) -> Any:
     raise NotImplementedError(kind)
 
 
-Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}\Z")]
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+_NAME = re.compile(NAME_PATTERN)
 Scope = Literal["submit", "read", "cancel", "admin"]
 # Lists where an empty one would leave the daemon doing nothing are refused when empty
 # (workers.queues: nothing leased; a token's scopes: nothing allowed).
 NON_EMPTY = msgspec.Meta(min_length=1)
+# A host name of server.allowed_hosts (compared without port, case-insensitively).
+HostName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,253}\Z")]
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -138,6 +141,7 @@ class ServerConfig(_Section, frozen=True):
     listen: str = "127.0.0.1:8080"
     max_body: Size = Size(1024**2)
     allow_anonymous: bool = False
+    allowed_hosts: list[HostName] = msgspec.field(default_factory=list)
 
 
 class QueueConfig(_Section, frozen=True):

@@ -8,9 +8,10 @@ outcome (retries, backoff with jitter, final failure), and waiting for a job.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -34,11 +35,14 @@ from arqd.handlers import Registry, cache_key
 from arqd.hub import hub_for
 from arqd.metrics import Metrics, instrument
 from arqd.model import (
+    AHEAD_MAX,
     DROPPED,
     GROUP_MAX,
     JOB_ID_RE,
     META_MAX,
+    NAME_PATTERN,
     SCHEDULE_KEY,
+    TEXT_PATTERN,
     ErrorInfo,
     GroupMember,
     GroupMemberSpec,
@@ -54,6 +58,11 @@ from arqd.model import (
     new_job_id,
 )
 
+# The deepest JSON nesting a job may carry (payload, meta, steps). Real documents rarely pass 20;
+# past about 1,000 msgspec's decoder hits Python's recursion limit and sqlite's json() refuses
+# the value, so the bound is checked here, before anything is stored, far below both.
+DEPTH_MAX = 64
+TOO_DEEP = f"the body nests JSON deeper than {DEPTH_MAX} levels"
 STEPS_HANDLER = "arqd.steps"  # the built-in handler of multi-step HTTP jobs
 SEALED = "sealed"  # the payload field holding a multi-step job's encrypted secrets
 SWEEP_BATCH = 500  # expired records deleted per sweep (one short write transaction)
@@ -75,6 +84,8 @@ def parse_spec(data: Mapping[str, Any] | bytes) -> JobSpec:
         return msgspec.convert(data, JobSpec)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(explain(exc)) from None
+    except RecursionError:  # nested past the interpreter's limit: far past DEPTH_MAX
+        raise InvalidRequest(TOO_DEEP) from None
 
 
 _group_decoder = msgspec.json.Decoder(GroupSpec)
@@ -88,6 +99,25 @@ def parse_group(data: Mapping[str, Any] | bytes) -> GroupSpec:
         return msgspec.convert({k: v for k, v in data.items() if v is not None}, GroupSpec)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(explain(exc)) from None
+    except RecursionError:
+        raise InvalidRequest(TOO_DEEP) from None
+
+
+def check_depth(field: str, value: Any, limit: int = DEPTH_MAX) -> None:
+    """:class:`InvalidRequest` if ``value`` nests lists and objects deeper than ``limit``;
+    iterative, so no depth can overflow the stack."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            raise InvalidRequest(f"{field}: JSON nested deeper than {limit} levels")
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
 
 
 def spec_of(handler: str, payload: Any, sticky: bool, **optional: Any) -> dict[str, Any]:
@@ -99,14 +129,25 @@ def spec_of(handler: str, payload: Any, sticky: bool, **optional: Any) -> dict[s
     return spec
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _ready_at(spec: JobSpec, now: float) -> float:
+    """When the job may start: at most ``AHEAD_MAX`` ahead (``delay`` is bounded by the model).
+    A past ``run_at`` is kept (the job is ready at once), down to the Unix epoch: earlier times
+    are stored as the epoch, so no backend ever sees a negative time."""
     if spec.run_at is None:
         return now + (spec.delay or 0.0)
     if spec.delay is not None:
         raise InvalidRequest("run_at: give run_at or delay, not both")
     if spec.run_at.tzinfo is None:
         raise InvalidRequest("run_at: an RFC 3339 time needs a UTC offset")
-    return spec.run_at.timestamp()
+    # A difference of aware datetimes cannot overflow, where .timestamp() of year 1 at +05:00
+    # (year 0 in UTC) raises.
+    at = (spec.run_at - _EPOCH).total_seconds()
+    if at > now + AHEAD_MAX:
+        raise InvalidRequest(f"run_at: at most {AHEAD_MAX / 86400:g} days ahead")
+    return max(at, 0.0)
 
 
 def owned_key(owner: str, key: str) -> str:
@@ -120,10 +161,19 @@ def public_key(job: Job) -> str | None:
     return job.key
 
 
+# What each model pattern means, for error messages (a regex is no answer to a client).
+_PATTERNS = {
+    NAME_PATTERN: "1 to 64 letters, digits, '_', '.' or '-'",
+    TEXT_PATTERN: "a string without control characters",
+}
+
+
 def explain(exc: msgspec.ValidationError) -> str:
     """msgspec's ``reason - at `$.jobs[0].queue` `` as ``jobs[0].queue: reason``."""
     reason, _, where = str(exc).partition(" - at ")
     where = where.strip("`").removeprefix("$").lstrip(".")
+    for pattern, meaning in _PATTERNS.items():
+        reason = reason.replace(f"`str` matching regex {pattern!r}", meaning)
     return f"{where}: {reason}" if where else reason
 
 
@@ -165,6 +215,9 @@ class Core:
         ``internal`` submits (the scheduler's) may use the reserved ``schedule:`` keys."""
         if spec.key is not None and spec.key.startswith(SCHEDULE_KEY) and not internal:
             raise InvalidRequest(f"key: the {SCHEDULE_KEY!r} prefix is reserved for schedules")
+        check_depth("payload", spec.payload)
+        check_depth("steps", spec.steps)
+        check_depth("meta", spec.meta)
         if spec.meta and len(msgspec.json.encode(spec.meta)) > META_MAX:
             raise InvalidRequest(f"meta: at most {META_MAX} bytes of JSON")
         handler, payload, steps = self._work_of(spec)
@@ -202,6 +255,10 @@ class Core:
         if spec.steps is None:
             if spec.handler is None:
                 raise InvalidRequest("handler: a job needs a handler (or steps)")
+            if spec.handler == STEPS_HANDLER:  # its payload must be sealed by the core
+                raise InvalidRequest(
+                    f"handler: {STEPS_HANDLER!r} runs multi-step jobs; submit `steps` instead"
+                )
             if spec.credentials is not None:
                 raise InvalidRequest("credentials: only multi-step HTTP jobs take credentials")
             if self.registry is not None and spec.handler not in self.registry:
@@ -465,7 +522,9 @@ class Core:
         """Retry after a backoff while attempts remain; else the job fails for good."""
         now = self.clock.time()
         if job.attempts < job.max_attempts:
-            wait = self.backoff(job.attempts) if delay is None else delay
+            # A handler's Retry(delay=...) is bounded like a client's delay (NaN: the backoff).
+            wait = self.backoff(job.attempts) if delay is None or math.isnan(delay) else delay
+            wait = min(max(wait, 0.0), AHEAD_MAX)
             return Outcome(
                 job=job, token=token, state=State.QUEUED, error=error, ready_at=now + wait
             )

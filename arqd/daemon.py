@@ -5,7 +5,8 @@
 - SIGHUP: re-read the config. A valid one is applied without dropping in-flight jobs (handlers,
   workers, defaults, groups, schedules, auth, http_steps, log); changed ``server``, ``queue`` or
   ``results`` settings need a restart, which the reload says while keeping the running values.
-  An invalid one is refused with the reason logged, and the running config stays in force.
+  An invalid one, or one that fails a start check (``preflight``) against the listen address in
+  force, is refused with the reason logged, and the running config stays in force.
 - SIGTERM / SIGINT: stop leasing, let running jobs finish for ``workers.shutdown_grace``, then
   interrupt and release them (another daemon takes them at once), exit 0. A second signal skips
   the wait.
@@ -18,7 +19,9 @@ import contextlib
 import ipaddress
 import os
 import signal
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -50,24 +53,71 @@ def split_listen(listen: str) -> tuple[str, int]:
         raise ConfigError(f"server.listen: expected host:port, got {listen!r}") from None
 
 
+def resolve(host: str) -> list[str]:
+    """Every address ``host`` names (an address names itself); ``OSError`` if none."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+    """True if every address ``host`` resolves to is a loopback address (a name such as
+    ``localhost`` counts by what it resolves to); :class:`ConfigError` if it resolves to none."""
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        addresses = resolve(host)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"cannot resolve {host!r}: {exc}") from None
+    return bool(addresses) and all(
+        ipaddress.ip_address(a.partition("%")[0]).is_loopback for a in addresses
+    )
 
 
 def check_exposure(config: Config) -> None:
     """Listening beyond loopback needs auth tokens, or an explicit ``allow_anonymous``."""
-    host, _ = split_listen(config.server.listen)
-    if not is_loopback(host) and not config.auth.tokens and not config.server.allow_anonymous:
+    listen = config.server.listen
+    host, _ = split_listen(listen)
+    try:
+        loopback = is_loopback(host)
+    except ConfigError as exc:
+        raise ConfigError(f"{config.source}: server.listen: {exc}") from None
+    if not loopback and not config.auth.tokens and not config.server.allow_anonymous:
         raise ConfigError(
-            f"{config.source}: server.listen: {config.server.listen} is reachable beyond this "
+            f"{config.source}: server.listen: {listen} is reachable beyond this "
             "host, but [auth] lists no tokens; add tokens (arqd token new) or set "
             "server.allow_anonymous = true"
         )
+
+
+# Every check a config must pass before it runs: at start, on reload (against the effective
+# config: the running server, queue and results sections) and in ``arqd check-config``. Each
+# raises ConfigError; a new check is one more function here.
+def check_step_keys(config: Config) -> None:
+    """A queue shared by several hosts needs step keys every host has (``arqd.steps``)."""
+    check_keys(config, queue_class(config.queue.backend).multi_host)
+
+
+PREFLIGHT: list[Callable[[Config], None]] = [check_exposure, check_step_keys]
+
+
+def preflight(config: Config) -> None:
+    """Run every check of ``PREFLIGHT`` on ``config`` (which may resolve host names); one
+    :class:`ConfigError` names every problem found, a line each."""
+    problems: list[str] = []
+    for check in PREFLIGHT:
+        try:
+            check(config)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def effective(new: Config, running: Config) -> tuple[Config, list[str]]:
+    """The config a reload would run: ``new`` with the running restart-only sections, and the
+    names of those that changed (kept until a restart)."""
+    kept = [name for name in RESTART_SECTIONS if getattr(new, name) != getattr(running, name)]
+    if kept:
+        new = msgspec.structs.replace(new, **{name: getattr(running, name) for name in kept})
+    return new, kept
 
 
 class Daemon:
@@ -82,8 +132,7 @@ class Daemon:
     async def run(self) -> int:
         try:
             config = load_config(self.config_path)
-            check_exposure(config)
-            check_keys(config, queue_class(config.queue.backend).multi_host)
+            preflight(config)
             registry = Registry.from_config(config)
         except ConfigError as exc:
             print(f"arqd: {exc}", file=sys.stderr)
@@ -182,17 +231,15 @@ class Daemon:
     async def _apply(self, app: App) -> None:
         old = app.config
         try:
-            new = load_config(self.config_path)
-            check_keys(new, queue_class(new.queue.backend).multi_host)
+            new, kept = effective(load_config(self.config_path), old)
+            await asyncio.to_thread(preflight, new)  # a name lookup must not stall the loop
             registry = Registry.from_config(new, app.extra_handlers)
         except ConfigError as exc:
             log.error("config.reload_failed", error=str(exc), kept=old.source)
             app.reload_failures += 1
             app.core.metrics.reloads.labels("failed").inc()
             return
-        kept = [name for name in RESTART_SECTIONS if getattr(new, name) != getattr(old, name)]
         if kept:
-            new = msgspec.structs.replace(new, **{name: getattr(old, name) for name in kept})
             log.warning(
                 "config.restart_required",
                 sections=kept,

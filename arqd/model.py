@@ -18,12 +18,15 @@ from typing import Annotated, Any
 import msgspec
 
 __all__ = [
+    "AHEAD_MAX",
     "BLOB_NAME_RE",
     "DROPPED",
     "GROUP_MAX",
     "JOB_ID_RE",
     "META_MAX",
+    "NAME_PATTERN",
     "SCHEDULE_KEY",
+    "TEXT_PATTERN",
     "ErrorInfo",
     "GroupMember",
     "GroupMemberSpec",
@@ -61,10 +64,21 @@ class State(enum.StrEnum):
 
 _TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
 
-JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+# Every pattern ends in ``\Z``, the true end of the string: ``$`` also matches before a final
+# newline, and msgspec's ``pattern`` and ``re.match`` would let ``"default\n"`` through.
+JOB_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 # A result blob is named by its job and the lease that wrote it, so a consumer that lost its lease
 # can never overwrite the result of the consumer that took over.
-BLOB_NAME_RE = re.compile(r"^[0-9a-f]{32}-[0-9a-f]{8}$")
+BLOB_NAME_RE = re.compile(r"^[0-9a-f]{32}-[0-9a-f]{8}\Z")
+# Queue, group, group member, step, schedule and token names.
+NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}\Z"
+# Handler names and keys: free text, but no control characters (C0, DEL, C1).
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+\Z"
+# The furthest ahead a client may set a job (``delay``, ``run_at``) or its ``timeout``: a year
+# and a day, so "the same date next year" always fits. Jobs further out are a unit mistake more
+# often than a plan (recurring work belongs in [[schedules]]), and the bound keeps every time a
+# backend stores far from the limits of datetime and of the platform's time_t.
+AHEAD_MAX = 366 * 86400.0
 
 
 def blob_name(job_id: str, token: str) -> str:
@@ -257,17 +271,18 @@ class GroupRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 # --- what clients submit --------------------------------------------------------------------------
 
-QueueName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
-Key = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-Seconds = Annotated[float, msgspec.Meta(ge=0)]
-PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+QueueName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+HandlerName = Annotated[str, msgspec.Meta(max_length=256, pattern=TEXT_PATTERN)]
+Key = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=TEXT_PATTERN)]
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=AHEAD_MAX)]
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0, le=AHEAD_MAX)]
 Attempts = Annotated[int, msgspec.Meta(ge=1, le=100)]
 
 
 class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A job as a client submits it (API.md section 1). Unknown fields are an error."""
 
-    handler: str | None = None
+    handler: HandlerName | None = None
     steps: list[dict[str, Any]] | None = None
     payload: Any = None
     queue: QueueName | None = None
@@ -281,7 +296,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     credentials: dict[str, str] | None = None
 
 
-MemberName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+MemberName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 
 
 class GroupMemberSpec(JobSpec, frozen=True, kw_only=True, forbid_unknown_fields=True):

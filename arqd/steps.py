@@ -84,7 +84,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from arqd.errors import ArqdError, ConfigError, InvalidRequest
-from arqd.model import StepState
+from arqd.model import NAME_PATTERN, StepState
 
 if TYPE_CHECKING:
     from arqd.config import Config
@@ -131,7 +131,7 @@ _SECRET_NAME = re.compile(
     r"(?i)(authorization|cookie|token|secret|passw(or)?d|api[-_]?key|credential|signature"
     r"|(^|[-_.])(auth|key)([-_.]|$))"
 )
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 header name
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 header name
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Framing and routing headers are arqd's to set: a step overriding them could smuggle requests.
 _RESERVED_HEADERS = frozenset(
@@ -151,13 +151,13 @@ _SAFE_HEADERS = frozenset(
         "user-agent",
     }
 )
-_HOSTNAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
+_HOSTNAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*\Z")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 # --- step specs -----------------------------------------------------------------------------------
 
-StepName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+StepName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
 StatusCode = Annotated[int, msgspec.Meta(ge=100, le=599)]
 

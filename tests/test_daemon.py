@@ -137,7 +137,8 @@ async def test_bad_requests_get_the_right_error(
     """Each bad request gets its status and the JSON error body; the daemon keeps serving."""
     d = daemons.start(sqlite_config(tmp_path))
     async with aiohttp.ClientSession(d.url) as http:
-        async with http.request(method, path, data=body) as r:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        async with http.request(method, path, data=body, headers=headers) as r:
             assert r.status == status
             err = (await r.json())["error"]
             assert err["code"] == code and err["message"]

@@ -165,7 +165,7 @@ def seed(url: str) -> Seeds:
     doomed_running = api.submit("sleep", {"seconds": 600}, queue=SEEDED)
     api.settle(running, "running")
     api.settle(doomed_running, "running")
-    queued = api.submit("noop", queue=PARKED, run_at="2030-01-01T00:00:00Z")
+    queued = api.submit("noop", queue=PARKED, delay=300 * 86400)
     seeds.live = [running, queued]
     done = api.submit("noop", queue=SEEDED)
     api.settle(done, "succeeded")

@@ -75,7 +75,10 @@ class Tokens:
         kind, _, secret = header.partition(" ")
         if kind.lower() != "bearer" or not secret.strip():
             return None
-        digest = hashlib.sha256(secret.strip().encode()).digest()
+        try:  # aiohttp hands undecodable header bytes over as lone surrogates: hash the bytes
+            digest = hashlib.sha256(secret.strip().encode("utf-8", "surrogateescape")).digest()
+        except UnicodeEncodeError:  # a surrogate no byte decodes to: proves nothing
+            return None
         found: _Token | None = None
         for token in self._tokens:
             if hmac.compare_digest(digest, token.digest):

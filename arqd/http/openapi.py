@@ -10,7 +10,10 @@ The document is built from small helpers rather than written as one literal:
 - ``OPERATIONS`` describes each route of ``arqd.http.server.ROUTES``: parameters, body and every
   status its handler answers. The security requirement of each operation is not written there but
   taken from the route's scope in ``ROUTES``, so the document and the auth middleware cannot
-  disagree; 401 (and 403 for scoped routes) are added the same way.
+  disagree; the errors of the auth and browser guards (401, 403, 421, and 415 for methods that
+  may carry a body) are added to every route but the public ones the same way.
+- Patterns are written in JSON Schema's dialect: the model's ``\\Z`` (the true end of the
+  string; Python's ``$`` also matches before a final newline) becomes ``$`` (``ecma()``).
 
 The document describes the API as it always is: with no tokens configured (loopback only, or
 ``server.allow_anonymous``) requests need no ``Authorization`` header and never get 401/403.
@@ -26,13 +29,21 @@ from aiohttp import web
 
 from arqd import __version__
 from arqd.http.wire import encode
-from arqd.model import JOB_ID_RE
+from arqd.model import AHEAD_MAX, JOB_ID_RE, NAME_PATTERN, TEXT_PATTERN
 
 Schema = dict[str, Any]
 
 # --- JSON Schema building blocks ------------------------------------------------------------------
 
-NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # queue, group member and step names
+
+def ecma(pattern: str) -> str:
+    """A Python pattern anchored at the true end (``\\Z``) in JSON Schema's (ECMA-262) dialect,
+    where ``$`` is the true end and ``\\Z`` is not an anchor."""
+    return pattern.removesuffix(r"\Z") + "$" if pattern.endswith(r"\Z") else pattern
+
+
+NAME = ecma(NAME_PATTERN)  # queue, group member and step names
+TEXT = ecma(TEXT_PATTERN)  # handler names and keys: no control characters
 HOST = r"([A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?|\[[0-9A-Fa-f:.]+\])"
 URL = rf"^https?://{HOST}(:[0-9]{{1,5}})?([/?#]\S*)?$"  # steps._check_url
 STATES = ["queued", "running", "succeeded", "failed", "cancelled"]  # model.State
@@ -113,7 +124,9 @@ def _described(schema: Schema, description: str | None) -> Schema:
 def _job_spec_properties() -> dict[str, Schema]:
     """The fields of a job spec (API.md section 1), as msgspec validates them."""
     return {
-        "handler": string("A registered handler's name; required unless `steps`."),
+        "handler": string(
+            "A registered handler's name; required unless `steps`.", maxLength=256, pattern=TEXT
+        ),
         "steps": array(ref("Step"), "A multi-step HTTP job (API.md section 5).", minItems=1),
         "payload": any_json("Passed to the handler; must be absent or null with `steps`."),
         "queue": nullable(string("Default: the handler's queue, else `default`.", pattern=NAME)),
@@ -122,14 +135,24 @@ def _job_spec_properties() -> dict[str, Schema]:
                 "Dedupe/cache key; the `schedule:` prefix is reserved.",
                 minLength=1,
                 maxLength=256,
+                pattern=TEXT,
                 **{"not": {"type": "string", "pattern": "^schedule:"}},
             )
         ),
         "sticky": boolean("The result goes to the persistent cache area."),
-        "delay": nullable(number("Seconds from now; excludes `run_at`.", minimum=0)),
-        "run_at": nullable(datetime("RFC 3339 time with a UTC offset; excludes `delay`.")),
+        "delay": nullable(
+            number("Seconds from now; excludes `run_at`.", minimum=0, maximum=AHEAD_MAX)
+        ),
+        "run_at": nullable(
+            datetime(
+                "RFC 3339 time with a UTC offset, at most 366 days ahead; excludes `delay`. A "
+                "past time means at once."
+            )
+        ),
         "max_attempts": nullable(integer(minimum=1, maximum=100)),
-        "timeout": nullable(number("One attempt's limit in seconds.", exclusiveMinimum=0)),
+        "timeout": nullable(
+            number("One attempt's limit in seconds.", exclusiveMinimum=0, maximum=AHEAD_MAX)
+        ),
         "meta": nullable(
             {"type": "object", "description": "Free-form labels, at most 4096 bytes of JSON."}
         ),
@@ -362,7 +385,7 @@ def schemas() -> dict[str, Schema]:
             optional=["name"],
         ),
         # responses
-        "JobId": string("Time-ordered, unique across hosts.", pattern=JOB_ID_RE.pattern),
+        "JobId": string("Time-ordered, unique across hosts.", pattern=ecma(JOB_ID_RE.pattern)),
         "State": {"enum": STATES, "description": "Terminal: succeeded, failed, cancelled."},
         "JobError": obj(
             {
@@ -536,7 +559,22 @@ def common_responses() -> dict[str, Schema]:
             "unauthorized",
             headers={"WWW-Authenticate": header('`Bearer realm="arqd"`')},
         ),
-        "Forbidden": error("The token lacks the scope this route needs", "forbidden"),
+        "Forbidden": error(
+            "The token lacks the scope this route needs, or the request comes from another "
+            "site's page (`Origin` not this daemon's, `Origin: null`, `Sec-Fetch-Site: "
+            "cross-site`)",
+            "forbidden",
+        ),
+        "Misdirected": error(
+            "No valid token, and `Host` names neither the listen address, `localhost`, an IP "
+            "address nor a name of `server.allowed_hosts` (DNS rebinding)",
+            "misdirected_request",
+        ),
+        "UnsupportedMediaType": error(
+            "The body (or, on routes that read one, the request) is not declared "
+            "`application/json`",
+            "unsupported_media_type",
+        ),
         "NotFound": error("No such job or group, or not this token's", "not_found"),
         "InvalidJson": error("The body is not valid JSON", "invalid_json"),
         "TooLarge": error("The body is larger than `server.max_body`", "too_large"),
@@ -815,11 +853,23 @@ def trigger_group() -> Operation:
     )
 
 
+def configured_group() -> Schema:
+    return error(
+        "The id is the name of a group of the config, which is triggered by POST",
+        "method_not_allowed",
+        headers={"Allow": header("`POST`")},
+    )
+
+
 def get_group() -> Operation:
     return op(
         "groups",
         "Read a group's state",
-        {200: response("The group", ref("GroupStatus")), 404: common("NotFound")},
+        {
+            200: response("The group", ref("GroupStatus")),
+            404: common("NotFound"),
+            405: configured_group(),
+        },
         parameters=[GROUP_ID],
     )
 
@@ -831,6 +881,7 @@ def cancel_group() -> Operation:
         {
             200: response("The group after the cancel", ref("GroupCancelled")),
             404: common("NotFound"),
+            405: configured_group(),
         },
         parameters=[GROUP_ID],
     )
@@ -992,17 +1043,26 @@ Times are RFC 3339 in UTC.
 With `[auth]` tokens configured, every route but `/`, `/healthz` and `/readyz` needs
 `Authorization: Bearer <secret>`; each operation's security requirement names the scope it needs
 (`admin` implies every scope). A token without `admin` sees, cancels and lists only its own jobs:
-another token's job is a 404. With no tokens configured, no header is needed."""
+another token's job is a 404. With no tokens configured, no header is needed.
+
+Browsers are kept out of every route but `/`, `/healthz` and `/readyz`: a request with no valid
+token must name the daemon in `Host` (421), an `Origin` must be the daemon's own (403), and a body
+must be `application/json` (415)."""
 
 
-def _secured(operation: Operation, scope: str) -> Operation:
-    """``operation`` with the security requirement (and its errors) of ``scope``."""
+def _secured(operation: Operation, scope: str, method: str) -> Operation:
+    """``operation`` with the security requirement of ``scope`` and the errors of the auth and
+    browser guards (``arqd/http/guard.py``), which skip public routes."""
     if scope == "public":
         return {**operation, "security": []}
     requirement = [] if scope == "authenticated" else [scope]
-    extra = {"401": common("Unauthorized")}
-    if scope != "authenticated":
-        extra["403"] = common("Forbidden")
+    extra = {
+        "401": common("Unauthorized"),
+        "403": common("Forbidden"),
+        "421": common("Misdirected"),
+    }
+    if method not in ("GET", "HEAD"):
+        extra["415"] = common("UnsupportedMediaType")
     responses = dict(sorted({**operation["responses"], **extra}.items()))
     return {**operation, "security": [{"bearer": requirement}], "responses": responses}
 
@@ -1017,7 +1077,7 @@ def document() -> dict[str, Any]:
         build = OPERATIONS.get((method, path))
         if build is None:
             continue  # undocumented: tests/test_openapi.py fails on it
-        operation = {"operationId": handler.__name__, **_secured(build(), scope)}
+        operation = {"operationId": handler.__name__, **_secured(build(), scope, method)}
         paths.setdefault(path, {})[method.lower()] = operation
     return {
         "openapi": "3.1.0",

@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from arqd.app import App
 from arqd.backends.base import ListFilter
-from arqd.core import JSON, Core, explain, parse_group, parse_spec
+from arqd.core import JSON, TOO_DEEP, Core, explain, parse_group, parse_spec
 from arqd.errors import (
     ArqdError,
     BackendError,
@@ -38,9 +38,10 @@ from arqd.errors import (
 from arqd.groups import Group, GroupStatus, group_of, status_of
 from arqd.http.auth import ANONYMOUS, Principal, Scope, Tokens
 from arqd.http.dashboard import dashboard
+from arqd.http.guard import JSON_TYPE, Guard, content_type_problem
 from arqd.http.openapi import openapi
 from arqd.http.wire import encode, error_body, job_dict
-from arqd.model import JOB_ID_RE, Job, JobSpec, State, from_ts
+from arqd.model import JOB_ID_RE, NAME_PATTERN, Job, JobSpec, State, from_ts
 
 log = structlog.get_logger("arqd.http")
 
@@ -90,6 +91,7 @@ class ChangeCache:
 @dataclass
 class ServerState:
     app: App
+    guard: Guard
     cache: ChangeCache = field(default_factory=ChangeCache)
     scopes: dict[Any, Scope] = field(default_factory=dict)
     _tokens: tuple[object, Tokens] | None = None
@@ -146,11 +148,22 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "too_large",
+    415: "unsupported_media_type",
     416: "range_not_satisfiable",
+    421: "misdirected_request",
     429: "rate_limited",
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Refused(Exception):
+    """A refusal at the HTTP level (no ``ArqdError`` fits): its status, code, message and
+    headers, answered as the JSON error."""
+
+    def __init__(self, status: int, code: str, message: str, **headers: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.headers = status, code, headers
 
 
 @web.middleware
@@ -158,6 +171,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Every error is the JSON error body with a truthful status; never a traceback."""
     try:
         return await handler(request)
+    except Refused as exc:
+        response = error_response(exc.status, exc.code, str(exc))
+        response.headers.update(exc.headers)
+        return response
     except ArqdError as exc:
         if isinstance(exc, BackendError):
             log.warning("http.backend_error", path=request.path, error=str(exc))
@@ -202,6 +219,29 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """What a browser may not do (``arqd/http/guard.py``): name another host without a token
+    (421), call from another site's page (403), send a body that is not JSON (415). Public and
+    unknown routes are left alone: they hold no data and change nothing."""
+    st = state_of(request)
+    scope = st.scopes.get(request.match_info.route.handler)
+    if scope is None or scope == "public":
+        return await handler(request)
+    guard = st.guard
+    if principal_of(request).name is None:  # no token proved anything: rebinding is possible
+        problem = guard.host_problem(request.headers.get("Host"))
+        if problem:
+            return error_response(421, "misdirected_request", problem)
+    problem = guard.origin_problem(request.headers, request.method)
+    if problem:
+        return error_response(403, "forbidden", problem)
+    problem = content_type_problem(request.content_type, request.body_exists, request.method)
+    if problem:
+        return error_response(415, "unsupported_media_type", problem)
+    return await handler(request)
+
+
 # --- helpers --------------------------------------------------------------------------------------
 
 
@@ -227,6 +267,10 @@ def job_id_of(request: web.Request) -> str:
 
 
 async def read_body(request: web.Request) -> bytes:
+    """The JSON body of a route that reads one: declared ``application/json`` (415 otherwise,
+    even when empty: a form cannot declare it) and not empty."""
+    if request.content_type != JSON_TYPE:
+        raise Refused(415, "unsupported_media_type", f"this route takes a {JSON_TYPE} body")
     body = await request.read()
     if not body:
         raise InvalidRequest("the request needs a JSON body")
@@ -270,6 +314,8 @@ async def submit_batch(request: web.Request) -> web.Response:
         raise InvalidRequest(explain(exc)) from None
     except msgspec.DecodeError:
         return error_response(400, "invalid_json", "the body is not valid JSON")
+    except RecursionError:
+        raise InvalidRequest(TOO_DEEP) from None
     if not 1 <= len(batch.jobs) <= BATCH_MAX:
         raise InvalidRequest(f"jobs: a batch holds 1 to {BATCH_MAX} jobs")
     stored = await state_of(request).core.submit(batch.jobs, owner=principal_of(request).name)
@@ -370,7 +416,7 @@ async def get_result(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)\Z")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -505,14 +551,29 @@ async def submit_group(request: web.Request) -> web.Response:
     return json_response(group_answer(group_of(record)), 202)
 
 
+def configured_group(core: Core, name: str) -> None:
+    """A group of the config is triggered, not read or cancelled: 405 pointing to POST."""
+    if name in core.config.groups and not JOB_ID_RE.match(name):
+        raise Refused(
+            405,
+            "method_not_allowed",
+            f"{name!r} is a group of the config: POST /v1/groups/{name} triggers it; read or "
+            "cancel a triggered group by the id the trigger answered",
+            Allow="POST",
+        )
+
+
 async def get_group(request: web.Request) -> web.Response:
-    record, jobs = await state_of(request).core.group(request.match_info["id"], sees(request))
+    core = state_of(request).core
+    configured_group(core, request.match_info["id"])
+    record, jobs = await core.group(request.match_info["id"], sees(request))
     return json_response(group_status_answer(status_of(record, jobs)))
 
 
 async def cancel_group(request: web.Request) -> web.Response:
     core = state_of(request).core
     group_id = request.match_info["id"]
+    configured_group(core, group_id)
     cancelled = await core.cancel_group(group_id, sees(request))
     record, jobs = await core.group(group_id, sees(request))
     return json_response({"cancelled": cancelled, **group_status_answer(status_of(record, jobs))})
@@ -556,7 +617,7 @@ async def list_queues(request: web.Request) -> web.Response:
 async def redrive(request: web.Request) -> web.Response:
     core = state_of(request).core
     name = request.match_info["name"]
-    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
+    if not re.match(NAME_PATTERN, name):
         raise JobNotFound(f"no queue {name!r}")
     count = await core.queue.redrive(name)
     if count:
@@ -647,10 +708,12 @@ ROUTES: list[tuple[str, str, Handler, Scope]] = [
 def make_app(app: App) -> web.Application:
     """The aiohttp application serving ``app`` (whose pool and backends the caller runs)."""
     web_app = web.Application(
-        middlewares=[errors_middleware, auth_middleware],
+        middlewares=[errors_middleware, auth_middleware, guard_middleware],
         client_max_size=app.config.server.max_body,
     )
-    state = ServerState(app)
+    server = app.config.server  # restart-only: a reload keeps it
+    listen_host = server.listen.rpartition(":")[0].strip("[]")
+    state = ServerState(app, Guard(listen_host, server.allowed_hosts))
     web_app[STATE] = state
     app.core.hub.add_listener(state.cache.changed)
     for method, path, handler, scope in ROUTES:
