@@ -17,7 +17,14 @@ from typing import Any
 import msgspec
 import structlog
 
-from arqd.backends.base import Area, Enqueued, Outcome, QueueBackend, ResultStore
+from arqd.backends.base import (
+    Area,
+    Enqueued,
+    Outcome,
+    QueueBackend,
+    ResultStore,
+    group_record,
+)
 from arqd.clock import Clock
 from arqd.config import Config
 from arqd.errors import (
@@ -279,7 +286,7 @@ class Core:
     async def submit_group(
         self, name: str, members: Sequence[GroupMemberSpec], owner: str | None = None
     ) -> tuple[GroupRecord, list[Enqueued]]:
-        """Store a group's jobs atomically (all or none), then its record."""
+        """Store a group's jobs and its record in one atomic step (all or none)."""
         if not 1 <= len(members) <= GROUP_MAX:
             raise InvalidRequest(f"jobs: a group holds 1 to {GROUP_MAX} jobs")
         names = [m.name or f"job{i + 1}" for i, m in enumerate(members)]
@@ -291,18 +298,16 @@ class Core:
             self.new_job(m, now, owner, group_id, name=n)
             for m, n in zip(members, names, strict=True)
         ]
-        stored = await self.queue.enqueue(new)
-        self._stored(stored)
         record = GroupRecord(
             id=group_id,
             name=name,
             created_at=now,
             owner=owner,
-            members=[GroupMember(n, e.job.id) for n, e in zip(names, stored, strict=True)],
+            members=[GroupMember(n, job.id) for n, job in zip(names, new, strict=True)],
         )
-        await self.queue.save_group(record)
-        self.hub.jobs_ready()
-        return record, stored
+        stored = await self.queue.enqueue(new, group=record)
+        self._stored(stored)
+        return group_record(record, [e.job.id for e in stored]), stored
 
     async def group(self, group_id: str, owner: str | None = None) -> tuple[GroupRecord, list[Job]]:
         record = await self.queue.get_group(group_id) if JOB_ID_RE.match(group_id) else None

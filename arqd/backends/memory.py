@@ -28,6 +28,10 @@ from arqd.backends.base import (
     ResultStore,
     ResultWriter,
     WorkerInfo,
+    convert_all,
+    group_record,
+    storable_group,
+    storable_job,
 )
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import ResultExpired
@@ -111,21 +115,28 @@ class MemoryQueue(QueueBackend):
 
     # --- the contract -----------------------------------------------------------------------------
 
-    async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
+    async def enqueue(
+        self, jobs: Sequence[NewJob], group: GroupRecord | None = None
+    ) -> list[Enqueued]:
+        # Everything is converted first; from there on nothing can fail, and nothing awaits.
+        records = convert_all(jobs, _convert)
+        if group is not None:
+            storable_group(group, jobs)
         now = self.clock.time()
         out: list[Enqueued] = []
-        for new in jobs:
+        for new, job in zip(jobs, records, strict=True):
             holder = self._key_holder(new.key, now) if new.key is not None else None
             if holder is not None:
                 out.append(Enqueued(holder, created=False))
                 continue
-            job = new.to_job()
             row = _Row(job, None)
             self._s.rows[job.id] = row
             self._set_visible(row, new.ready_at)
             if new.key is not None:
                 self._s.keys[new.key] = _Key(job.id)
             out.append(Enqueued(job, created=True))
+        if group is not None:
+            self._s.groups[group.id] = group_record(group, [e.job.id for e in out])
         return out
 
     async def lease(
@@ -327,9 +338,6 @@ class MemoryQueue(QueueBackend):
             )
         return row is not None
 
-    async def save_group(self, record: GroupRecord) -> None:
-        self._s.groups[record.id] = record
-
     async def get_group(self, group_id: str) -> GroupRecord | None:
         return self._s.groups.get(group_id)
 
@@ -375,6 +383,17 @@ class MemoryQueue(QueueBackend):
             (w for w in self._s.workers.values() if w.last_seen >= seen_since),
             key=lambda w: w.id,
         )
+
+
+def _convert(new: NewJob) -> Job:
+    """What this backend keeps of ``new``: its record; its JSON fields are checked to encode,
+    as every other backend stores them as JSON."""
+    msgspec.json.encode((new.payload, new.meta, new.steps))
+    return storable_job(new)
+
+
+def _finished_before(job: Job, before: float) -> bool:
+    return job.finished_at is not None and job.finished_at.timestamp() < before
 
 
 def _replace(job: Job, **changes: object) -> Job:
