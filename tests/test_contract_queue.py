@@ -603,3 +603,21 @@ async def test_a_group_of_only_live_keys_still_stores_its_record(
     stored = await queue.get_group(record.id)
     assert stored is not None and [m.id for m in stored.members] == [live.id]
     await assert_only(queue, [live.id])
+
+
+async def test_drop_results_keeps_results_finished_after_the_purge_began(
+    queue: QueueBackend, clock: ManualClock
+):
+    """drop_results(before=t) drops only results of jobs finished before t: a result published
+    while a purge runs is kept."""
+    await put(queue, clock, 2)
+    early, late = await queue.lease(["default"], 2, VT, "w")
+    ref = ResultRef(area="temporary", name="x", size=1)
+    assert await queue.finish([done(early.job, early.token, result=ref)]) == [True]
+    began = clock.time() + 1
+    clock.advance(2)
+    assert await queue.finish([done(late.job, late.token, result=ref)]) == [True]
+    dropped = [j.id for j in await queue.drop_results(False, 10, before=began)]
+    assert dropped == [early.job.id] and await queue.drop_results(False, 10, before=began) == []
+    kept = await queue.get(late.job.id)
+    assert kept is not None and kept.result == ref

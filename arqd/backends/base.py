@@ -311,11 +311,14 @@ class QueueBackend(_AsyncClosing, abc.ABC):
         many processes at once: each job is answered to exactly one of them."""
 
     @abc.abstractmethod
-    async def drop_results(self, sticky: bool, limit: int) -> list[Job]:
+    async def drop_results(
+        self, sticky: bool, limit: int, before: float | None = None
+    ) -> list[Job]:
         """Drop the results of up to ``limit`` succeeded jobs with this ``sticky`` flag (the
-        persistent area when true, the temporary one when false): their result becomes
-        ``ResultRef(area="dropped")`` and their keys are freed. Answers the jobs as they were,
-        so the caller can delete their blobs; an empty answer means none are left."""
+        persistent area when true, the temporary one when false) that finished at or before
+        ``before`` (all when ``None``): their result becomes ``ResultRef(area="dropped")`` and
+        their keys are freed. Answers the jobs as they were, so the caller can delete their
+        blobs; an empty answer means none are left."""
 
     @abc.abstractmethod
     async def register_worker(self, info: WorkerInfo) -> None:
@@ -375,8 +378,14 @@ class ResultStore(_AsyncClosing, abc.ABC):
     async def delete(self, area: Area, name: str) -> None: ...
 
     @abc.abstractmethod
-    async def purge(self, area: Area, older_than: float | None = None) -> int:
-        """Delete results of ``area`` written before ``older_than`` (all when ``None``)."""
+    def names(self, area: Area) -> AsyncIterator[list[str]]:
+        """The names of every result stored in ``area``, a page at a time (at most 1,000 a
+        page), in no particular order; a result published meanwhile may or may not appear."""
+
+    async def sweep_partials(self) -> tuple[int, int]:
+        """Delete what writers that died left behind (files, bytes); never a live writer's.
+        Called at start and periodically; stores with nothing to sweep answer (0, 0)."""
+        return 0, 0
 
     async def ping(self) -> None:
         """Raise :class:`BackendError` unless the storage answers."""

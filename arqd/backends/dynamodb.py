@@ -778,6 +778,12 @@ def _droppable(result: ResultRef | None) -> bool:
     return result is not None and result.area != DROPPED
 
 
+def _finished_before(job: Job, before: float | None) -> bool:
+    if before is None:
+        return True
+    return job.finished_at is not None and job.finished_at.timestamp() <= before
+
+
 def _ttl(expires_at: float) -> dict[str, str]:
     return _n(math.ceil(expires_at))
 
@@ -1755,7 +1761,9 @@ class DynamoQueue(QueueBackend):
             await self._tidy_key(job.key, job.id, free=True, expires_at=None)
         return job
 
-    async def drop_results(self, sticky: bool, limit: int) -> list[Job]:
+    async def drop_results(
+        self, sticky: bool, limit: int, before: float | None = None
+    ) -> list[Job]:
         """Walk the succeeded jobs (through ``list``: a purge is an operator's rare act) and drop
         the results of those with this ``sticky`` flag, each by an update conditional on the
         version seen, so concurrent purges answer each job once. The walk goes on from where
@@ -1765,7 +1773,11 @@ class DynamoQueue(QueueBackend):
         where = ListFilter(state=State.SUCCEEDED)
         while len(dropped) < limit:
             page, after = await self.list_jobs(where, 100, cursor)
-            doomed = [j for j in page if j.sticky is sticky and _droppable(j.result)]
+            doomed = [
+                j
+                for j in page
+                if j.sticky is sticky and _droppable(j.result) and _finished_before(j, before)
+            ]
             doomed = doomed[: limit - len(dropped)]
             if doomed and doomed[-1] is not page[-1]:
                 after = doomed[-1].id  # the batch is full: go on just below its last job

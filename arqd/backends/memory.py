@@ -49,6 +49,7 @@ from arqd.model import (
 )
 
 _ids = itertools.count()
+NAMES_PAGE = 1000  # result names answered per page by ``MemoryResults.names``
 
 
 @dataclass(slots=True)
@@ -355,7 +356,9 @@ class MemoryQueue(QueueBackend):
             self._free_key(job)
         return doomed
 
-    async def drop_results(self, sticky: bool, limit: int) -> list[Job]:
+    async def drop_results(
+        self, sticky: bool, limit: int, before: float | None = None
+    ) -> list[Job]:
         dropped: list[Job] = []
         for row in self._s.rows.values():
             job = row.job
@@ -366,6 +369,7 @@ class MemoryQueue(QueueBackend):
                 and job.sticky is sticky
                 and job.result is not None
                 and job.result.area != DROPPED
+                and (before is None or _finished_before(job, before))
             ):
                 dropped.append(job)
                 row.job = _replace(job, result=ResultRef(area=DROPPED), version=job.version + 1)
@@ -393,7 +397,7 @@ def _convert(new: NewJob) -> Job:
 
 
 def _finished_before(job: Job, before: float) -> bool:
-    return job.finished_at is not None and job.finished_at.timestamp() < before
+    return job.finished_at is not None and job.finished_at.timestamp() <= before
 
 
 def _replace(job: Job, **changes: object) -> Job:
@@ -424,7 +428,7 @@ class _MemoryWriter(ResultWriter):
 
     async def commit(self) -> int:
         blob = b"".join(self._parts)
-        self._store._blobs[(self._area, self._name)] = (self._store.clock.time(), blob)
+        self._store._blobs[(self._area, self._name)] = blob
         self._done = True
         return len(blob)
 
@@ -439,7 +443,7 @@ class MemoryResults(ResultStore):
 
     def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
         super().__init__(clock=clock)
-        self._blobs: dict[tuple[Area, str], tuple[float, bytes]] = {}
+        self._blobs: dict[tuple[Area, str], bytes] = {}
 
     async def writer(self, area: Area, name: str) -> ResultWriter:
         return _MemoryWriter(self, area, name)
@@ -450,23 +454,18 @@ class MemoryResults(ResultStore):
         entry = self._blobs.get((area, name))
         if entry is None:
             raise ResultExpired(f"the result of job {name} is no longer stored")
-        blob = entry[1][start:end]
+        blob = entry[start:end]
         for i in range(0, len(blob), 65536):
             yield blob[i : i + 65536]
 
     async def size(self, area: Area, name: str) -> int | None:
         entry = self._blobs.get((area, name))
-        return None if entry is None else len(entry[1])
+        return None if entry is None else len(entry)
 
     async def delete(self, area: Area, name: str) -> None:
         self._blobs.pop((area, name), None)
 
-    async def purge(self, area: Area, older_than: float | None = None) -> int:
-        doomed = [
-            k
-            for k, (at, _) in self._blobs.items()
-            if k[0] == area and (older_than is None or at < older_than)
-        ]
-        for k in doomed:
-            del self._blobs[k]
-        return len(doomed)
+    async def names(self, area: Area) -> AsyncIterator[list[str]]:
+        found = [name for a, name in self._blobs if a == area]
+        for i in range(0, len(found), NAMES_PAGE):
+            yield found[i : i + NAMES_PAGE]

@@ -23,6 +23,7 @@ Design
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -231,7 +232,8 @@ SQL_SWEEP = (
 # million results reads each row once, and outside the write lock.
 SQL_DROPPABLE = (
     "SELECT id FROM jobs WHERE id > ? AND state = 'succeeded' AND sticky = ? "
-    "AND result IS NOT NULL AND result ->> 'area' IS NOT 'dropped' ORDER BY id LIMIT ?"
+    "AND result IS NOT NULL AND result ->> 'area' IS NOT 'dropped' AND finished_at <= ? "
+    "ORDER BY id LIMIT ?"
 )
 SQL_DROP_TAKE = (
     f"SELECT {COLUMNS} FROM jobs WHERE id = ? AND state = 'succeeded' "
@@ -754,13 +756,16 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body)
 
-    async def drop_results(self, sticky: bool, limit: int) -> list[Job]:
+    async def drop_results(
+        self, sticky: bool, limit: int, before: float | None = None
+    ) -> list[Job]:
         """Walk the droppable results from where the previous call stopped (an empty answer
         ends the walk and resets it), finding them on the reader, then drop each one in a short
         write transaction that checks it is still droppable."""
         dropped = _enc(ResultRef(area=DROPPED))
+        until = math.inf if before is None else before
         while True:
-            params = (self._drop_cursor.get(sticky, ""), int(sticky), limit)
+            params = (self._drop_cursor.get(sticky, ""), int(sticky), until, limit)
 
             def find(conn: sqlite3.Connection, p: tuple[Any, ...] = params) -> list[str]:
                 return [r[0] for r in conn.execute(SQL_DROPPABLE, p)]
