@@ -1013,7 +1013,9 @@ class DynamoQueue(QueueBackend):
         return batch.answers(stored)
 
     async def _put_one(self, unit: _Unit, now: float) -> Enqueued:
-        return await (self._put_keyed(unit, now) if unit.new.key else self._put_plain(unit))
+        if unit.new.key is not None:
+            return await self._put_keyed(unit, now)
+        return await self._put_plain(unit)
 
     def _put_job(self, unit: _Unit) -> dict[str, Any]:
         return {"TableName": self.table, "Item": unit.item, **_expr(None, NEW_ITEM)}
@@ -1147,15 +1149,17 @@ class DynamoQueue(QueueBackend):
             except Exception as exc:
                 failure = exc
         if failure is not None:
-            await self._unstore(batch, sorted(stored))
+            await self._unstore(batch, set(stored))
             raise failure
         return stored
 
-    async def _unstore(self, batch: _Batch, indexes: Sequence[int]) -> None:
-        """Delete the jobs of a failed batch that were stored, each only if nothing touched it
-        yet (queued, version 1: no consumer leased it, no one cancelled it), then its key.
-        Best effort: a job already leased, or a delete that fails, stays."""
-        units = {u.index: u for u in batch.units}
+    async def _unstore(self, batch: _Batch, counted: set[int]) -> None:
+        """Delete what a failed batch may have stored: every job of it (those of a transaction
+        whose answer was lost too, since it may have landed), each only if nothing touched it
+        yet (queued, version 1: no consumer leased it, no one cancelled it), then its key; and
+        the group record. A job that is not there refuses the delete's condition. Best effort:
+        a job already leased, or a delete that fails, stays. ``counted``: the jobs counted as
+        queued, to uncount."""
 
         async def undo(unit: _Unit) -> None:
             values = {"one": ONE, "queued": _s(State.QUEUED.value)}
@@ -1168,11 +1172,20 @@ class DynamoQueue(QueueBackend):
                 )
             except (_ConditionFailed, BackendError):
                 return
-            self._counts.add(unit.new.queue, State.QUEUED.value, -1)
+            if unit.index in counted:
+                self._counts.add(unit.new.queue, State.QUEUED.value, -1)
             if unit.new.key is not None:
                 await self._tidy_key(unit.new.key, unit.new.id, free=True, expires_at=None)
 
-        await self._all(undo(units[i]) for i in indexes)
+        async def undo_record(group: GroupRecord) -> None:
+            key = {"pk": _s(f"G#{group.id}"), "sk": _s(GROUP_SK)}
+            with contextlib.suppress(BackendError):
+                await self._call("delete_item", TableName=self.table, Key=key)
+
+        held = batch.held
+        await self._all(undo(u) for u in batch.units if u.index not in held)
+        if batch.group is not None:
+            await undo_record(batch.group)
 
     def _put_key(self, key: str, job_id: str, stale: str | None) -> dict[str, Any]:
         """The key item pointing at ``job_id``: new, or replacing a holder that let it go."""
