@@ -35,6 +35,9 @@ from arqd.worker import Pool
 log = structlog.get_logger("arqd.app")
 
 SWEEP_INTERVAL = 10.0  # seconds between sweeps of expired results (more often while behind)
+# Seconds between sweeps of the partial results dead writers left (and one at start): a kill -9
+# mid-stream leaves a partial as large as the result, so it goes within a minute.
+PARTIALS_INTERVAL = 60.0
 
 
 class App:
@@ -109,6 +112,7 @@ class App:
             await self._queue.open()
         if self._owned[1]:
             await self._results.open()
+        await self._sweep_partials()  # before this pool writes any
         self.pool = Pool(self.core)
         await self.pool.start()
         self.scheduler = Scheduler(self.core, self.config)
@@ -120,8 +124,14 @@ class App:
         return self
 
     async def _sweep_loop(self) -> None:
-        """Expired results and records go, a bounded batch at a time, in every daemon."""
+        """Expired results and records go, a bounded batch at a time, in every daemon; so do
+        the partial results of dead writers, every ``PARTIALS_INTERVAL``."""
+        loop = asyncio.get_running_loop()
+        partials_due = loop.time() + PARTIALS_INTERVAL
         while True:
+            if loop.time() >= partials_due:
+                await self._sweep_partials()
+                partials_due = loop.time() + PARTIALS_INTERVAL
             try:
                 swept = await self.core.sweep()
             except ArqdError as exc:
@@ -130,6 +140,15 @@ class App:
             if swept:
                 log.info("cache.swept", jobs=swept)
             await asyncio.sleep(0.1 if swept >= SWEEP_BATCH else SWEEP_INTERVAL)
+
+    async def _sweep_partials(self) -> None:
+        try:
+            files, size = await self._results.sweep_partials()
+        except (ArqdError, OSError) as exc:
+            log.warning("results.partials_sweep_failed", error=str(exc))
+            return
+        if files:
+            log.info("results.partials_swept", files=files, bytes=size)
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None

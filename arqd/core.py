@@ -17,7 +17,14 @@ from typing import Any
 import msgspec
 import structlog
 
-from arqd.backends.base import Area, Enqueued, Outcome, QueueBackend, ResultStore
+from arqd.backends.base import (
+    Area,
+    Enqueued,
+    Outcome,
+    QueueBackend,
+    ResultStore,
+    group_record,
+)
 from arqd.clock import Clock
 from arqd.config import Config
 from arqd.errors import (
@@ -36,6 +43,7 @@ from arqd.hub import hub_for
 from arqd.metrics import Metrics, instrument
 from arqd.model import (
     AHEAD_MAX,
+    BLOB_NAME_RE,
     DROPPED,
     GROUP_MAX,
     JOB_ID_RE,
@@ -67,6 +75,7 @@ STEPS_HANDLER = "arqd.steps"  # the built-in handler of multi-step HTTP jobs
 SEALED = "sealed"  # the payload field holding a multi-step job's encrypted secrets
 SWEEP_BATCH = 500  # expired records deleted per sweep (one short write transaction)
 PURGE_BATCH = 1000
+ORPHAN_BATCH = 100  # blobs checked against their job records per read (a purge's last pass)
 JSON = "application/json"
 FOLLOW_INTERVAL = 1.0  # other processes' changes reach long-polls within this much
 FOLLOW_BATCH = 250  # watched jobs read per backend call (small enough to run in place)
@@ -323,7 +332,7 @@ class Core:
     async def submit_group(
         self, name: str, members: Sequence[GroupMemberSpec], owner: str | None = None
     ) -> tuple[GroupRecord, list[Enqueued]]:
-        """Store a group's jobs atomically (all or none), then its record."""
+        """Store a group's jobs and its record in one atomic step (all or none)."""
         if not 1 <= len(members) <= GROUP_MAX:
             raise InvalidRequest(f"jobs: a group holds 1 to {GROUP_MAX} jobs")
         names = member_names([m.name for m in members])
@@ -335,18 +344,16 @@ class Core:
             self.new_job(m, now, owner, group_id, name=n)
             for m, n in zip(members, names, strict=True)
         ]
-        stored = await self.queue.enqueue(new)
-        self._stored(stored)
         record = GroupRecord(
             id=group_id,
             name=name,
             created_at=now,
             owner=owner,
-            members=[GroupMember(n, e.job.id) for n, e in zip(names, stored, strict=True)],
+            members=[GroupMember(n, job.id) for n, job in zip(names, new, strict=True)],
         )
-        await self.queue.save_group(record)
-        self.hub.jobs_ready()
-        return record, stored
+        stored = await self.queue.enqueue(new, group=record)
+        self._stored(stored)
+        return group_record(record, [e.job.id for e in stored]), stored
 
     async def group(self, group_id: str, owner: str | None = None) -> tuple[GroupRecord, list[Job]]:
         record = await self.queue.get_group(group_id) if JOB_ID_RE.match(group_id) else None
@@ -489,18 +496,44 @@ class Core:
         return len(jobs)
 
     async def purge(self, area: str) -> int:
-        """``DELETE /v1/cache?area=``: drop every result of the area (and its dedupe entry);
-        their jobs stay, answering 410 ``expired`` for the result."""
+        """``DELETE /v1/cache?area=``: drop every result of the area published before the purge
+        began (and its dedupe entry); their jobs stay, answering 410 ``expired`` for the result.
+        A result published while the purge runs is kept, whole."""
         if area not in ("temporary", "persistent"):
             raise InvalidRequest("area: temporary or persistent")
+        began = self.clock.time()
+        sticky = area == "persistent"
         total = 0
-        while batch := await self.queue.drop_results(area == "persistent", PURGE_BATCH):
+        while batch := await self.queue.drop_results(sticky, PURGE_BATCH, before=began):
             for job in batch:
                 await self._delete_blob(job.result)
                 self.hub.job_changed(job.id, None)
             total += len(batch)
-        await self.results.purge(_area(area))  # blobs no record points to any more
+        orphans = await self.sweep_orphans(_area(area))
+        if orphans:
+            log.info("cache.orphans_deleted", area=area, blobs=orphans)
         return total
+
+    async def sweep_orphans(self, area: Area) -> int:
+        """Delete the blobs of ``area`` that no record points to, nor ever can; answers how many.
+
+        A blob is published before the outcome that names it is written, and that wait has no
+        bound (the pool retries an outcome through a backend outage, heartbeating meanwhile),
+        so age cannot tell an orphan from a result about to be recorded. Its job can: a blob
+        ``<job id>-<token>`` is kept while the job is not terminal (its consumer may yet record
+        it) and while the job's result names it. A terminal job never comes to name another
+        blob of that lease (its outcome is fenced), and a deleted job never comes back."""
+        deleted = 0
+        async for page in self.results.names(area):
+            names = [n for n in page if BLOB_NAME_RE.match(n)]  # never touch what is not ours
+            for start in range(0, len(names), ORPHAN_BATCH):
+                chunk = names[start : start + ORPHAN_BATCH]
+                jobs = await self.queue.get_many([n[:32] for n in chunk])
+                for name, job in zip(chunk, jobs, strict=True):
+                    if not _may_name(job, area, name):
+                        await self.results.delete(area, name)
+                        deleted += 1
+        return deleted
 
     async def _delete_blob(self, ref: ResultRef | None) -> None:
         if ref is not None and ref.name is not None and ref.area in ("temporary", "persistent"):
@@ -549,6 +582,16 @@ class Core:
             free_key=self.frees_key(job),
             count_attempt=job.attempts <= job.max_attempts,
         )
+
+
+def _may_name(job: Job | None, area: Area, name: str) -> bool:
+    """Whether ``job``'s record names, or may yet come to name, the blob ``area``/``name``."""
+    if job is None:
+        return False
+    if not job.state.terminal:
+        return True
+    ref = job.result
+    return ref is not None and ref.area == area and ref.name == name
 
 
 def _area(value: str) -> Area:

@@ -4,7 +4,8 @@
     ├── JobNotFound            no such job (or not yours)          HTTP 404 not_found
     ├── InvalidRequest         the request breaks the contract     HTTP 422 invalid_request
     │   ├── UnknownHandler     no handler of that name             HTTP 422 unknown_handler
-    │   └── UnknownGroup       no group of that name               HTTP 422 unknown_group
+    │   ├── UnknownGroup       no group of that name               HTTP 422 unknown_group
+    │   └── Unstorable         a value the storage cannot hold     HTTP 422 invalid_request
     ├── ResultUnavailable      the job has no result to give
     │   ├── NotReady           not finished yet                    HTTP 409 not_ready
     │   ├── JobFailed          finished as failed                  HTTP 409 job_failed
@@ -41,6 +42,11 @@ class UnknownHandler(InvalidRequest):
 
 class UnknownGroup(InvalidRequest):
     code = "unknown_group"
+
+
+class Unstorable(InvalidRequest):
+    """A submitted value the queue backend cannot hold (a time out of range, a payload that is
+    not JSON, an item too large for DynamoDB). Raised before anything of the request is stored."""
 
 
 class ResultUnavailable(ArqdError):

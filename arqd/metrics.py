@@ -39,7 +39,6 @@ OPERATIONS = (
     "ping",
     "sweep_expired",
     "drop_results",
-    "save_group",
     "get_group",
     "save_steps",
     "register_worker",

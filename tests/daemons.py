@@ -47,6 +47,7 @@ fail = "arqd.demo:fail"
 progress = "arqd.demo:progress"
 blob = "arqd.demo:blob"
 record = "tests.procs:record"
+trickle = "tests.procs:trickle"
 
 [log]
 level = "info"

@@ -42,6 +42,7 @@ class Faults:
     """Probabilities (0..1) of each fate; they are drawn in this order, so they add up.
 
     ``only`` limits faults to DynamoDB operations of those names (e.g. ``{"UpdateItem"}``);
+    ``carrying`` to requests whose body holds those bytes (e.g. one item's key);
     ``budget`` to that many faults in all."""
 
     throttle: float = 0.0
@@ -49,6 +50,7 @@ class Faults:
     drop: float = 0.0
     lose: float = 0.0
     only: frozenset[str] | None = None
+    carrying: bytes | None = None
     budget: int | None = None
 
 
@@ -86,10 +88,12 @@ class FaultProxy:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def _fate(self, request: web.Request) -> str | None:
+    def _fate(self, request: web.Request, body: bytes) -> str | None:
         f = self.faults
         operation = request.headers.get("X-Amz-Target", "").rpartition(".")[2]
         if f.only is not None and operation not in f.only:
+            return None
+        if f.carrying is not None and f.carrying not in body:
             return None
         if f.budget is not None and sum(self.injected.values()) >= f.budget:
             return None
@@ -103,7 +107,7 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        fate = self._fate(request)
+        fate = self._fate(request, body)
         if fate == "throttle":
             return self._throttled(request)
         if fate == "unavailable":

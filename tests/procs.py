@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,21 @@ async def hang_first(ctx: arqd.JobContext, payload: Any) -> int:
         await asyncio.to_thread(Path(payload["marker"]).write_text, str(os.getpid()))
         await asyncio.sleep(3600)
     return ctx.attempt
+
+
+async def trickle(ctx: arqd.JobContext, payload: Any) -> AsyncIterator[bytes]:
+    """Streams ``payload["chunks"]`` chunks of 64 KiB, waiting after the first until the file
+    ``payload["gate"]`` exists: a result writer that stays alive as long as a test wants."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"x" * 65536
+        # The gate is a file the test creates from another process: no Event reaches here.
+        while not await asyncio.to_thread(os.path.exists, payload["gate"]):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        for _ in range(payload.get("chunks", 2) - 1):
+            yield b"y" * 65536
+
+    return chunks()
 
 
 async def main(config_path: str) -> None:

@@ -295,9 +295,11 @@ async def test_steps_groups_and_recovered_leases(table: DynamoQueue):
     assert second.recovered and second.job.steps == steps
     assert second.job.checkpoint == {"reserve": {"status": 201}}
     assert not await table.save_steps(job.id, first.token, [], {})
+    gid = new_job_id()
+    member = new(clock, group_id=gid, name="a")
     record = GroupRecord(
-        id=new_job_id(), name="g", created_at=clock.time(), members=[GroupMember("a", job.id)]
+        id=gid, name="g", created_at=clock.time(), members=[GroupMember("a", member.id)]
     )
-    await table.save_group(record)
+    await table.enqueue([member], group=record)
     assert await table.get_group(record.id) == record
     assert await table.get_group(new_job_id()) is None

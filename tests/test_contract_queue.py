@@ -12,7 +12,18 @@ import pytest
 
 from arqd.backends.base import ListFilter, Outcome, QueueBackend
 from arqd.clock import ManualClock
-from arqd.model import ErrorInfo, Job, NewJob, Progress, ResultRef, State, new_job_id
+from arqd.errors import InvalidRequest
+from arqd.model import (
+    ErrorInfo,
+    GroupMember,
+    GroupRecord,
+    Job,
+    NewJob,
+    Progress,
+    ResultRef,
+    State,
+    new_job_id,
+)
 
 VT = 30.0
 
@@ -485,3 +496,170 @@ async def test_one_of_many_racing_advances_wins(
     assert sorted(answers, key=lambda a: a is not None) == [None] + [60.0] * 19
     assert seen == [60.0] * 4
     assert highest == 19.0
+
+
+# --- all or nothing: batches and groups ---------------------------------------------------------
+
+
+def nested(depth: int) -> Any:
+    """A JSON value nested ``depth`` levels deep (deeper than any encoder recurses)."""
+    value: Any = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# Values no backend can store: each breaks the conversion of a job into what the store keeps
+# (a datetime, JSON text, a DynamoDB item), so each must be refused before anything is written.
+UNSTORABLE: dict[str, dict[str, Any]] = {
+    "a time out of range": {"ready_at": 1e308},
+    "a time that is not a number": {"created_at": float("nan")},
+    "a payload that is not JSON": {"payload": {"x": object()}},
+    "a payload nested too deep": {"payload": nested(100_000)},
+}
+
+
+async def assert_only(queue: QueueBackend, ids: list[str], ended: int = 0) -> None:
+    """The backend holds exactly the jobs ``ids`` (all queued but ``ended`` of them), and its
+    counts agree."""
+    listed, _ = await queue.list_jobs(ListFilter(), 1000, None)
+    assert sorted(j.id for j in listed) == sorted(ids)
+    queued = sum(s.queued for s in await queue.stats())
+    assert queued == len(ids) - ended
+
+
+@pytest.mark.parametrize("size", [4, 150])
+@pytest.mark.parametrize("bad", sorted(UNSTORABLE))
+async def test_a_batch_whose_last_job_cannot_be_stored_leaves_nothing(
+    queue: QueueBackend, clock: ManualClock, bad: str, size: int
+):
+    """A batch whose last job holds a value the store cannot hold is refused whole with a 4xx
+    error (InvalidRequest): no job of it is stored, and no key it carries is taken."""
+    (live,) = await put(queue, clock, key="held")
+    batch = [new(clock, key=f"fresh-{i}") for i in range(size - 3)]
+    batch += [new(clock, key="held"), new(clock), new(clock, **UNSTORABLE[bad])]
+    with pytest.raises(InvalidRequest):
+        await queue.enqueue(batch)
+    assert await queue.get_many([j.id for j in batch]) == [None] * size
+    assert await queue.find_by_key("fresh-0") is None
+    holder = await queue.find_by_key("held")
+    assert holder is not None and holder.id == live.id
+    await assert_only(queue, [live.id])
+
+
+def group_of(clock: ManualClock, *keys: str | None, created_at: float | None = None) -> Any:
+    """Jobs of one group (member ``m<i>`` keyed ``keys[i]``) and the record the core makes."""
+    gid = new_job_id()
+    jobs = [new(clock, key=k, group_id=gid, name=f"m{i}") for i, k in enumerate(keys)]
+    record = GroupRecord(
+        id=gid,
+        name="g",
+        created_at=clock.time() if created_at is None else created_at,
+        members=[GroupMember(j.name or "", j.id) for j in jobs],
+    )
+    return jobs, record
+
+
+async def test_a_group_whose_record_cannot_be_stored_leaves_no_job(
+    queue: QueueBackend, clock: ManualClock
+):
+    """A group whose record holds a value the store cannot hold is refused whole: none of its
+    jobs is stored, its keys stay free, and there is no record."""
+    jobs, record = group_of(clock, "g-key", None, created_at=1e308)
+    with pytest.raises(InvalidRequest):
+        await queue.enqueue(jobs, group=record)
+    assert await queue.get_many([j.id for j in jobs]) == [None, None]
+    assert await queue.find_by_key("g-key") is None
+    assert await queue.get_group(record.id) is None
+    await assert_only(queue, [])
+
+
+async def test_a_group_whose_last_job_cannot_be_stored_leaves_nothing(
+    queue: QueueBackend, clock: ManualClock
+):
+    """A group whose last job cannot be stored stores neither its other jobs nor its record."""
+    jobs, record = group_of(clock, "g-key", None, None)
+    jobs[-1] = msgspec.structs.replace(jobs[-1], ready_at=float("inf"))
+    with pytest.raises(InvalidRequest):
+        await queue.enqueue(jobs, group=record)
+    assert await queue.get_group(record.id) is None
+    await assert_only(queue, [])
+
+
+@pytest.mark.parametrize("size", [5, 150])
+async def test_a_batch_mixing_live_and_new_keys_answers_each_job(
+    queue: QueueBackend, clock: ManualClock, size: int
+):
+    """In one batch, a key held by a live job answers that job, a key whose holder let it go
+    and a new key store new jobs, and a key repeated in the batch answers its first job."""
+    (live,) = await put(queue, clock, key="live")
+    (gone,) = await put(queue, clock, key="gone")
+    await queue.cancel(gone.id)  # frees "gone"
+    filler = [new(clock) for _ in range(size - 5)]
+    batch = [*filler, new(clock, key="live"), new(clock, key="gone"), new(clock, key="new")]
+    batch += [new(clock, key="new"), new(clock, key="live")]
+    out = await queue.enqueue(batch)
+    assert [e.created for e in out[-5:]] == [False, True, True, False, False]
+    expected = [j.id for j in filler] + [live.id, batch[-4].id, batch[-3].id]
+    expected += [batch[-3].id, live.id]
+    assert [e.job.id for e in out] == expected
+    for key, job_id in (("live", live.id), ("gone", batch[-4].id), ("new", batch[-3].id)):
+        holder = await queue.find_by_key(key)
+        assert holder is not None and holder.id == job_id
+    stored = [j.id for j in filler] + [batch[-4].id, batch[-3].id]
+    await assert_only(queue, [live.id, gone.id, *stored], ended=1)
+
+
+@pytest.mark.parametrize("size", [3, 150])
+async def test_a_group_is_stored_with_its_record_naming_each_members_job(
+    queue: QueueBackend, clock: ManualClock, size: int
+):
+    """A group's jobs and record are stored by one enqueue; the record names, for each member,
+    the job that answers for it: the live job holding its key, or its own new job."""
+    (live,) = await put(queue, clock, key="live")
+    jobs, record = group_of(clock, "live", "new", *([None] * (size - 2)))
+    out = await queue.enqueue(jobs, group=record)
+    assert [e.created for e in out] == [False] + [True] * (size - 1)
+    answering = [live.id] + [j.id for j in jobs[1:]]
+    assert [e.job.id for e in out] == answering
+    stored = await queue.get_group(record.id)
+    assert stored is not None and [m.id for m in stored.members] == answering
+    assert [m.name for m in stored.members] == [m.name for m in record.members]
+    assert stored_group(stored, record)
+    await assert_only(queue, [live.id] + [j.id for j in jobs[1:]])
+
+
+def stored_group(stored: GroupRecord, record: GroupRecord) -> bool:
+    """The stored record is the core's, but for the member ids."""
+    return msgspec.structs.replace(stored, members=record.members) == record
+
+
+async def test_a_group_of_only_live_keys_still_stores_its_record(
+    queue: QueueBackend, clock: ManualClock
+):
+    """A group whose every member matched a live job stores no job, only its record."""
+    (live,) = await put(queue, clock, key="live")
+    jobs, record = group_of(clock, "live")
+    out = await queue.enqueue(jobs, group=record)
+    assert [(e.created, e.job.id) for e in out] == [(False, live.id)]
+    stored = await queue.get_group(record.id)
+    assert stored is not None and [m.id for m in stored.members] == [live.id]
+    await assert_only(queue, [live.id])
+
+
+async def test_drop_results_keeps_results_finished_after_the_purge_began(
+    queue: QueueBackend, clock: ManualClock
+):
+    """drop_results(before=t) drops only results of jobs finished before t: a result published
+    while a purge runs is kept."""
+    await put(queue, clock, 2)
+    early, late = await queue.lease(["default"], 2, VT, "w")
+    ref = ResultRef(area="temporary", name="x", size=1)
+    assert await queue.finish([done(early.job, early.token, result=ref)]) == [True]
+    began = clock.time() + 1
+    clock.advance(2)
+    assert await queue.finish([done(late.job, late.token, result=ref)]) == [True]
+    dropped = [j.id for j in await queue.drop_results(False, 10, before=began)]
+    assert dropped == [early.job.id] and await queue.drop_results(False, 10, before=began) == []
+    kept = await queue.get(late.job.id)
+    assert kept is not None and kept.result == ref

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from arqd.backends.base import ResultStore
-from arqd.clock import ManualClock
 from arqd.errors import ArqdError, ResultExpired
 from arqd.model import blob_name, new_job_id, new_token
 
@@ -72,16 +71,21 @@ async def test_areas_are_separate(results: ResultStore):
     assert await results.size("persistent", name) == 1
 
 
-async def test_purge_by_area_and_age(results: ResultStore, clock: ManualClock):
-    """Purge drops an area's results, or only those older than a time."""
-    old, young, kept = a_name(), a_name(), a_name()
-    await results.put("temporary", old, b"1")
-    await results.put("temporary", young, b"2")
-    await results.put("persistent", kept, b"3")
-    assert await results.purge("temporary", older_than=0.0) == 0
-    assert await results.purge("temporary") == 2
-    assert await results.size("temporary", old) is None
-    assert await results.size("persistent", kept) == 1
+async def test_names_lists_an_area(results: ResultStore):
+    """names() answers every result of one area, in pages, and nothing of the other or of a
+    writer still writing."""
+    temporary = {a_name() for _ in range(3)}
+    for name in temporary:
+        await results.put("temporary", name, b"t")
+    kept = a_name()
+    await results.put("persistent", kept, b"p")
+    writing = await results.writer("temporary", a_name())
+    await writing.write(b"half")
+    pages = [page async for page in results.names("temporary")]
+    assert all(0 < len(page) <= 1000 for page in pages)
+    assert sorted(n for page in pages for n in page) == sorted(temporary)
+    assert [n async for page in results.names("persistent") for n in page] == [kept]
+    await writing.abort()
 
 
 async def test_delete_missing_is_harmless(results: ResultStore):

@@ -26,7 +26,7 @@ HOT = {
         },
     ),
     "lease probe": (sq.SQL_ANY_VISIBLE, ("q", "queued", 1)),
-    "droppable": (sq.SQL_DROPPABLE, ("", 0, 1000)),
+    "droppable": (sq.SQL_DROPPABLE, ("", 0, 1e18, 1000)),
     "drop take": (sq.SQL_DROP_TAKE, ("id",)),
     "heartbeat": (sq.SQL_HEARTBEAT, (1, "id", "t")),
     "progress": (sq.SQL_PROGRESS, (b"{}", "id", "t")),

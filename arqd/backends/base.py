@@ -6,6 +6,10 @@ consumer makes about a leased job names the lease token and is refused (answerin
 ``False``) when that token no longer holds the job: this is the fencing that makes a consumer which
 lost its lease harmless.
 
+A batch is stored whole or not at all: a backend converts every job of it (and the group record)
+into what it stores *before* its first write, so a value it cannot hold is refused with
+:class:`arqd.errors.Unstorable` and nothing is written (``convert_all``).
+
 A result store keeps result blobs by (area, job id); its writers publish atomically, so no reader
 ever sees half a result.
 
@@ -16,15 +20,19 @@ translated to :class:`arqd.errors.BackendError` at this seam.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+import math
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, Self, TypeVar
 
 import msgspec
 
 from arqd.clock import SYSTEM_CLOCK, Clock
+from arqd.errors import Unstorable
 from arqd.model import (
     ErrorInfo,
+    GroupMember,
     GroupRecord,
     Job,
     NewJob,
@@ -36,6 +44,13 @@ from arqd.model import (
 
 Area = Literal["temporary", "persistent"]
 AREAS: tuple[Area, ...] = ("temporary", "persistent")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# What a conversion raises on a value it cannot hold: datetime on a time out of range or NaN,
+# msgspec on an object that is not JSON (TypeError) or nested past its recursion limit.
+CONVERSION_ERRORS = (ValueError, OverflowError, OSError, TypeError, RecursionError)
 
 
 class Lease(msgspec.Struct, frozen=True):
@@ -104,6 +119,67 @@ class ListFilter(msgspec.Struct, frozen=True, kw_only=True):
     owner: str | None = None
 
 
+# --- converting before writing ----------------------------------------------------------------
+
+
+def convert_all(items: Sequence[T], convert: Callable[[T], R], what: str = "jobs") -> list[R]:
+    """Convert every item of a batch before the first write, so a value the store cannot hold
+    refuses the whole batch (:class:`Unstorable`, naming the item) and stores nothing."""
+    out: list[R] = []
+    for i, item in enumerate(items):
+        try:
+            out.append(convert(item))
+        except Unstorable as exc:
+            raise Unstorable(f"{what}[{i}]: {exc}") from None
+        except CONVERSION_ERRORS as exc:
+            raise Unstorable(f"{what}[{i}]: cannot be stored: {exc}") from None
+    return out
+
+
+def storable_time(value: float, what: str) -> float:
+    """``value`` if it is a Unix time every backend can hold (finite, years 1 to 9999: a record
+    is read back as a datetime); else :class:`Unstorable`."""
+    if not math.isfinite(value):
+        raise Unstorable(f"{what}: {value!r} is not a time")
+    try:
+        datetime.fromtimestamp(value, UTC)
+    except (ValueError, OverflowError, OSError):
+        raise Unstorable(f"{what}: {value!r} is out of range (years 1 to 9999)") from None
+    return value
+
+
+def storable_job(new: NewJob) -> Job:
+    """The first record of ``new``, checking the values every backend converts alike: its times
+    and timeout. (Each backend encodes the JSON fields itself, inside ``convert_all``.)"""
+    storable_time(new.created_at, "created_at")
+    storable_time(new.ready_at, "ready_at")
+    if not math.isfinite(new.timeout):
+        raise Unstorable(f"timeout: {new.timeout!r} is not a number of seconds")
+    return new.to_job()
+
+
+def storable_group(record: GroupRecord, jobs: Sequence[NewJob]) -> bytes:
+    """The group record as JSON, checked before the first write of its group: its time, and one
+    member per job, in order (a contract error of the caller otherwise)."""
+    if [m.id for m in record.members] != [j.id for j in jobs]:
+        raise ValueError("a group record names its jobs, one member per job, in order")
+    try:
+        storable_time(record.created_at, "created_at")
+        return msgspec.json.encode(record)
+    except Unstorable as exc:
+        raise Unstorable(f"group: {exc}") from None
+    except CONVERSION_ERRORS as exc:
+        raise Unstorable(f"group: cannot be stored: {exc}") from None
+
+
+def group_record(record: GroupRecord, answering: Sequence[str]) -> GroupRecord:
+    """``record`` with each member naming the job that answers for it (``answering[i]``: the
+    live job holding member ``i``'s key, or its own new job)."""
+    pairs = zip(record.members, answering, strict=True)
+    members = [GroupMember(m.name, job_id) for m, job_id in pairs]
+    return msgspec.structs.replace(record, members=members)
+
+
 class _AsyncClosing:
     async def open(self) -> None:
         """Connect, create what is missing; called once before use."""
@@ -140,10 +216,21 @@ class QueueBackend(_AsyncClosing, abc.ABC):
     def identity(self) -> str: ...
 
     @abc.abstractmethod
-    async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
-        """Store all jobs in one atomic step. A job whose key is held by a live job is not stored:
-        its entry answers that job with ``created=False``. A key is held from enqueue until an
-        outcome frees it, its ``expires_at`` passes, or the job is deleted."""
+    async def enqueue(
+        self, jobs: Sequence[NewJob], group: GroupRecord | None = None
+    ) -> list[Enqueued]:
+        """Store all jobs (and ``group``'s record) in one atomic step, or nothing.
+
+        Every job and the record are converted before the first write (``convert_all``): a value
+        the storage cannot hold raises :class:`Unstorable` with nothing stored. A job whose key is
+        held by a live job is not stored: its entry answers that job with ``created=False``
+        (a key repeated in the batch answers its first job). A key is held from enqueue until an
+        outcome frees it, its ``expires_at`` passes, or the job is deleted.
+
+        ``group.members[i]`` names ``jobs[i]``; the record is stored with each member naming the
+        job that answers for it (``group_record``). The core makes the record (names, limits);
+        the backend only stores it with the jobs. DynamoDB holds this for up to 100 items per
+        call; beyond, see ``docs/dynamodb.md``."""
 
     @abc.abstractmethod
     async def lease(
@@ -216,10 +303,6 @@ class QueueBackend(_AsyncClosing, abc.ABC):
         """Record a multi-step job's step states and checkpoint, if ``token`` still holds it."""
 
     @abc.abstractmethod
-    async def save_group(self, record: GroupRecord) -> None:
-        """Store a group's record (its jobs are stored first, by ``enqueue``)."""
-
-    @abc.abstractmethod
     async def get_group(self, group_id: str) -> GroupRecord | None:
         """The group's record, if stored."""
 
@@ -230,11 +313,14 @@ class QueueBackend(_AsyncClosing, abc.ABC):
         many processes at once: each job is answered to exactly one of them."""
 
     @abc.abstractmethod
-    async def drop_results(self, sticky: bool, limit: int) -> list[Job]:
+    async def drop_results(
+        self, sticky: bool, limit: int, before: float | None = None
+    ) -> list[Job]:
         """Drop the results of up to ``limit`` succeeded jobs with this ``sticky`` flag (the
-        persistent area when true, the temporary one when false): their result becomes
-        ``ResultRef(area="dropped")`` and their keys are freed. Answers the jobs as they were,
-        so the caller can delete their blobs; an empty answer means none are left."""
+        persistent area when true, the temporary one when false) that finished at or before
+        ``before`` (all when ``None``): their result becomes ``ResultRef(area="dropped")`` and
+        their keys are freed. Answers the jobs as they were, so the caller can delete their
+        blobs; an empty answer means none are left."""
 
     @abc.abstractmethod
     async def register_worker(self, info: WorkerInfo) -> None:
@@ -305,8 +391,14 @@ class ResultStore(_AsyncClosing, abc.ABC):
     async def delete(self, area: Area, name: str) -> None: ...
 
     @abc.abstractmethod
-    async def purge(self, area: Area, older_than: float | None = None) -> int:
-        """Delete results of ``area`` written before ``older_than`` (all when ``None``)."""
+    def names(self, area: Area) -> AsyncIterator[list[str]]:
+        """The names of every result stored in ``area``, a page at a time (at most 1,000 a
+        page), in no particular order; a result published meanwhile may or may not appear."""
+
+    async def sweep_partials(self) -> tuple[int, int]:
+        """Delete what writers that died left behind (files, bytes); never a live writer's.
+        Called at start and periodically; stores with nothing to sweep answer (0, 0)."""
+        return 0, 0
 
     async def ping(self) -> None:
         """Raise :class:`BackendError` unless the storage answers."""

@@ -48,6 +48,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
 import msgspec
@@ -61,9 +62,13 @@ from arqd.backends.base import (
     QueueBackend,
     QueueStats,
     WorkerInfo,
+    convert_all,
+    group_record,
+    storable_group,
+    storable_job,
 )
 from arqd.clock import SYSTEM_CLOCK, Clock
-from arqd.errors import BackendError, BackendUnavailable, ConfigError
+from arqd.errors import BackendError, BackendUnavailable, ConfigError, Unstorable
 from arqd.model import (
     DROPPED,
     GroupRecord,
@@ -110,6 +115,16 @@ SHARDS_REFRESH = 60.0
 LIST_READ_BUDGET = 5000
 # Conditional attempts to take a dedupe key whose holder is gone, before giving up.
 KEY_TRIES = 4
+# Transactions one batch tries while the keys it carries turn out held, or let go, by others.
+TRANSACT_ROUNDS = 8
+# DynamoDB's limits, checked before a batch's first write (a value beyond them is the client's,
+# answered 422, and nothing is stored): items per TransactWriteItems, its bytes (4 MB, with some
+# room for our estimate), bytes of an item, of a partition key, digits of a number.
+TRANSACT_MAX = 100
+TRANSACT_BYTES = 4_000_000
+ITEM_MAX = 400 * 1024
+KEY_MAX = 2048
+NUMBER_DIGITS = 38
 # Worker rows of daemons gone for a day are deleted by DynamoDB's TTL.
 WORKER_TTL = 86400
 # ping() must answer promptly even when the endpoint is dead: one attempt, short timeouts.
@@ -203,6 +218,7 @@ SHARDS_SET = "SET #ns = :ns"
 SHARDS_IF = "attribute_not_exists(#ns) OR #ns < :ns"
 MARK_SET = "SET #mv = :mv"
 MARK_IF = "attribute_not_exists(#mv) OR #mv < :mv"
+UNTOUCHED = "#v = :one AND #st = :queued"  # a job no one leased or cancelled since its submit
 
 _NAME_RE = re.compile(r"#(\w+)")
 
@@ -368,6 +384,176 @@ def _holds_key(item: Item | None, now: float) -> bool:
     return expires is None or float(expires["N"]) > now
 
 
+# --- converting a batch before its first write ----------------------------------------------------
+
+
+def _item_size(item: Item) -> int:
+    """At least the bytes DynamoDB counts for ``item`` (names and values in UTF-8; a number as
+    its text plus one byte, more than DynamoDB's digits / 2 + 1)."""
+    total = 0
+    for name, value in item.items():
+        total += len(name)
+        ((kind, v),) = value.items()
+        if kind == "S":
+            total += len(v) if v.isascii() else len(v.encode())
+        elif kind == "N":
+            total += len(v) + 1
+        else:
+            total += 1
+    return total
+
+
+def _storable_number(text: str) -> bool:
+    """Whether DynamoDB holds this number: 38 significant digits, magnitude 1E-130 to 1E+126."""
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        return False
+    if not number.is_finite():
+        return False
+    if number.is_zero():
+        return True
+    digits = len(number.normalize().as_tuple().digits)
+    return digits <= NUMBER_DIGITS and -130 <= number.adjusted() <= 125
+
+
+def _check_item(item: Item, what: str) -> int:
+    """``item``'s size, once it is known to fit DynamoDB's limits; else :class:`Unstorable`."""
+    size = _item_size(item)
+    if size > ITEM_MAX:
+        raise Unstorable(
+            f"{what} is {size} bytes as a DynamoDB item, which holds at most 400 KB ({ITEM_MAX})"
+        )
+    for name, value in item.items():
+        if "N" in value and not _storable_number(value["N"]):
+            raise Unstorable(f"{what}: {value['N']} is not a number DynamoDB can hold ({name})")
+    return size
+
+
+def _group_item(record: GroupRecord) -> Item:
+    return {"pk": _s(f"G#{record.id}"), "sk": _s(GROUP_SK), "rec": _j(record)}
+
+
+def _group_size(group: GroupRecord, jobs: Sequence[NewJob]) -> int:
+    """The size of ``group``'s item, checked: members are ids, so naming other jobs (those
+    answering for members) does not change it."""
+    storable_group(group, jobs)
+    return _check_item(_group_item(group), "the group record")
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One job of a batch, converted: its first record, its item, and the bytes it and its key
+    item take in a transaction."""
+
+    index: int
+    new: NewJob
+    job: Job
+    item: Item
+    size: int
+
+    @property
+    def actions(self) -> int:
+        return 1 if self.new.key is None else 2
+
+    @classmethod
+    def of(cls, index: int, new: NewJob, shard: int) -> _Unit:
+        job = storable_job(new)
+        item = _job_item(new, shard)
+        size = _check_item(item, "the job")
+        if new.key is not None:
+            key_item = {**_key_key(new.key), "j": _s(new.id)}
+            if len(key_item["pk"]["S"].encode()) > KEY_MAX:
+                raise Unstorable(f"key: at most {KEY_MAX - 2} bytes on DynamoDB")
+            size += _item_size(key_item)
+        return cls(index, new, job, item, size)
+
+
+@dataclass
+class _Batch:
+    """One ``enqueue`` of several jobs: the units to store (every job, but for a key repeated
+    in the batch, only its first), the group, and the units a live job answers for."""
+
+    jobs: Sequence[NewJob]
+    units: list[_Unit]
+    repeats: dict[int, int]  # index of a job repeating a key → index of its first job
+    group: GroupRecord | None
+    held: dict[int, Enqueued] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, jobs: Sequence[NewJob], units: list[_Unit], group: GroupRecord | None) -> _Batch:
+        first: dict[str, int] = {}
+        repeats: dict[int, int] = {}
+        own: list[_Unit] = []
+        for unit in units:
+            key = unit.new.key
+            if key is not None and key in first:
+                repeats[unit.index] = first[key]
+                continue
+            if key is not None:
+                first[key] = unit.index
+            own.append(unit)
+        return cls(jobs, own, repeats, group)
+
+    def answering(self) -> list[str]:
+        """The id of the job answering for each job of the batch, as known so far."""
+        ids = []
+        for i in range(len(self.jobs)):
+            first = self.repeats.get(i, i)
+            held = self.held.get(first)
+            ids.append(held.job.id if held is not None else self.jobs[first].id)
+        return ids
+
+    def answers(self, stored: dict[int, Enqueued]) -> list[Enqueued]:
+        out = []
+        for i in range(len(self.jobs)):
+            first = self.repeats.get(i, i)
+            entry = stored[first] if first in stored else self.held[first]
+            out.append(entry if first == i else Enqueued(entry.job, created=False))
+        return out
+
+
+def _chunks(units: Sequence[_Unit]) -> list[list[_Unit]]:
+    """Units in groups that each fit one transaction; a job travels with its key."""
+    chunks: list[list[_Unit]] = []
+    actions = size = 0
+    for unit in units:
+        if chunks and actions + unit.actions <= TRANSACT_MAX and size + unit.size <= TRANSACT_BYTES:
+            chunks[-1].append(unit)
+            actions, size = actions + unit.actions, size + unit.size
+        else:
+            chunks.append([unit])
+            actions, size = unit.actions, unit.size
+    return chunks
+
+
+Refusal = tuple[str, "_Unit | None", str | None]  # ("key" | "job" | "record", unit, key holder)
+
+
+def _refusals(
+    reasons: list[dict[str, Any]], plan: Sequence[tuple[dict[str, Any], _Unit | None]]
+) -> list[Refusal]:
+    """What a cancelled transaction says about each of its actions (DynamoDB answers one reason
+    per action, in order): the puts refused by their condition. A conflict with another
+    transaction refuses nothing (the next try may pass); any other reason is raised."""
+    refused: list[Refusal] = []
+    for reason, (action, unit) in zip(reasons, plan, strict=False):
+        code = reason.get("Code") or "None"
+        if code in ("None", "TransactionConflict"):
+            continue
+        if code != "ConditionalCheckFailed":
+            error = BackendUnavailable if code in THROTTLED_REASONS else BackendError
+            raise error(f"dynamodb transact_write_items: {code}: {reason.get('Message', '')}")
+        if unit is None:
+            refused.append(("record", None, None))
+        elif action["Put"]["Item"]["pk"]["S"].startswith("K#"):
+            holder = (reason.get("Item") or {}).get("j")
+            refused.append(("key", unit, None if holder is None else str(holder["S"])))
+        else:
+            refused.append(("job", unit, None))
+    return refused
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 UNAVAILABLE_CODES = frozenset(
@@ -381,6 +567,8 @@ UNAVAILABLE_CODES = frozenset(
         "TransactionInProgressException",
     }
 )
+# A cancelled transaction's per-action reasons that mean "later", not "no".
+THROTTLED_REASONS = frozenset({"ThrottlingError", "ProvisionedThroughputExceeded"})
 
 
 class _ConditionFailed(Exception):
@@ -594,6 +782,12 @@ def _droppable(result: ResultRef | None) -> bool:
     return result is not None and result.area != DROPPED
 
 
+def _finished_before(job: Job, before: float | None) -> bool:
+    if before is None:
+        return True
+    return job.finished_at is not None and job.finished_at.timestamp() <= before
+
+
 def _ttl(expires_at: float) -> dict[str, str]:
     return _n(math.ceil(expires_at))
 
@@ -797,43 +991,51 @@ class DynamoQueue(QueueBackend):
 
     # --- submit -----------------------------------------------------------------------------------
 
-    async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
-        """Each job is stored by one conditional write (a transaction with its key, if any):
-        atomic per job. A batch that fails midway raises, and the jobs already stored remain."""
+    async def enqueue(
+        self, jobs: Sequence[NewJob], group: GroupRecord | None = None
+    ) -> list[Enqueued]:
+        """Every item is converted and checked against DynamoDB's limits before the first
+        write. One job alone is one conditional write (a transaction with its key, if any);
+        a batch or a group is one ``TransactWriteItems`` while it fits one (100 items, 4 MB:
+        jobs, keys and the record), else several run side by side and, should one fail, what
+        the others stored is removed again (best effort: ``docs/dynamodb.md`` §3)."""
+        shards = self.settings.shards
+        units = convert_all(
+            list(enumerate(jobs)), lambda pair: _Unit.of(*pair, random.randrange(shards))
+        )
+        record_size = _group_size(group, jobs) if group is not None else 0
         now = self.clock.time()
         await self._register(j.queue for j in jobs)
-        first: dict[str, int] = {}
-        calls: dict[int, Awaitable[Enqueued]] = {}
-        for i, new in enumerate(jobs):
-            if new.key is None:
-                calls[i] = self._put_plain(new)
-            elif new.key not in first:
-                first[new.key] = i
-                calls[i] = self._put_keyed(new, now)
-        done = dict(zip(calls, await self._all(calls.values()), strict=True))
-        out: list[Enqueued] = []
-        for i, new in enumerate(jobs):
-            entry = done.get(i)
-            if entry is None:  # a key repeated in the batch answers its first occurrence
-                assert new.key is not None
-                entry = Enqueued(done[first[new.key]].job, created=False)
-            out.append(entry)
-        return out
+        if group is None and len(units) == 1:
+            return [await self._put_one(units[0], now)]
+        batch = _Batch.of(jobs, units, group)
+        actions = sum(u.actions for u in batch.units) + (group is not None)
+        size = sum(u.size for u in batch.units) + record_size
+        if actions <= TRANSACT_MAX and size <= TRANSACT_BYTES:
+            stored = await self._transact(batch, batch.units, now, with_record=True)
+        else:
+            stored = await self._store_chunked(batch, now)
+        return batch.answers(stored)
 
-    def _put_job(self, new: NewJob) -> dict[str, Any]:
-        item = _job_item(new, random.randrange(self.settings.shards))
-        return {"TableName": self.table, "Item": item, **_expr(None, NEW_ITEM)}
+    async def _put_one(self, unit: _Unit, now: float) -> Enqueued:
+        if unit.new.key is not None:
+            return await self._put_keyed(unit, now)
+        return await self._put_plain(unit)
 
-    async def _put_plain(self, new: NewJob) -> Enqueued:
+    def _put_job(self, unit: _Unit) -> dict[str, Any]:
+        return {"TableName": self.table, "Item": unit.item, **_expr(None, NEW_ITEM)}
+
+    async def _put_plain(self, unit: _Unit) -> Enqueued:
         try:
-            await self._call("put_item", **self._put_job(new))
+            await self._call("put_item", **self._put_job(unit))
         except _ConditionFailed:  # ids are unique: a retry found our own put, already counted
-            return Enqueued(new.to_job(), created=True)
-        self._counts.add(new.queue, State.QUEUED.value)  # counted per job: a batch may fail
-        return Enqueued(new.to_job(), created=True)
+            return Enqueued(unit.job, created=True)
+        self._counts.add(unit.new.queue, State.QUEUED.value)
+        return Enqueued(unit.job, created=True)
 
-    async def _put_keyed(self, new: NewJob, now: float) -> Enqueued:
+    async def _put_keyed(self, unit: _Unit, now: float) -> Enqueued:
         """Take the key and store the job in one transaction; a live holder answers instead."""
+        new = unit.new
         assert new.key is not None
         stale: str | None = None
         for _ in range(KEY_TRIES):
@@ -841,14 +1043,14 @@ class DynamoQueue(QueueBackend):
             try:
                 await self._call(
                     "transact_write_items",
-                    TransactItems=[{"Put": key_put}, {"Put": self._put_job(new)}],
+                    TransactItems=[{"Put": key_put}, {"Put": self._put_job(unit)}],
                 )
                 self._counts.add(new.queue, State.QUEUED.value)
-                return Enqueued(new.to_job(), created=True)
+                return Enqueued(unit.job, created=True)
             except _Cancelled as exc:
                 holder = _key_holder_id(exc.reasons)
             if holder == new.id:  # our own earlier attempt landed (its answer was lost)
-                return Enqueued(new.to_job(), created=True)
+                return Enqueued(unit.job, created=True)
             if holder is not None:
                 item = await self._get_item(_job_key(holder))
                 if _holds_key(item, now):
@@ -856,6 +1058,139 @@ class DynamoQueue(QueueBackend):
                     return Enqueued(_decode_job(item), created=False)
             stale = holder
         raise BackendUnavailable(f"dedupe key {new.key!r} is contended; try again")
+
+    async def _transact(
+        self, batch: _Batch, units: Sequence[_Unit], now: float, *, with_record: bool
+    ) -> dict[int, Enqueued]:
+        """Store ``units`` (and, ``with_record``, the group record) in one transaction; answers
+        the jobs stored, by index. A key held by a live job takes its unit out (``batch.held``)
+        and the transaction is tried again without it; a key whose holder let it go is taken
+        over (conditional on the holder's id). A unit found already stored was stored by an
+        earlier try whose answer was lost (ids are unique)."""
+        stale: dict[int, str] = {}
+        landed: set[int] = set()
+        record_landed = not with_record or batch.group is None
+        for _ in range(TRANSACT_ROUNDS):
+            todo = [u for u in units if u.index not in batch.held and u.index not in landed]
+            plan = self._plan(batch, todo, stale, with_record=not record_landed)
+            if not plan:
+                break
+            try:
+                await self._call("transact_write_items", TransactItems=[a for a, _ in plan])
+                break
+            except _Cancelled as exc:
+                refused = _refusals(exc.reasons, plan)
+            holders: dict[int, str] = {}
+            for kind, unit, holder in refused:
+                if unit is None:
+                    record_landed = True  # the record exists: written by a lost try of ours
+                elif kind == "job" or holder == unit.new.id:
+                    landed.add(unit.index)  # a lost try of ours stored it (ids are unique)
+                elif holder is None:
+                    stale.pop(unit.index, None)  # the key item is gone: take the key afresh
+                else:
+                    holders[unit.index] = holder
+            await self._resolve_holders(batch, holders, stale, now)
+        else:
+            raise BackendUnavailable("dynamodb: the batch's dedupe keys changed hands; try again")
+        stored = [u for u in units if u.index not in batch.held]
+        for unit in stored:
+            self._counts.add(unit.new.queue, State.QUEUED.value)
+        return {u.index: Enqueued(u.job, created=True) for u in stored}
+
+    def _plan(
+        self, batch: _Batch, todo: Sequence[_Unit], stale: dict[int, str], *, with_record: bool
+    ) -> list[tuple[dict[str, Any], _Unit | None]]:
+        """The actions of one transaction, each with the unit it stores (None: the record).
+        Refused puts answer the item they found (``ALL_OLD``), which says who holds a key."""
+        plan: list[tuple[dict[str, Any], _Unit | None]] = []
+        for unit in todo:
+            if unit.new.key is not None:
+                key_put = self._put_key(unit.new.key, unit.new.id, stale.get(unit.index))
+                plan.append(({"Put": key_put}, unit))
+            job_put = {**self._put_job(unit), "ReturnValuesOnConditionCheckFailure": "ALL_OLD"}
+            plan.append(({"Put": job_put}, unit))
+        if with_record:
+            plan.append(({"Put": self._put_record(batch)}, None))
+        return plan
+
+    def _put_record(self, batch: _Batch) -> dict[str, Any]:
+        assert batch.group is not None
+        record = group_record(batch.group, batch.answering())
+        return {"TableName": self.table, "Item": _group_item(record), **_expr(None, NEW_ITEM)}
+
+    async def _resolve_holders(
+        self, batch: _Batch, holders: dict[int, str], stale: dict[int, str], now: float
+    ) -> None:
+        """For each unit whose key another job pointed at: that job answers for it while it
+        holds the key; else the next try takes the key over from it."""
+        found = await self._all(self._get_item(_job_key(h)) for h in holders.values())
+        for (index, holder), item in zip(holders.items(), found, strict=True):
+            if item is not None and _holds_key(item, now):
+                batch.held[index] = Enqueued(_decode_job(item), created=False)
+            else:
+                stale[index] = holder
+
+    async def _store_chunked(self, batch: _Batch, now: float) -> dict[int, Enqueued]:
+        """A batch too large for one transaction: transactions side by side, then the record.
+        If any write fails, the jobs the others stored are removed before the error is raised,
+        as far as they can be (see ``_unstore``)."""
+        chunks = _chunks(batch.units)
+        results = await asyncio.gather(
+            *(self._transact(batch, c, now, with_record=False) for c in chunks),
+            return_exceptions=True,
+        )
+        stored: dict[int, Enqueued] = {}
+        failure: BaseException | None = None
+        for result in results:
+            if isinstance(result, BaseException):
+                failure = failure or result
+            else:
+                stored.update(result)
+        if failure is None and batch.group is not None:
+            try:
+                with contextlib.suppress(_ConditionFailed):  # a lost try of ours wrote it
+                    await self._call("put_item", **self._put_record(batch))
+            except Exception as exc:
+                failure = exc
+        if failure is not None:
+            await self._unstore(batch, set(stored))
+            raise failure
+        return stored
+
+    async def _unstore(self, batch: _Batch, counted: set[int]) -> None:
+        """Delete what a failed batch may have stored: every job of it (those of a transaction
+        whose answer was lost too, since it may have landed), each only if nothing touched it
+        yet (queued, version 1: no consumer leased it, no one cancelled it), then its key; and
+        the group record. A job that is not there refuses the delete's condition. Best effort:
+        a job already leased, or a delete that fails, stays. ``counted``: the jobs counted as
+        queued, to uncount."""
+
+        async def undo(unit: _Unit) -> None:
+            values = {"one": ONE, "queued": _s(State.QUEUED.value)}
+            try:
+                await self._call(
+                    "delete_item",
+                    TableName=self.table,
+                    Key=_job_key(unit.new.id),
+                    **_expr(None, UNTOUCHED, **values),
+                )
+            except (_ConditionFailed, BackendError):
+                return
+            if unit.index in counted:
+                self._counts.add(unit.new.queue, State.QUEUED.value, -1)
+            if unit.new.key is not None:
+                await self._tidy_key(unit.new.key, unit.new.id, free=True, expires_at=None)
+
+        async def undo_record(group: GroupRecord) -> None:
+            key = {"pk": _s(f"G#{group.id}"), "sk": _s(GROUP_SK)}
+            with contextlib.suppress(BackendError):
+                await self._call("delete_item", TableName=self.table, Key=key)
+
+        held = batch.held
+        await self._all(undo(u) for u in batch.units if u.index not in held)
+        if batch.group is not None:
+            await undo_record(batch.group)
 
     def _put_key(self, key: str, job_id: str, stale: str | None) -> dict[str, Any]:
         """The key item pointing at ``job_id``: new, or replacing a holder that let it go."""
@@ -1391,10 +1726,6 @@ class DynamoQueue(QueueBackend):
             return False
         return True
 
-    async def save_group(self, record: GroupRecord) -> None:
-        item = {"pk": _s(f"G#{record.id}"), "sk": _s(GROUP_SK), "rec": _j(record)}
-        await self._call("put_item", TableName=self.table, Item=item)
-
     async def get_group(self, group_id: str) -> GroupRecord | None:
         item = await self._get_item({"pk": _s(f"G#{group_id}"), "sk": _s(GROUP_SK)})
         return None if item is None else msgspec.json.decode(item["rec"]["S"], type=GroupRecord)
@@ -1448,7 +1779,9 @@ class DynamoQueue(QueueBackend):
             await self._tidy_key(job.key, job.id, free=True, expires_at=None)
         return job
 
-    async def drop_results(self, sticky: bool, limit: int) -> list[Job]:
+    async def drop_results(
+        self, sticky: bool, limit: int, before: float | None = None
+    ) -> list[Job]:
         """Walk the succeeded jobs (through ``list``: a purge is an operator's rare act) and drop
         the results of those with this ``sticky`` flag, each by an update conditional on the
         version seen, so concurrent purges answer each job once. The walk goes on from where
@@ -1458,7 +1791,11 @@ class DynamoQueue(QueueBackend):
         where = ListFilter(state=State.SUCCEEDED)
         while len(dropped) < limit:
             page, after = await self.list_jobs(where, 100, cursor)
-            doomed = [j for j in page if j.sticky is sticky and _droppable(j.result)]
+            doomed = [
+                j
+                for j in page
+                if j.sticky is sticky and _droppable(j.result) and _finished_before(j, before)
+            ]
             doomed = doomed[: limit - len(dropped)]
             if doomed and doomed[-1] is not page[-1]:
                 after = doomed[-1].id  # the batch is full: go on just below its last job

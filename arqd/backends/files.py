@@ -5,12 +5,23 @@ random tail, since its head is a timestamp. A writer streams into ``<root>/.part
 publishes with ``fsync`` + ``os.replace`` (atomic on POSIX), so a reader sees either no result
 or all of it. Names are built only from validated job ids and the two known areas, so no request
 can reach outside the root.
+
+Partials of writers that died (kill -9, power loss) are swept by ``sweep_partials``, which
+every daemon runs at start and every minute. A writer
+holds an exclusive ``flock`` on its partial from the moment it creates it until after it has
+renamed or removed it, and the kernel drops that lock when its process dies. So a partial whose
+lock can be taken has no live writer in any process on this host, whatever its age: the sweep
+takes the lock, checks the path still names the file it locked, and removes it. A writer that
+lost the race for its own fresh file (a sweep locked it between creation and ``flock``) sees
+that and starts again under a new name. (Locks do not reach across hosts: share a results
+directory between hosts only on a file system whose ``flock`` does, such as NFSv4 on Linux.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,42 +35,47 @@ from arqd.errors import BackendError, ResultExpired
 from arqd.model import BLOB_NAME_RE, new_token
 
 CHUNK = 64 * 1024
+PARTIAL = ".partial"
+PARTIAL_SUFFIX = ".part"
+NAMES_PAGE = 1000  # result names answered per page by ``names``
+CREATE_TRIES = 5  # fresh names a writer tries when sweeps keep taking its new partial
 
 
 class _FileWriter(ResultWriter):
-    def __init__(self, partial: Path, final: Path) -> None:
+    def __init__(
+        self, partial: Path, final: Path, handle: aiofiles.threadpool.binary.AsyncBufferedIOBase
+    ) -> None:
         self._partial, self._final = partial, final
-        self._file: aiofiles.threadpool.binary.AsyncBufferedIOBase | None = None
+        # The handle's fd carries the partial's lock: it stays open until the file is renamed
+        # or removed.
+        self._handle = handle
         self._size = 0
         self._closed = False
 
-    async def _open(self) -> None:
-        self._file = await aiofiles.open(self._partial, "wb")
-
     async def write(self, data: bytes) -> None:
-        assert self._file is not None, "writer not opened"
         assert not self._closed, "writer already finished"
-        await self._file.write(data)
+        await self._handle.write(data)
         self._size += len(data)
 
     async def commit(self) -> int:
-        assert self._file is not None, "writer not opened"
         assert not self._closed, "writer already finished"
-        await self._file.flush()
-        await asyncio.to_thread(os.fsync, self._file.fileno())
-        await self._file.close()
         self._closed = True
-        await asyncio.to_thread(_publish, self._partial, self._final)
+        try:
+            await self._handle.flush()
+            await asyncio.to_thread(os.fsync, self._handle.fileno())
+            # Renamed while still locked: a sweep never sees this partial without its lock.
+            await asyncio.to_thread(_publish, self._partial, self._final)
+        finally:
+            await self._handle.close()
         return self._size
 
     async def abort(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._file is not None:
-            await self._file.close()
         with contextlib.suppress(FileNotFoundError):
-            await aiofiles.os.remove(self._partial)
+            await aiofiles.os.remove(self._partial)  # removed before the lock is let go
+        await self._handle.close()
 
 
 def _publish(partial: Path, final: Path) -> None:
@@ -72,6 +88,63 @@ def _publish(partial: Path, final: Path) -> None:
         os.close(fd)
 
 
+def _create_locked(directory: Path, name: str) -> tuple[Path, int]:
+    """A new partial for ``name``, created and locked by this process (see the module
+    docstring): its path and its open, locked fd."""
+    for _ in range(CREATE_TRIES):
+        path = directory / f"{name}.{new_token()[:8]}{PARTIAL_SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # a sweep holds it and will remove it: take another name
+            continue
+        if _names_file(path, fd):
+            return path, fd
+        os.close(fd)  # a sweep removed it between our creation and our lock
+    raise BackendError(f"cannot create a partial result in {directory}: swept each time")
+
+
+def _names_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def sweep_partials(directory: Path) -> tuple[int, int]:
+    """Remove every partial in ``directory`` that no live writer holds; answers (files, bytes).
+    A partial held by a writer (its lock cannot be taken) is left alone, however old."""
+    files = size = 0
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0, 0
+    for entry in entries:
+        if not entry.name.endswith(PARTIAL_SUFFIX) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            continue  # published or aborted meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer holds it
+            path = Path(entry.path)
+            if _names_file(path, fd):
+                length = os.fstat(fd).st_size
+                path.unlink()  # under our lock: a writer locking it next sees it gone
+                files, size = files + 1, size + length
+        finally:
+            os.close(fd)
+    return files, size
+
+
 class FileResults(ResultStore):
     """See the module docstring."""
 
@@ -82,7 +155,7 @@ class FileResults(ResultStore):
         self.root = Path(path).absolute()
 
     async def open(self) -> None:
-        for sub in (*AREAS, ".partial"):
+        for sub in (*AREAS, PARTIAL):
             await asyncio.to_thread((self.root / sub).mkdir, parents=True, exist_ok=True)
 
     def _path(self, area: Area, name: str) -> Path:
@@ -92,9 +165,18 @@ class FileResults(ResultStore):
 
     async def writer(self, area: Area, name: str) -> ResultWriter:
         final = self._path(area, name)
-        writer = _FileWriter(self.root / ".partial" / f"{name}.{new_token()[:8]}.part", final)
-        await writer._open()
-        return writer
+        partial, fd = await asyncio.to_thread(_create_locked, self.root / PARTIAL, name)
+        try:
+            handle = await aiofiles.open(fd, "wb")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+            os.close(fd)
+            raise
+        return _FileWriter(partial, final, handle)
+
+    async def sweep_partials(self) -> tuple[int, int]:
+        return await asyncio.to_thread(sweep_partials, self.root / PARTIAL)
 
     async def read(
         self, area: Area, name: str, start: int = 0, end: int | None = None
@@ -127,23 +209,23 @@ class FileResults(ResultStore):
         with contextlib.suppress(FileNotFoundError):
             await aiofiles.os.remove(self._path(area, name))
 
-    async def purge(self, area: Area, older_than: float | None = None) -> int:
+    async def names(self, area: Area) -> AsyncIterator[list[str]]:
         if area not in AREAS:
             raise BackendError(f"unknown result area {area!r}")
-        return await asyncio.to_thread(_purge_tree, self.root / area, older_than)
+        top = self.root / area
+        fans = await asyncio.to_thread(_listing, top)
+        for fan in fans:  # read one fan-out directory (1/256 of the area) at a time
+            found = await asyncio.to_thread(_listing, top / fan)
+            for i in range(0, len(found), NAMES_PAGE):
+                yield found[i : i + NAMES_PAGE]
 
     async def ping(self) -> None:
         if not await aiofiles.os.path.isdir(self.root):
             raise BackendError(f"result directory {self.root} is missing")
 
 
-def _purge_tree(top: Path, older_than: float | None) -> int:
-    count = 0
-    for entry in top.glob("*/*"):
-        try:
-            if older_than is None or entry.stat().st_mtime < older_than:
-                entry.unlink()
-                count += 1
-        except FileNotFoundError:
-            continue
-    return count
+def _listing(directory: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []

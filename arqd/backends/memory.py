@@ -28,6 +28,10 @@ from arqd.backends.base import (
     ResultStore,
     ResultWriter,
     WorkerInfo,
+    convert_all,
+    group_record,
+    storable_group,
+    storable_job,
 )
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import ResultExpired
@@ -45,6 +49,7 @@ from arqd.model import (
 )
 
 _ids = itertools.count()
+NAMES_PAGE = 1000  # result names answered per page by ``MemoryResults.names``
 
 
 @dataclass(slots=True)
@@ -112,21 +117,28 @@ class MemoryQueue(QueueBackend):
 
     # --- the contract -----------------------------------------------------------------------------
 
-    async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
+    async def enqueue(
+        self, jobs: Sequence[NewJob], group: GroupRecord | None = None
+    ) -> list[Enqueued]:
+        # Everything is converted first; from there on nothing can fail, and nothing awaits.
+        records = convert_all(jobs, _convert)
+        if group is not None:
+            storable_group(group, jobs)
         now = self.clock.time()
         out: list[Enqueued] = []
-        for new in jobs:
+        for new, job in zip(jobs, records, strict=True):
             holder = self._key_holder(new.key, now) if new.key is not None else None
             if holder is not None:
                 out.append(Enqueued(holder, created=False))
                 continue
-            job = new.to_job()
             row = _Row(job, None)
             self._s.rows[job.id] = row
             self._set_visible(row, new.ready_at)
             if new.key is not None:
                 self._s.keys[new.key] = _Key(job.id)
             out.append(Enqueued(job, created=True))
+        if group is not None:
+            self._s.groups[group.id] = group_record(group, [e.job.id for e in out])
         return out
 
     async def lease(
@@ -328,9 +340,6 @@ class MemoryQueue(QueueBackend):
             )
         return row is not None
 
-    async def save_group(self, record: GroupRecord) -> None:
-        self._s.groups[record.id] = record
-
     async def get_group(self, group_id: str) -> GroupRecord | None:
         return self._s.groups.get(group_id)
 
@@ -348,7 +357,9 @@ class MemoryQueue(QueueBackend):
             self._free_key(job)
         return doomed
 
-    async def drop_results(self, sticky: bool, limit: int) -> list[Job]:
+    async def drop_results(
+        self, sticky: bool, limit: int, before: float | None = None
+    ) -> list[Job]:
         dropped: list[Job] = []
         for row in self._s.rows.values():
             job = row.job
@@ -359,6 +370,7 @@ class MemoryQueue(QueueBackend):
                 and job.sticky is sticky
                 and job.result is not None
                 and job.result.area != DROPPED
+                and (before is None or _finished_before(job, before))
             ):
                 dropped.append(job)
                 row.job = _replace(job, result=ResultRef(area=DROPPED), version=job.version + 1)
@@ -385,6 +397,17 @@ class MemoryQueue(QueueBackend):
 
     async def get_mark(self, name: str) -> float | None:
         return self._s.marks.get(name)
+
+
+def _convert(new: NewJob) -> Job:
+    """What this backend keeps of ``new``: its record; its JSON fields are checked to encode,
+    as every other backend stores them as JSON."""
+    msgspec.json.encode((new.payload, new.meta, new.steps))
+    return storable_job(new)
+
+
+def _finished_before(job: Job, before: float) -> bool:
+    return job.finished_at is not None and job.finished_at.timestamp() <= before
 
 
 def _replace(job: Job, **changes: object) -> Job:
@@ -415,7 +438,7 @@ class _MemoryWriter(ResultWriter):
 
     async def commit(self) -> int:
         blob = b"".join(self._parts)
-        self._store._blobs[(self._area, self._name)] = (self._store.clock.time(), blob)
+        self._store._blobs[(self._area, self._name)] = blob
         self._done = True
         return len(blob)
 
@@ -430,7 +453,7 @@ class MemoryResults(ResultStore):
 
     def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
         super().__init__(clock=clock)
-        self._blobs: dict[tuple[Area, str], tuple[float, bytes]] = {}
+        self._blobs: dict[tuple[Area, str], bytes] = {}
 
     async def writer(self, area: Area, name: str) -> ResultWriter:
         return _MemoryWriter(self, area, name)
@@ -441,23 +464,18 @@ class MemoryResults(ResultStore):
         entry = self._blobs.get((area, name))
         if entry is None:
             raise ResultExpired(f"the result of job {name} is no longer stored")
-        blob = entry[1][start:end]
+        blob = entry[start:end]
         for i in range(0, len(blob), 65536):
             yield blob[i : i + 65536]
 
     async def size(self, area: Area, name: str) -> int | None:
         entry = self._blobs.get((area, name))
-        return None if entry is None else len(entry[1])
+        return None if entry is None else len(entry)
 
     async def delete(self, area: Area, name: str) -> None:
         self._blobs.pop((area, name), None)
 
-    async def purge(self, area: Area, older_than: float | None = None) -> int:
-        doomed = [
-            k
-            for k, (at, _) in self._blobs.items()
-            if k[0] == area and (older_than is None or at < older_than)
-        ]
-        for k in doomed:
-            del self._blobs[k]
-        return len(doomed)
+    async def names(self, area: Area) -> AsyncIterator[list[str]]:
+        found = [name for a, name in self._blobs if a == area]
+        for i in range(0, len(found), NAMES_PAGE):
+            yield found[i : i + NAMES_PAGE]

@@ -4,12 +4,13 @@
   last). A result that ends within the first part is one ``PutObject``; a longer one becomes a
   multipart upload, started when the first part is full and completed on ``commit``. Either way
   nothing is visible until then, and memory stays bounded whatever the result's size.
-- A writer that fails or is aborted aborts its multipart upload, so no upload is left half done
-  (a lifecycle rule from :func:`init_bucket` also aborts any orphan after a day, should the
-  process die between the two).
+- A writer that fails or is aborted aborts its multipart upload, so no upload is left half done.
+  A process killed while writing leaves its upload open (invisible, but its parts are billed):
+  the lifecycle rule from :func:`init_bucket` aborts any upload a day after it began. Nothing
+  aborts uploads at start: an upload does not say whether its writer (on any host sharing the
+  bucket) still lives, and a handler may stream for longer than any age we could pick.
 - Reads are ranged ``GetObject`` calls, streamed; a missing object is :class:`ResultExpired`.
-- ``purge`` lists the area (ListObjectsV2) and deletes up to 1,000 keys per DeleteObjects. Its
-  ``older_than`` compares S3's ``LastModified``, the server's clock.
+- ``names`` lists an area (ListObjectsV2, 1,000 keys a page).
 - ``temporary/`` objects also expire by the bucket's lifecycle rule (``results.temporary_ttl``
   rounded up to whole days: S3 expires by day), so an unpurged cache cannot grow forever.
 
@@ -31,7 +32,7 @@ from arqd.model import BLOB_NAME_RE
 
 MIN_PART = 5 * 1024 * 1024  # S3 refuses smaller parts (except the last)
 CHUNK = 64 * 1024  # bytes per chunk handed to readers
-DELETE_BATCH = 1000  # the most keys one DeleteObjects takes
+NAMES_PAGE = 1000  # as many keys as one ListObjectsV2 answers
 LIFECYCLE_TEMPORARY = "arqd-temporary-expiry"
 LIFECYCLE_ABORT = "arqd-abort-incomplete-uploads"
 
@@ -284,24 +285,18 @@ class S3Results(ResultStore):
     async def delete(self, area: Area, name: str) -> None:
         await self._call("delete_object", Bucket=self.settings.bucket, Key=self._key(area, name))
 
-    async def purge(self, area: Area, older_than: float | None = None) -> int:
+    async def names(self, area: Area) -> AsyncIterator[list[str]]:
         if area not in AREAS:
             raise BackendError(f"unknown result area {area!r}")
-        doomed = [
-            obj["Key"]
-            async for obj in self._objects(f"{self.settings.prefix}{area}/")
-            if older_than is None or obj["LastModified"].timestamp() < older_than
-        ]
-        count = 0
-        for i in range(0, len(doomed), DELETE_BATCH):
-            batch = doomed[i : i + DELETE_BATCH]
-            out = await self._call(
-                "delete_objects",
-                Bucket=self.settings.bucket,
-                Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
-            )
-            count += len(batch) - len(out.get("Errors", []))
-        return count
+        prefix = f"{self.settings.prefix}{area}/"
+        page: list[str] = []
+        async for obj in self._objects(prefix):
+            page.append(obj["Key"][len(prefix) :])
+            if len(page) == NAMES_PAGE:
+                yield page
+                page = []
+        if page:
+            yield page
 
     async def _objects(self, prefix: str) -> AsyncIterator[dict[str, Any]]:
         kw: dict[str, Any] = {"Bucket": self.settings.bucket, "Prefix": prefix}

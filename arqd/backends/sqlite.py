@@ -23,6 +23,7 @@ Design
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -41,6 +42,10 @@ from arqd.backends.base import (
     QueueBackend,
     QueueStats,
     WorkerInfo,
+    convert_all,
+    group_record,
+    storable_group,
+    storable_job,
 )
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import BackendError, BackendUnavailable
@@ -159,6 +164,7 @@ SQL_KEY_HOLDER = (
 SQL_KEY_TAKE = "INSERT OR REPLACE INTO dedupe (key, job_id, expires_at) VALUES (?, ?, NULL)"
 SQL_KEY_FREE = "DELETE FROM dedupe WHERE key = ? AND job_id = ?"
 SQL_KEY_EXPIRES = "UPDATE dedupe SET expires_at = ? WHERE key = ? AND job_id = ?"
+SQL_GROUP_INSERT = "INSERT INTO groups (id, created_at, record) VALUES (?, ?, ?)"
 
 # The inner SELECT walks jobs_visible from the oldest entry of one (queue, state): O(log n) to
 # start, then one step per job leased. Expired leases (state 'running') and ready jobs (state
@@ -232,7 +238,8 @@ SQL_SWEEP = (
 # million results reads each row once, and outside the write lock.
 SQL_DROPPABLE = (
     "SELECT id FROM jobs WHERE id > ? AND state = 'succeeded' AND sticky = ? "
-    "AND result IS NOT NULL AND result ->> 'area' IS NOT 'dropped' ORDER BY id LIMIT ?"
+    "AND result IS NOT NULL AND result ->> 'area' IS NOT 'dropped' AND finished_at <= ? "
+    "ORDER BY id LIMIT ?"
 )
 SQL_DROP_TAKE = (
     f"SELECT {COLUMNS} FROM jobs WHERE id = ? AND state = 'succeeded' "
@@ -447,13 +454,19 @@ class SqliteQueue(QueueBackend):
 
     # --- writes -----------------------------------------------------------------------------------
 
-    async def enqueue(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
+    async def enqueue(
+        self, jobs: Sequence[NewJob], group: GroupRecord | None = None
+    ) -> list[Enqueued]:
+        # Every row (and the record) is converted before the transaction begins; inside it, a
+        # failure rolls everything back.
+        rows = convert_all(jobs, _convert)
+        checked = storable_group(group, jobs).decode() if group is not None else None
         now = self.clock.time()
 
         def body(conn: sqlite3.Connection, counts: _Counts) -> list[Enqueued]:
             out: list[Enqueued] = []
             plain: list[tuple[Any, ...]] = []
-            for new in jobs:
+            for new, (params, job) in zip(jobs, rows, strict=True):
                 if new.key is not None:
                     holder = conn.execute(SQL_KEY_HOLDER, (new.key, now)).fetchone()
                     if holder is not None:
@@ -462,13 +475,18 @@ class SqliteQueue(QueueBackend):
                             out.append(Enqueued(_row_to_job(row), created=False))
                             continue
                     conn.execute(SQL_KEY_TAKE, (new.key, new.id))
-                    conn.execute(SQL_INSERT, _insert_params(new))
+                    conn.execute(SQL_INSERT, params)
                 else:
-                    plain.append(_insert_params(new))
+                    plain.append(params)
                 counts.add(new.queue, "queued", 1)
-                out.append(Enqueued(new.to_job(), created=True))
+                out.append(Enqueued(job, created=True))
             if plain:
                 conn.executemany(SQL_INSERT, plain)
+            if group is not None and checked is not None:
+                record = checked
+                if any(not e.created for e in out):  # name the jobs that answer instead
+                    record = _enc(group_record(group, [e.job.id for e in out]))
+                conn.execute(SQL_GROUP_INSERT, (group.id, group.created_at, record))
             return out
 
         return await self._write(body, here=len(jobs) <= HERE_MAX_ROWS)
@@ -724,15 +742,6 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body)
 
-    async def save_group(self, record: GroupRecord) -> None:
-        def body(conn: sqlite3.Connection, counts: _Counts) -> None:
-            conn.execute(
-                "INSERT OR REPLACE INTO groups VALUES (?, ?, ?)",
-                (record.id, record.created_at, _enc(record)),
-            )
-
-        await self._write(body)
-
     async def get_group(self, group_id: str) -> GroupRecord | None:
         def work(conn: sqlite3.Connection) -> GroupRecord | None:
             row = conn.execute("SELECT record FROM groups WHERE id = ?", (group_id,)).fetchone()
@@ -753,13 +762,16 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body)
 
-    async def drop_results(self, sticky: bool, limit: int) -> list[Job]:
+    async def drop_results(
+        self, sticky: bool, limit: int, before: float | None = None
+    ) -> list[Job]:
         """Walk the droppable results from where the previous call stopped (an empty answer
         ends the walk and resets it), finding them on the reader, then drop each one in a short
         write transaction that checks it is still droppable."""
         dropped = _enc(ResultRef(area=DROPPED))
+        until = math.inf if before is None else before
         while True:
-            params = (self._drop_cursor.get(sticky, ""), int(sticky), limit)
+            params = (self._drop_cursor.get(sticky, ""), int(sticky), until, limit)
 
             def find(conn: sqlite3.Connection, p: tuple[Any, ...] = params) -> list[str]:
                 return [r[0] for r in conn.execute(SQL_DROPPABLE, p)]
@@ -848,6 +860,11 @@ class SqliteQueue(QueueBackend):
 
 def _fifo(job: Job) -> tuple[datetime, str]:
     return job.ready_at, job.id
+
+
+def _convert(new: NewJob) -> tuple[tuple[Any, ...], Job]:
+    """The row of ``new`` and its first record, each value converted and checked."""
+    return _insert_params(new), storable_job(new)
 
 
 def _insert_params(new: NewJob) -> tuple[Any, ...]:
