@@ -1,12 +1,15 @@
 """Rules about the repository's own files that keep a fresh clone working: every process that
 runs Python is started with the interpreter of the running one (a bare ``python`` from ``PATH``
-is not the project's venv on a fresh machine)."""
+is not the project's venv on a fresh machine), and no module shadows a standard-library module
+(``benchmarks/http.py`` once broke ``python benchmarks/throughput.py``: aiohttp's ``import http``
+found it first)."""
 
 from __future__ import annotations
 
 import ast
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,3 +119,30 @@ def test_no_file_starts_a_bare_python():
         for line, code in bare_python_starts(path.read_text())
     ]
     assert not offences, "start Python with sys.executable:\n" + "\n".join(offences)
+
+
+def importable_dirs(files: list[Path]) -> set[Path]:
+    """Directories that can be ``sys.path[0]``: the root (``python -m``, pytest) and every
+    directory holding a script run by its path (a ``__main__`` guard outside ``__main__.py``)."""
+    dirs = {ROOT}
+    for path in files:
+        if path.name != "__main__.py" and '__name__ == "__main__"' in path.read_text():
+            dirs.add(path.parent)
+    return dirs
+
+
+def test_no_module_shadows_the_standard_library():
+    """No module or package a script's directory puts on sys.path has a stdlib module's name."""
+    files = python_files()
+    offences = []
+    for directory in sorted(importable_dirs(files)):
+        for path in files:
+            if path.parent == directory:
+                name = path.stem
+            elif path.parent.parent == directory and path.name == "__init__.py":
+                name = path.parent.name
+            else:
+                continue
+            if name in sys.stdlib_module_names:
+                offences.append(f"{path.relative_to(ROOT)} is importable as `{name}`")
+    assert not offences, "rename them:\n" + "\n".join(offences)
