@@ -92,6 +92,15 @@ def cmd_token_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_steps_key_new(args: argparse.Namespace) -> int:
+    """A fresh Fernet key for ``http_steps.keys``, alone on stdout (so ``$(arqd steps-key
+    new)`` works); every daemon sharing a queue needs the same keys."""
+    from cryptography.fernet import Fernet
+
+    print(Fernet.generate_key().decode("ascii"))
+    return 0
+
+
 def cmd_init_aws(args: argparse.Namespace) -> int:
     from arqd.stores import init_aws
 
@@ -334,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--scopes", required=True, help="comma list of submit,read,cancel,admin")
     p.set_defaults(run=cmd_token_new)
+    key = sub.add_parser("steps-key", help="manage the keys sealing step secrets").add_subparsers(
+        dest="key_command", required=True, metavar="ACTION"
+    )
+    p = key.add_parser("new", help="print a fresh key for http_steps.keys")
+    p.set_defaults(run=cmd_steps_key_new)
     return parser
 
 

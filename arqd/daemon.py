@@ -275,5 +275,5 @@ def _bound_port(runner: web.AppRunner) -> int | None:
 
 
 def serve(config_path: str | None) -> int:
-    # uvloop was measured (benchmarks/http.py): same throughput, a worse p99; not used.
+    # uvloop was measured (benchmarks/http_api.py): same throughput, a worse p99; not used.
     return asyncio.run(Daemon(config_path).run())

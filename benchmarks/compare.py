@@ -57,6 +57,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as `python benchmarks/<name>.py`: import from the root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 from benchmarks.peers.common import WORKLOADS, descendants, die_with_parent
 from benchmarks.peers.services import Postgres, Redis, Service, ServiceError
 

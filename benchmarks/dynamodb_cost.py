@@ -38,12 +38,17 @@ import math
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as `python benchmarks/<name>.py`: import from the root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import arqd
 from arqd import logs

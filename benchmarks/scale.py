@@ -23,7 +23,7 @@
    file-backed parts) from ``/proc/PID/status``, idle on an empty database; on the largest
    database with all its jobs queued (the daemon consumes another queue); after a SIGHUP made
    it work through ``--sample`` of them and another made it stop; after it worked through all.
-3. **Status polls** (``GET /v1/jobs/{id}`` of 1,000 finished jobs, as ``benchmarks/http.py``,
+3. **Status polls** (``GET /v1/jobs/{id}`` of 1,000 finished jobs, as ``benchmarks/http_api.py``,
    from ``wrk`` or else aiohttp) with no long-polls, then with ``--longpolls`` long-polls open:
    ``GET /v1/jobs/{id}?wait=S`` on jobs of a queue no worker consumes, held by a second process
    of this script over raw sockets (one connection each; the first ``wait`` uniform in 1..60 s
@@ -68,6 +68,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+if not __package__:  # run as `python benchmarks/<name>.py`: import from the root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import aiohttp
 import msgspec
 
@@ -76,8 +79,10 @@ from arqd import logs
 from arqd.backends.base import QueueBackend, ResultStore
 from arqd.config import Config
 from arqd.stores import make_queue, make_results
-from benchmarks.http import WRK_SCRIPT, hammer
+from benchmarks.http_api import WRK_SCRIPT, hammer
 from benchmarks.throughput import percentile
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 # A small realistic payload: rows about as large as real ones (~290 bytes per queued job).
 JOB = {"handler": "noop", "payload": {"user": 48213, "action": "resize", "src": "img/0001.png"}}
@@ -96,8 +101,8 @@ SETTLE = 2.0  # seconds to let a daemon settle before reading its memory
 CPU_WINDOW = 5.0  # seconds over which the daemon's CPU use with only long-polls open is read
 WAIT_MAX = 60  # the API's longest ?wait= (API.md section 2)
 CONNECTS_IN_FLIGHT = 100  # the daemon listens with aiohttp's default accept backlog of 128
-POLL_JOBS = 1000  # finished jobs the status polls pick from (as benchmarks/http.py)
-POLL_CONCURRENCY = 64  # wrk connections (as benchmarks/http.py)
+POLL_JOBS = 1000  # finished jobs the status polls pick from (as benchmarks/http_api.py)
+POLL_CONCURRENCY = 64  # wrk connections (as benchmarks/http_api.py)
 WARMUP_SECONDS = 2.0  # of status polls before the first measured ones
 FD_SPARE = 200  # descriptors a process needs besides the long-poll sockets
 
@@ -523,7 +528,7 @@ async def finished_etags(http: aiohttp.ClientSession, ids: list[str]) -> dict[st
 
 async def wrk(url: str, etags: dict[str, str], seconds: float, tmp: Path) -> tuple[float, ...]:
     """(requests per second, p50 ms, p99 ms, errors) of plain status polls, measured by wrk with
-    the script of benchmarks/http.py (a timeout of 30 s, so slow answers count, not vanish)."""
+    the script of benchmarks/http_api.py (a timeout of 30 s, so slow answers count, not vanish)."""
     (tmp / "ids.txt").write_text("".join(f"{k} {v}\n" for k, v in etags.items()))
     (tmp / "poll.lua").write_text(WRK_SCRIPT)
     proc = await asyncio.create_subprocess_exec(
@@ -572,6 +577,7 @@ class LongPolls:
         ids_file.write_text("\n".join(self.ids))
         self.proc = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "benchmarks.scale", "--hold", self.url, str(ids_file)),
+            cwd=ROOT,  # so that `-m benchmarks.scale` is found from any working directory
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )

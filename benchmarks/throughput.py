@@ -15,10 +15,14 @@ import argparse
 import asyncio
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as `python benchmarks/<name>.py`: import from the root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import arqd
 from arqd import logs

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -387,7 +388,7 @@ async def test_refuses_to_listen_beyond_loopback_without_tokens(tmp_path: Path):
     config = tmp_path / "open.toml"
     config.write_text(sqlite_config(tmp_path).replace("127.0.0.1:0", "0.0.0.0:0"))
     proc = await asyncio.create_subprocess_exec(
-        "python",
+        sys.executable,
         "-m",
         "arqd",
         "serve",

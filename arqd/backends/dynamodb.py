@@ -45,7 +45,7 @@ import math
 import random
 import re
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -68,7 +68,7 @@ from arqd.backends.base import (
     storable_job,
 )
 from arqd.clock import SYSTEM_CLOCK, Clock
-from arqd.errors import BackendError, BackendUnavailable, ConfigError, Unstorable
+from arqd.errors import ArqdError, BackendError, BackendUnavailable, ConfigError, Unstorable
 from arqd.model import (
     DROPPED,
     GroupRecord,
@@ -587,11 +587,30 @@ class _Cancelled(Exception):
         self.reasons = reasons
 
 
+# botocore says only "Unable to locate credentials": say where it looked. Unavailable, not an
+# error: the daemon keeps retrying, and credentials that appear later (a role attached, a file
+# written) are picked up without a restart.
+NO_CREDENTIALS = (
+    "no AWS credentials found: botocore looks in the environment (AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY), then in ~/.aws/credentials and ~/.aws/config (the profile "
+    "AWS_PROFILE names, else default), then for a container or instance role; a local endpoint "
+    "such as moto accepts any pair (AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing)"
+)
+
+
+def credentials_missing(exc: Exception) -> bool:
+    """Whether ``exc`` is botocore finding no credentials at all (both AWS backends ask)."""
+    from botocore.exceptions import NoCredentialsError
+
+    return isinstance(exc, NoCredentialsError)
+
+
 def _translate(op: str, exc: Exception) -> Exception:
     """Map one botocore failure to an arqd error (or an internal refusal)."""
     response = getattr(exc, "response", None)
     if response is None:  # no answer at all: connection refused, reset, timed out
-        return BackendUnavailable(f"dynamodb {op}: {exc}")
+        detail = NO_CREDENTIALS if credentials_missing(exc) else exc
+        return BackendUnavailable(f"dynamodb {op}: {detail}")
     code = response.get("Error", {}).get("Code", "")
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     if code == "ConditionalCheckFailedException":
@@ -688,6 +707,30 @@ async def open_aws_client(
         return await stack.enter_async_context(client_cm)
     except BotoCoreError as exc:  # NoRegionError and friends: a setup problem, named plainly
         raise BackendError(f"cannot set up the {service} client: {exc}") from exc
+
+
+# Why the last open of each table or bucket failed in this process: the daemon retries with
+# fresh backend objects, and /readyz asks one that has not tried yet. One entry per store.
+_open_failures: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def remembering_open_failure(where: str) -> Iterator[None]:
+    """Around an AWS backend's ``open()``: remember why it failed, forget it once it opens."""
+    try:
+        yield
+    except ArqdError as exc:
+        _open_failures[where] = str(exc)
+        raise
+    _open_failures.pop(where, None)
+
+
+def not_open(what: str, where: str) -> BackendError:
+    """The error of a call to a backend that is not open, with why its last open failed."""
+    reason = _open_failures.get(where)
+    if reason is None:
+        return BackendError(f"{what} is not open")
+    return BackendError(f"{what} is not open (its last open failed: {reason})")
 
 
 async def open_aws_clients(
@@ -831,11 +874,14 @@ class DynamoQueue(QueueBackend):
 
     async def open(self) -> None:
         s = self.settings
-        clients = await open_aws_clients(self._stack, "dynamodb", s, _client_config)
-        self._client, self._ping_client = clients
-        create = s.create_missing if s.create_missing is not None else s.endpoint_url is not None
-        if create:
-            await ensure_table(self._client, self.table)
+        with remembering_open_failure(self.identity):
+            clients = await open_aws_clients(self._stack, "dynamodb", s, _client_config)
+            self._client, self._ping_client = clients
+            create = (
+                s.create_missing if s.create_missing is not None else s.endpoint_url is not None
+            )
+            if create:
+                await ensure_table(self._client, self.table)
         self._flusher = asyncio.create_task(self._flush_loop(), name="arqd-dynamodb-counts")
 
     async def aclose(self) -> None:
@@ -855,7 +901,7 @@ class DynamoQueue(QueueBackend):
         from botocore.exceptions import BotoCoreError, ClientError
 
         if self._client is None:
-            raise BackendError("the dynamodb backend is not open")
+            raise not_open("the dynamodb backend", self.identity)
         try:
             async with self._limit:
                 result: dict[str, Any] = await getattr(client or self._client, op)(**kw)

@@ -69,9 +69,11 @@ class _Missing(Exception):
 
 
 def _translate(op: str, exc: Exception) -> Exception:
+    from arqd.backends.dynamodb import NO_CREDENTIALS, credentials_missing
+
     response = getattr(exc, "response", None)
     if response is None:
-        return BackendUnavailable(f"s3 {op}: {exc}")
+        return BackendUnavailable(f"s3 {op}: {NO_CREDENTIALS if credentials_missing(exc) else exc}")
     code = str(response.get("Error", {}).get("Code", ""))
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     if code in MISSING_CODES or status == 404:
@@ -203,16 +205,24 @@ class S3Results(ResultStore):
         """The aiobotocore client once open (tests list its multipart uploads)."""
         return self._client
 
+    @property
+    def _where(self) -> str:
+        s = self.settings
+        return f"s3:{s.endpoint_url or s.region or 'default'}/{s.bucket}"
+
     async def open(self) -> None:
         s = self.settings
         # Shared sessions with the dynamodb backend (and their model cache).
-        from arqd.backends.dynamodb import open_aws_clients
+        from arqd.backends.dynamodb import open_aws_clients, remembering_open_failure
 
-        clients = await open_aws_clients(self._stack, "s3", s, _client_config)
-        self._client, self._ping_client = clients
-        create = s.create_missing if s.create_missing is not None else s.endpoint_url is not None
-        if create:
-            await ensure_bucket(self._client, s)
+        with remembering_open_failure(self._where):
+            clients = await open_aws_clients(self._stack, "s3", s, _client_config)
+            self._client, self._ping_client = clients
+            create = (
+                s.create_missing if s.create_missing is not None else s.endpoint_url is not None
+            )
+            if create:
+                await ensure_bucket(self._client, s)
 
     async def aclose(self) -> None:
         await self._stack.aclose()
@@ -222,7 +232,9 @@ class S3Results(ResultStore):
         from botocore.exceptions import BotoCoreError, ClientError
 
         if self._client is None:
-            raise BackendError("the s3 result store is not open")
+            from arqd.backends.dynamodb import not_open
+
+            raise not_open("the s3 result store", self._where)
         try:
             result: dict[str, Any] = await getattr(client or self._client, op)(**kw)
             return result

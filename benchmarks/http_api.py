@@ -1,6 +1,6 @@
 """The HTTP API under load: status polls (plain and 304) and batch submits.
 
-    python -m benchmarks.http [--seconds 5] [--concurrency 64] [--batches 20]
+    python -m benchmarks.http_api [--seconds 5] [--concurrency 64] [--batches 20]
 
 Starts ``arqd serve`` (sqlite, a temporary directory) as a separate process, fills it with 1,000
 finished jobs, then polls their status for ``--seconds`` with ``--concurrency`` connections:
@@ -26,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as `python benchmarks/<name>.py`: import from the root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import aiohttp
 
