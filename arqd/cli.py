@@ -23,7 +23,8 @@ from arqd.config import load_config
 from arqd.errors import ArqdError, ConfigError
 from arqd.http.client import HttpClient
 from arqd.http.wire import job_dict
-from arqd.model import Job, State
+from arqd.model import State
+from arqd.view import Job
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 SCOPES = ("submit", "read", "cancel", "admin")
@@ -155,14 +156,7 @@ async def _follow(client: HttpClient, job: Job) -> Job:
         bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}",
     ) as bar:
         while not job.state.terminal:
-            status, body, _ = await client._call(
-                "GET",
-                f"/v1/jobs/{job.id}",
-                params={"wait": "30"},
-                headers={"If-None-Match": job.etag},
-            )
-            if status == 200:
-                job = await client.get(job.id) if not body else _job(body)
+            job = await client.poll(job)  # long-polls with the ETag the daemon answered
             fraction = job.progress.fraction if job.progress else None
             if fraction is not None:
                 bar.n = round(fraction * 100)
@@ -173,12 +167,6 @@ async def _follow(client: HttpClient, job: Job) -> Job:
             bar.n = 100
             bar.refresh()
     return job
-
-
-def _job(body: bytes) -> Job:
-    from arqd.http.wire import job_from_dict
-
-    return job_from_dict(msgspec.json.decode(body))
 
 
 async def _status(client: HttpClient, args: argparse.Namespace) -> int:

@@ -33,10 +33,12 @@ __all__ = [
     "State",
     "StepState",
     "blob_name",
+    "etag_of",
     "from_ts",
     "new_job_id",
     "new_token",
     "to_ts",
+    "version_of",
 ]
 
 
@@ -190,7 +192,22 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def etag(self) -> str:
-        return f'"{self.id[-12:]}-{self.version}"'
+        return etag_of(self.id, self.version)
+
+
+def etag_of(job_id: str, version: int) -> str:
+    """A job's HTTP ETag: its id's last 12 digits and its version (``"5e6f7a8b9c0d-3"``)."""
+    return f'"{job_id[-12:]}-{version}"'
+
+
+def version_of(etag: str | None, job_id: str) -> int | None:
+    """The version an ETag of ``job_id`` names; ``None`` if it is not one (or is missing)."""
+    if etag is None:
+        return None
+    prefix, _, version = etag.removeprefix("W/").strip('"').rpartition("-")
+    if prefix != job_id[-12:] or not (version.isascii() and version.isdigit()):
+        return None
+    return int(version)
 
 
 class NewJob(msgspec.Struct, frozen=True, kw_only=True):

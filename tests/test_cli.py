@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 from .daemons import ROOT, Daemons, sqlite_config
+from .faultproxy import FaultProxy
 
 
 def arqd(*args: str, url: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -87,3 +89,21 @@ def test_token_new_prints_secret_and_config_line():
     secret = run.stdout.split("store it now): ")[1].split()[0]
     digest = hashlib.sha256(secret.encode()).hexdigest()
     assert f'name = "web", sha256 = "{digest}", scopes = ["submit", "read"]' in run.stdout
+
+
+async def test_submit_wait_costs_few_requests(tmp_path: Path, daemons: Daemons):
+    """submit --wait on a job queued 0.5 s then running 2 s costs at most 5 requests (submit,
+    long-polls with the answered ETag, result), where it polled without pause."""
+    d = daemons.start(sqlite_config(tmp_path))
+    async with FaultProxy(d.url) as proxy:
+        proc = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "arqd", "submit", "--url", proxy.url, "sleep"],
+            *["--payload", '{"seconds": 2}', "--delay", "0.5", "--wait"],
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err
+    assert json.loads(out) == {"slept": 2.0}
+    assert proxy.forwarded <= 5, proxy.forwarded
