@@ -35,6 +35,7 @@ __all__ = [
     "blob_name",
     "etag_of",
     "from_ts",
+    "links_of",
     "new_job_id",
     "new_token",
     "to_ts",
@@ -187,12 +188,17 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def links(self) -> dict[str, str]:
-        base = f"/v1/jobs/{self.id}"
-        return {"self": base, "result": f"{base}/result", "events": f"{base}/events"}
+        return links_of(self.id)
 
     @property
     def etag(self) -> str:
         return etag_of(self.id, self.version)
+
+
+def links_of(job_id: str) -> dict[str, str]:
+    """A job's API links: itself, its result, its event stream."""
+    base = f"/v1/jobs/{job_id}"
+    return {"self": base, "result": f"{base}/result", "events": f"{base}/events"}
 
 
 def etag_of(job_id: str, version: int) -> str:

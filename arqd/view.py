@@ -15,7 +15,16 @@ from typing import Any
 import msgspec
 
 from arqd.core import SEALED, STEPS_HANDLER, public_key
-from arqd.model import DROPPED, ErrorInfo, Progress, ResultRef, State, StepState, etag_of
+from arqd.model import (
+    DROPPED,
+    ErrorInfo,
+    Progress,
+    ResultRef,
+    State,
+    StepState,
+    etag_of,
+    links_of,
+)
 from arqd.model import Job as StoredJob
 
 
@@ -65,8 +74,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def links(self) -> dict[str, str]:
-        base = f"/v1/jobs/{self.id}"
-        return {"self": base, "result": f"{base}/result", "events": f"{base}/events"}
+        return links_of(self.id)
 
     @property
     def etag(self) -> str | None:
@@ -76,33 +84,39 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
 
 def public_job(job: StoredJob) -> Job:
     """The view of a stored record that clients get (and the JSON shows)."""
-    return Job(
-        id=job.id,
-        queue=job.queue,
-        handler=job.handler,
-        state=job.state,
-        payload=_shown_payload(job),
-        key=public_key(job),
-        sticky=job.sticky,
-        meta=job.meta,
-        attempts=job.attempts,
-        max_attempts=job.max_attempts,
-        timeout=job.timeout,
-        created_at=job.created_at,
-        ready_at=job.ready_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        expires_at=job.expires_at,
-        progress=job.progress,
-        error=job.error,
-        result=result_info(job.result),
-        steps=job.steps,
-        group_id=job.group_id,
-        name=job.name,
-        cancel_requested=job.cancel_requested,
-        deduplicated=job.deduplicated,
-        version=job.version,
-    )
+    return Job(**public_fields(job))
+
+
+def public_fields(job: StoredJob) -> dict[str, Any]:
+    """``public_job``'s fields, in the JSON's order, for encoding without building the view
+    (the HTTP API encodes every job it answers; this halves the cost of ``public_job``)."""
+    return {
+        "id": job.id,
+        "queue": job.queue,
+        "handler": job.handler,
+        "state": job.state,
+        "payload": _shown_payload(job),
+        "key": public_key(job),
+        "sticky": job.sticky,
+        "meta": job.meta,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "timeout": job.timeout,
+        "created_at": job.created_at,
+        "ready_at": job.ready_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "expires_at": job.expires_at,
+        "progress": job.progress,
+        "error": job.error,
+        "result": result_info(job.result),
+        "steps": job.steps,
+        "group_id": job.group_id,
+        "name": job.name,
+        "cancel_requested": job.cancel_requested,
+        "deduplicated": job.deduplicated,
+        "version": job.version,
+    }
 
 
 def result_info(ref: ResultRef | None) -> ResultInfo | None:

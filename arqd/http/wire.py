@@ -10,8 +10,8 @@ import msgspec
 
 from arqd import errors
 from arqd.model import Job as StoredJob
-from arqd.model import version_of
-from arqd.view import Job, public_job
+from arqd.model import links_of, version_of
+from arqd.view import Job, public_fields
 
 _encode = msgspec.json.Encoder().encode
 
@@ -19,11 +19,10 @@ _encode = msgspec.json.Encoder().encode
 def job_dict(job: StoredJob | Job) -> dict[str, Any]:
     """The job JSON: the public view (``arqd.view``) of a stored record, or the view itself,
     with its links; ``deduplicated`` only when true; the version only in the ``ETag`` header."""
-    view = job if isinstance(job, Job) else public_job(job)
-    out = msgspec.structs.asdict(view)
+    out = msgspec.structs.asdict(job) if isinstance(job, Job) else public_fields(job)
     del out["version"]
     deduplicated = out.pop("deduplicated")
-    out["links"] = view.links
+    out["links"] = links_of(job.id)
     if deduplicated:
         out["deduplicated"] = True
     return out
