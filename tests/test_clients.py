@@ -274,6 +274,22 @@ async def test_http_wait_long_polls_with_the_etag(tmp_path: Path):
     assert len(seen) <= 5, f"{len(seen)} requests: {seen[:8]}"
 
 
+async def test_http_wait_outlasts_a_short_request_timeout(tmp_path: Path):
+    """An HttpClient whose request timeout (3 s) is shorter than a long-poll's hold (60 s) holds
+    its long-polls for less, so waiting on a 4 s job answers it instead of timing out."""
+    app = arqd.App(config(tmp_path))
+    async with app:
+        server = TestServer(make_app(app), host="127.0.0.1")
+        await server.start_server()
+        try:
+            async with arqd.HttpClient(str(server.make_url("")), timeout=3) as http:
+                job = await http.submit("sleep", {"seconds": 4})
+                done = await http.wait(job.id, timeout=20)
+        finally:
+            await server.close()
+    assert done.state == "succeeded"
+
+
 async def test_inprocess_wait_reads_once_per_change(tmp_path: Path):
     """App.client.wait on a 2 s job reads the record once per change it sees (local changes
     through the hub, others through the app's one follower, no second follower started) and

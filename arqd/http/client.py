@@ -20,7 +20,8 @@ from arqd.http.wire import ERRORS, job_from_dict
 from arqd.model import State
 from arqd.view import Job
 
-WAIT_SLICE = 60  # the server holds a long-poll at most this long
+WAIT_SLICE = 60.0  # the server holds a long-poll at most this long
+SLICE_MARGIN = 5.0  # a long-poll's hold ends this long before the client's own request timeout
 
 
 class HttpClient:
@@ -30,6 +31,8 @@ class HttpClient:
         self.url = url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # A long-poll must end before the request times out (a client made with timeout=30).
+        self._slice = max(1.0, min(WAIT_SLICE, timeout - SLICE_MARGIN))
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
@@ -201,18 +204,20 @@ class HttpClient:
 
     # --- operator calls (used by the CLI) ---------------------------------------------------------
 
-    async def poll(self, job: Job, wait: float = WAIT_SLICE) -> Job:
+    async def poll(self, job: Job, wait: float | None = None) -> Job:
         """One long-poll: the job once it differs from ``job`` (as last answered: the server
-        compares its ETag), or ``job`` itself after ``wait`` seconds without a change. A terminal
-        job is answered at once without a request (the server would hold it the whole time)."""
+        compares its ETag), or ``job`` itself after ``wait`` seconds without a change (at most
+        60, and less than the client's request timeout). A terminal job is answered at once
+        without a request (the server would hold it the whole time)."""
         if job.state.terminal:
             return job
         if job.etag is None:  # from a list: no ETag to compare, so read the job as it is now
             return await self.get(job.id)
+        hold = self._slice if wait is None else min(wait, self._slice)
         status, body, answered = await self._call(
             "GET",
             f"/v1/jobs/{job.id}",
-            params={"wait": f"{wait:g}"},
+            params={"wait": f"{hold:g}"},
             headers={"If-None-Match": job.etag},
         )
         if status == 304:
