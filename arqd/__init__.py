@@ -26,7 +26,8 @@ from arqd.errors import (
 from arqd.groups import Group, GroupJob, GroupStatus
 from arqd.handlers import JobContext
 from arqd.http.client import HttpClient
-from arqd.model import ErrorInfo, Job, Progress, State
+from arqd.model import ErrorInfo, Progress, State
+from arqd.view import Job, ResultInfo
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,7 @@ __all__ = [
     "NotReady",
     "Progress",
     "ResultExpired",
+    "ResultInfo",
     "ResultUnavailable",
     "Retry",
     "State",

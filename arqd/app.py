@@ -119,7 +119,7 @@ class App:
         self._tasks = [
             asyncio.create_task(self.scheduler.run(), name="arqd-scheduler"),
             asyncio.create_task(self._sweep_loop(), name="arqd-sweeper"),
-            asyncio.create_task(self.core.follow_changes(), name="arqd-follow"),
+            self.core.start_follower(),
         ]
         return self
 

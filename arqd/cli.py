@@ -13,9 +13,11 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import sys
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple, TextIO
 
 import msgspec
 
@@ -23,7 +25,8 @@ from arqd.config import load_config
 from arqd.errors import ArqdError, ConfigError
 from arqd.http.client import HttpClient
 from arqd.http.wire import job_dict
-from arqd.model import Job, State
+from arqd.model import State
+from arqd.view import Job
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 SCOPES = ("submit", "read", "cancel", "admin")
@@ -147,60 +150,169 @@ async def _submit(client: HttpClient, args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         print(f"arqd: --payload is not valid JSON: {exc}", file=sys.stderr)
         return 2
+    started = time.monotonic()
     job = await client.submit(
         args.handler, payload, key=args.key, sticky=args.sticky, queue=args.queue, delay=args.delay
     )
     if not args.wait:
         _print_json(job_dict(job))
         return 0
-    job = await _follow(client, job)
+    job = await _follow(client, job, started)
     if job.state is not State.SUCCEEDED:
         _print_json(job_dict(job))
+        print(f"arqd: {_why(job)}", file=sys.stderr)
         return 1
     result = await client.result(job.id)
     if isinstance(result, bytes):
         sys.stdout.buffer.write(result)
+        _end_stdout(result)
     else:
         _print_json(result)
     return 0
 
 
-async def _follow(client: HttpClient, job: Job) -> Job:
-    """Long-poll the job with a progress bar on stderr until it is terminal."""
-    from tqdm import tqdm
+def _why(job: Job) -> str:
+    """One line saying why a job did not succeed."""
+    if job.state is State.CANCELLED:
+        return f"job {job.id} was cancelled"
+    error = job.error
+    detail = f"{error.type}: {error.message}" if error is not None else "no error recorded"
+    return f"job {job.id} failed: {detail}"
 
-    with tqdm(
-        total=100,
-        desc=f"{job.handler} {job.state.value}",
-        unit="%",
-        file=sys.stderr,
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}",
-    ) as bar:
+
+async def _follow(client: HttpClient, job: Job, started: float) -> Job:
+    """Long-poll the job until it is terminal, showing it on stderr as it goes."""
+    with Progress(sys.stderr, job.handler, started) as shown:
+        shown.update(job)
         while not job.state.terminal:
-            status, body, _ = await client._call(
-                "GET",
-                f"/v1/jobs/{job.id}",
-                params={"wait": "30"},
-                headers={"If-None-Match": job.etag},
-            )
-            if status == 200:
-                job = await client.get(job.id) if not body else _job(body)
-            fraction = job.progress.fraction if job.progress else None
-            if fraction is not None:
-                bar.n = round(fraction * 100)
-            bar.set_description(f"{job.handler} {job.state.value}")
-            bar.set_postfix_str(job.progress.message or "" if job.progress else "")
-            bar.refresh()
-        if job.state is State.SUCCEEDED:
-            bar.n = 100
-            bar.refresh()
+            job = await client.poll(job)
+            shown.update(job)
     return job
 
 
-def _job(body: bytes) -> Job:
-    from arqd.http.wire import job_from_dict
+class Progress:
+    """What ``submit --wait`` shows on ``out``: on a terminal, one line redrawn in place (a bar
+    when the handler reports a fraction, else a spinner, then the message and elapsed time);
+    otherwise one line per state the job is seen in, and nothing in between."""
 
-    return job_from_dict(msgspec.json.decode(body))
+    TICK = 0.1  # seconds between redraws on a terminal (spinner and clock)
+    WIDTH = 10  # bar cells
+
+    def __init__(self, out: TextIO, handler: str, started: float) -> None:
+        self.out, self.handler, self.started = out, handler, started
+        self.tty = out.isatty()
+        self.glyphs = _glyphs(out)
+        self.job: Job | None = None
+        self.frame = 0
+        self._ticker: asyncio.Task[None] | None = None
+
+    def __enter__(self) -> Progress:
+        if self.tty:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self.tty and self.job is not None:
+            self._draw()
+            self.out.write("\n")
+            self.out.flush()
+
+    def update(self, job: Job) -> None:
+        seen, self.job = self.job, job
+        if self.tty:
+            self._draw()
+        elif seen is None or seen.state is not job.state:
+            self.out.write(self.summary(job) + "\n")
+            self.out.flush()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.TICK)
+            self.frame += 1
+            self._draw()
+
+    def _draw(self) -> None:
+        if self.job is None:
+            return
+        width = shutil.get_terminal_size().columns - 1
+        self.out.write("\r" + self.line(self.job)[:width] + "\x1b[K")
+        self.out.flush()
+
+    def line(self, job: Job) -> str:
+        """The terminal's line: ``progress ▕███▎      ▏  33%  step 2 of 3  0:01`` when the
+        handler reports a fraction, else ``sleep ⠹ running  0:01``."""
+        fraction, message = _reported(job)
+        if fraction is not None:
+            head = f"{self._bar(fraction)} {round(fraction * 100):3d}%"
+        else:
+            spin = self.glyphs.spinner[self.frame % len(self.glyphs.spinner)]
+            head = f"{self.glyphs.done if job.state.terminal else spin} {job.state.value}"
+        return _joined(f"{self.handler} {head}", message, self._elapsed())
+
+    def summary(self, job: Job) -> str:
+        """A line for a log or a pipe: ``progress running  33%  step 2 of 3  0:01``."""
+        fraction, message = _reported(job)
+        percent = f"{round(fraction * 100)}%" if fraction is not None else None
+        return _joined(f"{self.handler} {job.state.value}", percent, message, self._elapsed())
+
+    def _bar(self, fraction: float) -> str:
+        g = self.glyphs
+        eighths = int(min(max(fraction, 0.0), 1.0) * self.WIDTH * 8)  # a cell fills once done
+        full, part = divmod(eighths, 8)
+        cells = g.full * full + (g.parts[part] if part else "")
+        return f"{g.left}{cells.ljust(self.WIDTH)}{g.right}"
+
+    def _elapsed(self) -> str:
+        seconds = int(time.monotonic() - self.started)
+        hours, rest = divmod(seconds, 3600)
+        clock = f"{rest // 60}:{rest % 60:02d}"
+        return f"{hours}:{clock.zfill(5)}" if hours else clock
+
+
+def _reported(job: Job) -> tuple[float | None, str | None]:
+    """The fraction and message the handler last reported (a success counts as 100%)."""
+    if job.progress is None:
+        return None, None
+    fraction = job.progress.fraction
+    if fraction is not None and job.state is State.SUCCEEDED:
+        fraction = 1.0
+    return fraction, job.progress.message
+
+
+def _joined(*parts: str | None) -> str:
+    return "  ".join(p for p in parts if p)
+
+
+class _Glyphs(NamedTuple):
+    left: str
+    right: str
+    full: str
+    parts: str  # index i: a cell i/8 full
+    spinner: str
+    done: str
+
+
+_UNICODE = _Glyphs("▕", "▏", "█", " ▏▎▍▌▋▊▉", "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏", "•")
+_ASCII = _Glyphs("[", "]", "#", "        ", "|/-\\", "*")
+
+
+def _glyphs(out: TextIO) -> _Glyphs:
+    """Block and braille characters where the stream can encode them, ASCII elsewhere."""
+    try:
+        "".join(_UNICODE).encode(out.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return _ASCII
+    return _UNICODE
+
+
+def _end_stdout(last: bytes) -> None:
+    """After bytes written to stdout, ending with ``last``: on a terminal add a newline if they
+    lack one (so the prompt starts on its own line); in a pipe or a file add nothing."""
+    if sys.stdout.isatty() and not last.endswith(b"\n"):
+        sys.stdout.buffer.write(b"\n")
+    sys.stdout.buffer.flush()
 
 
 async def _status(client: HttpClient, args: argparse.Namespace) -> int:
@@ -214,9 +326,12 @@ async def _result(client: HttpClient, args: argparse.Namespace) -> int:
             async for chunk in client.stream_result(args.id):
                 out.write(chunk)
         return 0
+    last = b""
     async for chunk in client.stream_result(args.id):
-        sys.stdout.buffer.write(chunk)
-    sys.stdout.buffer.flush()
+        if chunk:
+            sys.stdout.buffer.write(chunk)
+            last = chunk
+    _end_stdout(last)
     return 0
 
 

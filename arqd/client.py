@@ -1,6 +1,7 @@
 """``arqd.Client``: submit and inspect jobs in-process, straight on the backends.
 
-Same semantics as the HTTP API: the same validation, defaults, dedupe and errors.
+Same semantics as the HTTP API: the same validation, defaults, dedupe and errors, and the same
+view of a job (``arqd.view``): the stored records stay with the core.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from arqd.core import JSON, Core, parse_group, parse_spec, spec_of
 from arqd.errors import InvalidRequest
 from arqd.groups import Group, GroupStatus, group_of, status_of
 from arqd.handlers import Registry
-from arqd.model import Job, State
+from arqd.model import State
 from arqd.stores import make_queue, make_results
+from arqd.view import Job, public_job
 
 LIST_MAX = 1000
 
@@ -114,7 +116,7 @@ class Client:
         parsed = [parse_spec(_plain(s)) for s in specs]
         stored = await self._core.submit(parsed)
         return [
-            e.job if e.created else msgspec.structs.replace(e.job, deduplicated=True)
+            public_job(e.job if e.created else msgspec.structs.replace(e.job, deduplicated=True))
             for e in stored
         ]
 
@@ -122,11 +124,11 @@ class Client:
 
     async def get(self, job_id: str) -> Job:
         """The job; ``arqd.JobNotFound`` if unknown."""
-        return await self._core.get(job_id)
+        return public_job(await self._core.get(job_id))
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """The job once terminal; ``TimeoutError`` if that takes longer than ``timeout``."""
-        return await self._core.wait(job_id, timeout)
+        return public_job(await self._core.wait(job_id, timeout))
 
     async def result(self, job_id: str) -> Any:
         """The JSON value of a succeeded job, or ``bytes`` for a blob."""
@@ -162,7 +164,8 @@ class Client:
         except ValueError:
             raise InvalidRequest(f"state: unknown state {state!r}") from None
         where = ListFilter(queue=queue, state=state, handler=handler, group_id=group_id)
-        return await self._core.queue.list_jobs(where, limit, cursor)
+        jobs, nxt = await self._core.queue.list_jobs(where, limit, cursor)
+        return [public_job(j) for j in jobs], nxt
 
     # --- groups and the cache -------------------------------------------------------------------
 
@@ -196,7 +199,7 @@ class Client:
 
     async def cancel(self, job_id: str) -> Job:
         """Queued: cancelled now. Running: ``cancel_requested``, the handler is interrupted."""
-        return await self._core.cancel(job_id)
+        return public_job(await self._core.cancel(job_id))
 
     async def delete(self, job_id: str) -> None:
         """Terminal: delete the record and its result. Otherwise: cancel, as ``DELETE`` does."""

@@ -11,8 +11,10 @@ import asyncio
 import math
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import msgspec
 import structlog
@@ -39,7 +41,7 @@ from arqd.errors import (
     UnknownHandler,
 )
 from arqd.handlers import Registry, cache_key
-from arqd.hub import hub_for
+from arqd.hub import Hub, hub_for
 from arqd.metrics import Metrics, instrument
 from arqd.model import (
     AHEAD_MAX,
@@ -382,20 +384,66 @@ class Core:
         return job
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
-        """Return the job once it is terminal; ``TimeoutError`` after ``timeout`` seconds."""
-        async with asyncio.timeout(timeout):
-            poll = 0.01
-            while True:
-                fut = self.hub.watch(job_id)
-                try:
-                    job = await self.get(job_id)
-                    if job.state.terminal:
-                        return job
-                    # Local changes arrive through the hub; other processes' by polling.
-                    await asyncio.wait([fut], timeout=poll)
-                    poll = min(poll * 2, 0.5)
-                finally:
-                    self.hub.unwatch(job_id, fut)
+        """Return the job once it is terminal; ``TimeoutError`` after ``timeout`` seconds.
+
+        It reads the job, then once per change it is told of, never on a timer: local changes
+        come through the hub at once, other processes' through the one follower of this storage
+        (``follow_changes``; started here when none runs, as for a bare ``Client``)."""
+        follower = self._follower()
+        try:
+            async with asyncio.timeout(timeout):
+                job = await self._read(job_id)
+                while not job.state.terminal:
+                    # The follower reads the job once its stored version passes this one.
+                    fut = self.hub.watch(job_id, job.version)
+                    try:
+                        news = await fut
+                    finally:
+                        self.hub.unwatch(job_id, fut)
+                    job = news if news is not None else await self._read(job_id)
+                return job
+        finally:
+            self._unfollow(follower)
+
+    async def _read(self, job_id: str) -> Job:
+        """The job as stored now, with any change made while reading it."""
+        while True:
+            guard = self.hub.watch(job_id)  # watching during the read: no change slips past
+            try:
+                job = await self.get(job_id)
+            finally:
+                self.hub.unwatch(job_id, guard)
+            if not guard.done():
+                return job
+            news = guard.result()
+            if news is not None:
+                return news if news.version >= job.version else job
+
+    def start_follower(self) -> asyncio.Task[None]:
+        """Run ``follow_changes`` for this storage until the task is cancelled (an ``App`` does,
+        for its life); waits use it instead of starting their own."""
+        task = asyncio.create_task(self.follow_changes(), name="arqd-follow")
+        _followers[self.hub] = _Follower(task, on_demand=False)
+        return task
+
+    def _follower(self) -> _Follower:
+        """The follower of this storage running in this event loop, started if there is none;
+        the caller uses it until ``_unfollow``."""
+        follower = _followers.get(self.hub)
+        loop = asyncio.get_running_loop()
+        if follower is None or follower.task.done() or follower.task.get_loop() is not loop:
+            task = asyncio.create_task(self.follow_changes(), name="arqd-follow-on-demand")
+            follower = _followers[self.hub] = _Follower(task, on_demand=True)
+        follower.users += 1
+        return follower
+
+    def _unfollow(self, follower: _Follower) -> None:
+        """One user less; a follower started on demand stops with its last user."""
+        follower.users -= 1
+        if follower.on_demand and follower.users == 0:
+            follower.task.cancel()
+            if _followers.get(self.hub) is follower:
+                del _followers[self.hub]
 
     async def follow_changes(self, interval: float = FOLLOW_INTERVAL) -> None:
         """Run forever: every ``interval`` read the jobs that long-polls and event streams wait
@@ -582,6 +630,19 @@ class Core:
             free_key=self.frees_key(job),
             count_attempt=job.attempts <= job.max_attempts,
         )
+
+
+@dataclass(eq=False)
+class _Follower:
+    """The task running ``Core.follow_changes`` for one storage in this process, and how many
+    waits use it; one started on demand (for a bare ``Client``) stops when the last of them ends."""
+
+    task: asyncio.Task[None]
+    on_demand: bool
+    users: int = 0
+
+
+_followers: WeakKeyDictionary[Hub, _Follower] = WeakKeyDictionary()
 
 
 def _may_name(job: Job | None, area: Area, name: str) -> bool:

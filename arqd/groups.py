@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 
-from arqd.model import GroupRecord, Job, State
+from arqd.model import GroupRecord, State
+from arqd.model import Job as StoredJob
+from arqd.view import Job, public_job
 
 
 class GroupJob(msgspec.Struct, frozen=True):
@@ -41,7 +45,7 @@ def group_of(record: GroupRecord) -> Group:
     )
 
 
-def status_of(record: GroupRecord, jobs: list[Job]) -> GroupStatus:
+def status_of(record: GroupRecord, jobs: Sequence[StoredJob]) -> GroupStatus:
     counts = {s.value: 0 for s in State}
     progress = 0.0
     for job in jobs:
@@ -60,5 +64,5 @@ def status_of(record: GroupRecord, jobs: list[Job]) -> GroupStatus:
         state=state,
         counts=counts,
         progress=round(progress / len(jobs), 4) if jobs else 1.0,
-        jobs=jobs,
+        jobs=[public_job(j) for j in jobs],
     )

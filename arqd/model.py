@@ -40,11 +40,14 @@ __all__ = [
     "State",
     "StepState",
     "blob_name",
+    "etag_of",
     "from_ts",
+    "links_of",
     "member_names",
     "new_job_id",
     "new_token",
     "to_ts",
+    "version_of",
 ]
 
 
@@ -204,12 +207,32 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def links(self) -> dict[str, str]:
-        base = f"/v1/jobs/{self.id}"
-        return {"self": base, "result": f"{base}/result", "events": f"{base}/events"}
+        return links_of(self.id)
 
     @property
     def etag(self) -> str:
-        return f'"{self.id[-12:]}-{self.version}"'
+        return etag_of(self.id, self.version)
+
+
+def links_of(job_id: str) -> dict[str, str]:
+    """A job's API links: itself, its result, its event stream."""
+    base = f"/v1/jobs/{job_id}"
+    return {"self": base, "result": f"{base}/result", "events": f"{base}/events"}
+
+
+def etag_of(job_id: str, version: int) -> str:
+    """A job's HTTP ETag: its id's last 12 digits and its version (``"5e6f7a8b9c0d-3"``)."""
+    return f'"{job_id[-12:]}-{version}"'
+
+
+def version_of(etag: str | None, job_id: str) -> int | None:
+    """The version an ETag of ``job_id`` names; ``None`` if it is not one (or is missing)."""
+    if etag is None:
+        return None
+    prefix, _, version = etag.removeprefix("W/").strip('"').rpartition("-")
+    if prefix != job_id[-12:] or not (version.isascii() and version.isdigit()):
+        return None
+    return int(version)
 
 
 class NewJob(msgspec.Struct, frozen=True, kw_only=True):

@@ -137,7 +137,7 @@ async def test_temporary_results_expire_and_are_swept(app: arqd.App):
     sticky = await app.client.submit("blob", {"size": 5000, "stream": False}, sticky=True)
     for job in (temp, sticky):
         await app.client.wait(job.id, timeout=20)
-    done = await app.client.get(temp.id)
+    done = await app.core.get(temp.id)  # the stored record: it says where the blob is
     assert done.result is not None and done.result.area == "temporary"
     assert await app.client.result(temp.id) == (bytes(range(256)) * 20)[:5000]
     clock_of(app).advance(TTL + 1)

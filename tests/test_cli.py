@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import io
 import json
+import os
+import pty
+import re
+import struct
 import subprocess
 import sys
+import termios
+from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
+
+from arqd.cli import Progress
+from arqd.model import Progress as Reported
+from arqd.model import State
+from arqd.view import Job
+
 from .daemons import ROOT, Daemons, sqlite_config
+from .faultproxy import FaultProxy
 
 
 def arqd(*args: str, url: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -27,7 +44,7 @@ def test_submit_wait_status_result_and_queues(tmp_path: Path, daemons: Daemons):
     )
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout) == {"steps": 3}
-    assert "100%" in run.stderr
+    assert run.stderr.splitlines()[-1].startswith("progress succeeded  100%  ")
     sub = arqd("submit", "blob", "--payload", '{"size": 1000, "stream": false}', url=d.url)
     job = json.loads(sub.stdout)
     arqd("submit", "noop", "--wait", url=d.url)
@@ -87,3 +104,159 @@ def test_token_new_prints_secret_and_config_line():
     secret = run.stdout.split("store it now): ")[1].split()[0]
     digest = hashlib.sha256(secret.encode()).hexdigest()
     assert f'name = "web", sha256 = "{digest}", scopes = ["submit", "read"]' in run.stdout
+
+
+# --- submit --wait: cheap, and readable in a pipe and on a terminal ----------------------------
+
+TERMINAL_ENV = {**os.environ, "LC_ALL": "C.UTF-8"}  # a UTF-8 terminal, whatever the host's locale
+
+
+def in_terminal(*args: str, url: str, stdout_too: bool = False) -> tuple[int, str, bytes]:
+    """Run ``arqd`` with stderr (and stdout if ``stdout_too``) on a pseudo-terminal 100 columns
+    wide; answer its exit status, what the terminal received, and the piped stdout."""
+    command, *rest = args
+    argv = [sys.executable, "-m", "arqd", command, "--url", url, *rest]
+    main, side = pty.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=side if stdout_too else subprocess.PIPE,
+        stderr=side,
+        cwd=ROOT,
+        env=TERMINAL_ENV,
+    )
+    os.close(side)
+    received = bytearray()
+    while True:
+        try:
+            data = os.read(main, 65536)
+        except OSError:  # EIO: the process closed its end of the terminal
+            break
+        if not data:
+            break
+        received += data
+    os.close(main)
+    piped = proc.stdout.read() if proc.stdout is not None else b""
+    if proc.stdout is not None:
+        proc.stdout.close()
+    return proc.wait(60), received.decode(), piped
+
+
+def frames(screen: str) -> list[str]:
+    """The successive contents of the terminal's line: each redraw (``\\r``), each new line."""
+    return [f for f in re.split(r"[\r\n]+", screen.replace("\x1b[K", "")) if f]
+
+
+async def test_submit_wait_costs_few_requests(tmp_path: Path, daemons: Daemons):
+    """submit --wait on a job queued 0.5 s then running 2 s costs at most 5 requests (submit,
+    long-polls with the answered ETag, result), where it polled without pause."""
+    d = daemons.start(sqlite_config(tmp_path))
+    async with FaultProxy(d.url) as proxy:
+        proc = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "arqd", "submit", "--url", proxy.url, "sleep"],
+            *["--payload", '{"seconds": 2}', "--delay", "0.5", "--wait"],
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err
+    assert json.loads(out) == {"slept": 2.0}
+    assert proxy.forwarded <= 5, proxy.forwarded
+
+
+def test_submit_wait_piped_prints_a_line_per_state(tmp_path: Path, daemons: Daemons):
+    """Piped, submit --wait prints at most one line per state the job goes through (no redraws),
+    each with the progress reported then and the elapsed time."""
+    d = daemons.start(sqlite_config(tmp_path))
+    run = arqd("submit", "progress", "--payload", '{"steps": 3, "seconds": 3}', "--wait", url=d.url)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == {"steps": 3}
+    assert "\r" not in run.stderr and len(run.stderr) < 300, run.stderr[:300]
+    lines = run.stderr.splitlines()
+    states = [line.split()[1] for line in lines]
+    assert states == sorted(set(states), key=states.index), lines  # one line per state
+    assert set(states) <= {"queued", "running", "succeeded"} and states[-1] == "succeeded"
+    assert re.fullmatch(r"progress succeeded  100%  (step 3 of 3|done)  0:0[2-9]", lines[-1])
+
+
+def test_submit_wait_on_a_terminal_draws_a_bar(tmp_path: Path, daemons: Daemons):
+    """On a terminal, submit --wait redraws one line: a bar with the percentage, the handler's
+    message and the elapsed time (``progress ▕███▎      ▏  33%  step 2 of 3  0:01``), then ends
+    it with a newline; stdout keeps only the result."""
+    d = daemons.start(sqlite_config(tmp_path))
+    payload = '{"steps": 3, "seconds": 3}'
+    status, screen, out = in_terminal(
+        "submit", "progress", "--payload", payload, "--wait", url=d.url
+    )
+    assert status == 0, screen
+    assert json.loads(out) == {"steps": 3}
+    shown = frames(screen)
+    bar = r"progress ▕[█▉▊▋▌▍▎▏ ]{10}▏ {1,3}\d{1,3}%  (step \d of 3|done)  0:0\d"
+    assert all(re.fullmatch(bar, f) or re.fullmatch(r"progress . queued  0:0\d", f) for f in shown)
+    assert any(re.fullmatch(r"progress ▕███▎      ▏  33%  step 2 of 3  0:0[0-2]", f) for f in shown)
+    assert any(f.endswith("  0:02") for f in shown), shown  # the clock runs between changes
+    final = r"progress ▕██████████▏ 100%  (step 3 of 3|done)  0:0[3-9]"
+    assert re.fullmatch(final, shown[-1]), shown[-1]
+    assert screen.endswith("\r\n")
+
+
+def test_submit_wait_on_a_terminal_spins_without_progress(tmp_path: Path, daemons: Daemons):
+    """A handler that reports no progress gets a spinner with its state and the elapsed time."""
+    d = daemons.start(sqlite_config(tmp_path))
+    status, screen, _ = in_terminal(
+        "submit", "sleep", "--payload", '{"seconds": 1.5}', "--wait", url=d.url
+    )
+    assert status == 0, screen
+    shown = frames(screen)
+    spinning = [f for f in shown if re.fullmatch(r"sleep [⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] running  0:0[0-2]", f)]
+    assert len({f.split()[1] for f in spinning}) > 3, shown
+    assert re.fullmatch(r"sleep • succeeded  0:0[1-3]", shown[-1]), shown[-1]
+
+
+def test_failed_job_prints_its_error_on_a_terminal(tmp_path: Path, daemons: Daemons):
+    """A job that fails under submit --wait ends with one line on stderr naming the error type
+    and message, then exit status 1; the job JSON still goes to stdout."""
+    d = daemons.start(sqlite_config(tmp_path))
+    payload = '{"permanent": true, "message": "disk on fire"}'
+    status, screen, out = in_terminal("submit", "fail", "--payload", payload, "--wait", url=d.url)
+    assert status == 1
+    job = json.loads(out)
+    assert job["state"] == "failed"
+    assert frames(screen)[-1] == f"arqd: job {job['id']} failed: Fail: disk on fire"
+
+
+def test_result_ends_with_a_newline_only_on_a_terminal(tmp_path: Path, daemons: Daemons):
+    """arqd result adds a final newline on a terminal, and never to piped bytes."""
+    d = daemons.start(sqlite_config(tmp_path))
+    run = arqd("submit", "echo", "--payload", '{"a": 1}', "--wait", url=d.url)
+    assert run.returncode == 0, run.stderr
+    job_id = arqd("jobs", "--limit", "1", url=d.url).stdout.splitlines()[1].split()[0]
+    piped = subprocess.run(
+        [sys.executable, "-m", "arqd", "result", "--url", d.url, job_id],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert piped.stdout == b'{"a":1}'
+    status, screen, _ = in_terminal("result", job_id, url=d.url, stdout_too=True)
+    assert status == 0 and screen == '{"a":1}\r\n'
+
+
+def test_progress_falls_back_to_ascii():
+    """A terminal that cannot show block characters gets an ASCII bar and spinner."""
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    shown = Progress(out, "resize", started=0.0)
+    job = Job(
+        id="0" * 32,
+        queue="default",
+        handler="resize",
+        state=State.RUNNING,
+        created_at=datetime.now(UTC),
+        ready_at=datetime.now(UTC),
+        progress=Reported(fraction=0.5, message="half"),
+    )
+    assert shown.line(job).startswith("resize [#####     ]  50%  half  ")
+    spinning = msgspec.structs.replace(job, progress=None)
+    assert shown.line(spinning).startswith("resize | running  ")

@@ -4,33 +4,42 @@ same app served on loopback) have the same methods, return types and exceptions.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 import arqd
 from arqd.config import Config
 from arqd.http.server import make_app
 
+from .daemons import Daemons, sqlite_config
+from .util import eventually
+
+
+def settings(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "queue": {"backend": "sqlite", "path": str(tmp_path / "q.sqlite3")},
+        "results": {"path": str(tmp_path / "results"), "inline_max": "1KiB"},
+        "workers": {"concurrency": 4, "heartbeat": "100ms", "poll_max": "50ms"},
+        "defaults": {"backoff": {"base": "10ms", "max": "20ms"}},
+        "handlers": {
+            "echo": "arqd.demo:echo",
+            "blob": "arqd.demo:blob",
+            "fail": "arqd.demo:fail",
+            "sleep": "arqd.demo:sleep",
+        },
+    }
+
 
 def config(tmp_path: Path) -> Config:
-    return Config.from_dict(
-        {
-            "queue": {"backend": "sqlite", "path": str(tmp_path / "q.sqlite3")},
-            "results": {"path": str(tmp_path / "results"), "inline_max": "1KiB"},
-            "workers": {"concurrency": 4, "heartbeat": "100ms", "poll_max": "50ms"},
-            "defaults": {"backoff": {"base": "10ms", "max": "20ms"}},
-            "handlers": {
-                "echo": "arqd.demo:echo",
-                "blob": "arqd.demo:blob",
-                "fail": "arqd.demo:fail",
-                "sleep": "arqd.demo:sleep",
-            },
-        }
-    )
+    return Config.from_dict(settings(tmp_path))
 
 
 @pytest.fixture(params=["inprocess", "http"])
@@ -144,3 +153,174 @@ async def test_wait_times_out(client: Any):
         await client.wait(job.id, timeout=0.3)
     await client.cancel(job.id)
     await asyncio.sleep(0)
+
+
+# --- one view of a job, and cheap waits -------------------------------------------------------
+
+SECRET = "s3cret-token-for-tests"
+
+
+def config_with_token(tmp_path: Path) -> Config:
+    """``config`` plus a token ``web``, so jobs submitted over HTTP have an owner."""
+    digest = hashlib.sha256(SECRET.encode()).hexdigest()
+    base = settings(tmp_path)
+    base["auth"] = {"tokens": [{"name": "web", "sha256": digest, "scopes": ["admin"]}]}
+    return Config.from_dict(base)
+
+
+@pytest.fixture
+async def both(tmp_path: Path) -> AsyncIterator[tuple[arqd.App, arqd.HttpClient]]:
+    """One app, read by its in-process client and by an HttpClient holding the token ``web``."""
+    app = arqd.App(config_with_token(tmp_path))
+    async with app:
+        server = TestServer(make_app(app), host="127.0.0.1")
+        await server.start_server()
+        try:
+            async with arqd.HttpClient(str(server.make_url("")), SECRET) as http:
+                yield app, http
+        finally:
+            await server.close()
+
+
+def unversioned(jobs: list[arqd.Job]) -> list[arqd.Job]:
+    """Jobs of a list or a group answer: over HTTP they carry no ETag, so no version."""
+    return [msgspec.structs.replace(j, version=None) for j in jobs]
+
+
+async def test_both_clients_answer_the_json_view(both: tuple[arqd.App, arqd.HttpClient]):
+    """Client and HttpClient answer equal jobs, and that is the JSON's view: a result as inline
+    JSON or size and content type (no storage area or name), a purged result as None, the key
+    without its owner's namespace, no owner or checkpoint, and an etag matching the header."""
+    app, http = both
+    local = app.client
+    inline = await http.submit("echo", {"n": 1}, key="mine")
+    blob = await http.submit("blob", {"size": 3000, "stream": False}, sticky=True)
+    failed = await local.submit("fail", {"permanent": True})
+    for job in (inline, blob, failed):
+        assert await local.wait(job.id, timeout=20) == await http.wait(job.id, timeout=20)
+    for job in (inline, blob, failed):
+        a, b = await local.get(job.id), await http.get(job.id)
+        assert a == b
+        raw = await http.request_json("GET", f"/v1/jobs/{job.id}")
+        shown = set(raw) - {"links"}
+        assert shown == set(arqd.Job.__struct_fields__) - {"version", "deduplicated"}
+        assert a.version is not None and a.etag == f'"{job.id[-12:]}-{a.version}"'
+    got = await local.get(inline.id)
+    assert got.key == "mine" and got.result == arqd.ResultInfo(inline={"n": 1})
+    for hidden in ("owner", "checkpoint"):
+        assert not hasattr(got, hidden)
+    assert (await local.get(blob.id)).result == arqd.ResultInfo(
+        size=3000, content_type="application/octet-stream"
+    )
+    assert (await app.core.get(inline.id)).key == "@web/mine"  # the stored record is intact
+    assert (await app.core.get(blob.id)).result.name is not None  # type: ignore[union-attr]
+    await local.purge("persistent")
+    dropped = await local.get(blob.id)
+    assert dropped.result is None and dropped == await http.get(blob.id)
+    page, _ = await local.list(limit=10)
+    assert unversioned(page) == (await http.list(limit=10))[0]
+    group = await http.submit_group([{"handler": "echo", "payload": 1}], name="g")
+    await local.wait(group.jobs[0].id, timeout=20)
+    a_group, b_group = await local.group(group.id), await http.group(group.id)
+    assert unversioned(a_group.jobs) == b_group.jobs
+    assert msgspec.structs.replace(a_group, jobs=[]) == msgspec.structs.replace(b_group, jobs=[])
+
+
+def count_reads(queue: Any) -> Counter[str]:
+    """Count the queue backend's reads of job records (``get``, ``get_many``) and version probes
+    (``versions``), whoever makes them; ``followers`` counts the most follower tasks running at
+    any of those calls."""
+    calls: Counter[str] = Counter()
+    for name in ("get", "get_many", "versions"):
+        method = getattr(queue, name)
+
+        async def counted(*args: Any, _name: str = name, _method: Any = method) -> Any:
+            calls[_name] += 1
+            calls["followers"] = max(calls["followers"], len(followers()))
+            return await _method(*args)
+
+        setattr(queue, name, counted)
+    return calls
+
+
+def followers() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("arqd-follow")]
+
+
+async def test_http_wait_long_polls_with_the_etag(tmp_path: Path):
+    """HttpClient.wait on a 2 s job costs at most 5 requests: it long-polls with the ETag the
+    daemon sent, where a made-up ETag never matched and it asked again at once, thousands of
+    times."""
+    app = arqd.App(config(tmp_path))
+    web_app = make_app(app)
+    seen: list[str] = []
+
+    async def count(request: web.Request, response: web.StreamResponse) -> None:
+        seen.append(f"{request.method} {request.path_qs} {response.status}")
+
+    web_app.on_response_prepare.append(count)
+    async with app:
+        server = TestServer(web_app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            async with arqd.HttpClient(str(server.make_url(""))) as http:
+                # queued for 0.5 s, then running for 2 s: two changes to wait through
+                job = await http.submit("sleep", {"seconds": 2}, delay=0.5)
+                seen.clear()
+                done = await http.wait(job.id, timeout=20)
+        finally:
+            await server.close()
+    assert done.state == "succeeded"
+    assert len(seen) <= 5, f"{len(seen)} requests: {seen[:8]}"
+
+
+async def test_http_wait_outlasts_a_short_request_timeout(tmp_path: Path):
+    """An HttpClient whose request timeout (3 s) is shorter than a long-poll's hold (60 s) holds
+    its long-polls for less, so waiting on a 4 s job answers it instead of timing out."""
+    app = arqd.App(config(tmp_path))
+    async with app:
+        server = TestServer(make_app(app), host="127.0.0.1")
+        await server.start_server()
+        try:
+            async with arqd.HttpClient(str(server.make_url("")), timeout=3) as http:
+                job = await http.submit("sleep", {"seconds": 4})
+                done = await http.wait(job.id, timeout=20)
+        finally:
+            await server.close()
+    assert done.state == "succeeded"
+
+
+async def test_inprocess_wait_reads_once_per_change(tmp_path: Path):
+    """App.client.wait on a 2 s job reads the record once per change it sees (local changes
+    through the hub, others through the app's one follower, no second follower started) and
+    leaves the probing to that follower, where it read the job every 0.5 s."""
+    app = arqd.App(config(tmp_path))
+    async with app:
+        job = await app.client.submit("sleep", {"seconds": 2})
+        reads = count_reads(app.core.queue)
+        done = await app.client.wait(job.id, timeout=20)
+    assert done.state == "succeeded"
+    assert reads["get"] + reads["get_many"] <= 3, reads
+    assert reads["versions"] <= 3, reads
+    assert reads["followers"] == 1, reads
+
+
+async def test_bare_client_wait_follows_another_process(tmp_path: Path, daemons: Daemons):
+    """A bare Client waiting on a job another process runs starts the follower of other
+    processes' changes on demand, reads the record once per change it sees, and stops the
+    follower when the wait ends."""
+    d = daemons.start(sqlite_config(tmp_path))
+    settings = {
+        "queue": {"backend": "sqlite", "path": str(tmp_path / "q.sqlite3")},
+        "results": {"path": str(tmp_path / "results")},
+    }
+    async with arqd.Client(config=Config.from_dict(settings)) as client:
+        job = await client.submit("sleep", {"seconds": 2})
+        reads = count_reads(client.core.queue)
+        done = await client.wait(job.id, timeout=20)
+        assert done.state == "succeeded" and done.attempts == 1
+        assert reads["get"] + reads["get_many"] <= 3, reads
+        assert reads["versions"] <= 4, reads
+        assert reads["followers"] == 1, reads
+        await eventually(lambda: not followers())
+    assert d.url

@@ -29,6 +29,7 @@ def test_all_is_pinned():
             "NotReady",
             "Progress",
             "ResultExpired",
+            "ResultInfo",
             "ResultUnavailable",
             "Retry",
             "State",

@@ -17,9 +17,11 @@ from arqd.core import spec_of
 from arqd.errors import ArqdError, BackendUnavailable
 from arqd.groups import Group, GroupStatus
 from arqd.http.wire import ERRORS, job_from_dict
-from arqd.model import Job, State
+from arqd.model import State
+from arqd.view import Job
 
-WAIT_SLICE = 60  # the server holds a long-poll at most this long
+WAIT_SLICE = 60.0  # the server holds a long-poll at most this long
+SLICE_MARGIN = 5.0  # a long-poll's hold ends this long before the client's own request timeout
 
 
 class HttpClient:
@@ -29,6 +31,8 @@ class HttpClient:
         self.url = url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # A long-poll must end before the request times out (a client made with timeout=30).
+        self._slice = max(1.0, min(WAIT_SLICE, timeout - SLICE_MARGIN))
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
@@ -67,8 +71,8 @@ class HttpClient:
             raise BackendUnavailable(f"cannot reach arqd at {self.url}: {exc}") from exc
 
     async def _job(self, method: str, path: str, **kw: Any) -> Job:
-        _, body, _ = await self._call(method, path, **kw)
-        return job_from_dict(msgspec.json.decode(body))
+        _, body, headers = await self._call(method, path, **kw)
+        return job_from_dict(msgspec.json.decode(body), headers.get("ETag"))
 
     # --- the client's methods ---------------------------------------------------------------------
 
@@ -114,16 +118,12 @@ class HttpClient:
         return await self._job("GET", f"/v1/jobs/{job_id}")
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
-        """Long-polls the status until the job is terminal."""
+        """Reads the job, then long-polls it with its ETag until it is terminal: one request per
+        change (or per minute without one)."""
         async with asyncio.timeout(timeout):
-            job: Job | None = None  # the first long-poll answers at once if it is terminal
-            while job is None or not job.state.terminal:
-                headers = {"If-None-Match": job.etag} if job is not None else {}
-                status, body, _ = await self._call(
-                    "GET", f"/v1/jobs/{job_id}", params={"wait": str(WAIT_SLICE)}, headers=headers
-                )
-                if status == 200:
-                    job = job_from_dict(msgspec.json.decode(body))
+            job = await self.get(job_id)
+            while not job.state.terminal:
+                job = await self.poll(job)
             return job
 
     async def result(self, job_id: str) -> Any:
@@ -203,6 +203,26 @@ class HttpClient:
         return int(msgspec.json.decode(body)["purged"])
 
     # --- operator calls (used by the CLI) ---------------------------------------------------------
+
+    async def poll(self, job: Job, wait: float | None = None) -> Job:
+        """One long-poll: the job once it differs from ``job`` (as last answered: the server
+        compares its ETag), or ``job`` itself after ``wait`` seconds without a change (at most
+        60, and less than the client's request timeout). A terminal job is answered at once
+        without a request (the server would hold it the whole time)."""
+        if job.state.terminal:
+            return job
+        if job.etag is None:  # from a list: no ETag to compare, so read the job as it is now
+            return await self.get(job.id)
+        hold = self._slice if wait is None else min(wait, self._slice)
+        status, body, answered = await self._call(
+            "GET",
+            f"/v1/jobs/{job.id}",
+            params={"wait": f"{hold:g}"},
+            headers={"If-None-Match": job.etag},
+        )
+        if status == 304:
+            return job
+        return job_from_dict(msgspec.json.decode(body), answered.get("ETag"))
 
     async def request_json(self, method: str, path: str, json: Any = None) -> Any:
         """Any API call answering JSON, e.g. ``("GET", "/v1/queues")``."""

@@ -20,7 +20,7 @@ import aiohttp
 from cryptography.fernet import Fernet
 
 import arqd
-from arqd.backends.base import QueueBackend, ResultStore
+from arqd.backends.base import ListFilter, QueueBackend, ResultStore
 from arqd.model import Job
 
 from .analysis import Disruption, Report, Run, analyse, read_executions, read_lines, read_stalls
@@ -333,10 +333,11 @@ async def _wait_terminal(client: arqd.Client, ids: Iterable[str], deadline: floa
 
 
 async def _list_all(client: arqd.Client) -> dict[str, Job]:
+    """Every stored record (not the clients' view: the verdict checks whose blob a result is)."""
     stored: dict[str, Job] = {}
     cursor = None
     while True:
-        jobs, cursor = await client.list(limit=1000, cursor=cursor)
+        jobs, cursor = await client.core.queue.list_jobs(ListFilter(), 1000, cursor)
         stored.update((j.id, j) for j in jobs)
         if cursor is None:
             return stored
