@@ -91,6 +91,10 @@ class ServerConfig(_Section, frozen=True):
     listen: str = "127.0.0.1:8080"
     max_body: Size = Size(1024**2)
     allow_anonymous: bool = False
+    # Bytes of job JSON the status-poll cache keeps (arqd/http/cache.py); 0 turns it off.
+    status_cache: Size = Size(16 * 1024**2)
+    # Long-polls (``?wait=``) and event streams open at once; beyond, 429 with Retry-After.
+    max_held: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
 
 
 class QueueConfig(_Section, frozen=True):
