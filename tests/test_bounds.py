@@ -100,9 +100,9 @@ def dropped(daemon: Daemon, path: str, read: int, reset: bool = False) -> None:
 
 def test_clients_hanging_up_are_not_errors(tmp_path: Path, daemons: Daemons):
     """Event streams, long-polls and result downloads whose clients hang up end within a few
-    seconds (the held gauge is back to 0) and leave no traceback, error or warning in the log;
-    an upload cut short does not either."""
-    d = daemons.start(sqlite_config(tmp_path))
+    seconds (the held gauge is back to 0) and leave no traceback, error or warning in the log,
+    only ``http.client_gone`` debug lines; an upload cut short does not either."""
+    d = daemons.start(sqlite_config(tmp_path), env={"ARQD_LOG_LEVEL": "debug"})
     http = requests.Session()
     running = http.post(
         f"{d.url}/v1/jobs", json={"handler": "sleep", "payload": {"seconds": 120}}, timeout=10
@@ -140,3 +140,6 @@ def test_clients_hanging_up_are_not_errors(tmp_path: Path, daemons: Daemons):
         if "raw" in line or line.get("level") in ("warning", "error", "critical")
     ]
     assert not noise, json.dumps(noise[:20], indent=1)
+    gone = [line for line in d.lines() if line.get("event") == "http.client_gone"]
+    assert {line.get("route") for line in gone} >= {"events", "result", "long_poll"}
+    assert all(line["level"] == "debug" for line in gone)
