@@ -142,6 +142,10 @@ class ServerConfig(_Section, frozen=True):
     max_body: Size = Size(1024**2)
     allow_anonymous: bool = False
     allowed_hosts: list[HostName] = msgspec.field(default_factory=list)
+    # Bytes of job JSON the status-poll cache keeps (arqd/http/cache.py); 0 turns it off.
+    status_cache: Size = Size(16 * 1024**2)
+    # Long-polls (``?wait=``) and event streams open at once; beyond, 429 with Retry-After.
+    max_held: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
 
 
 class QueueConfig(_Section, frozen=True):

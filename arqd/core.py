@@ -200,16 +200,44 @@ class Core:
     ) -> None:
         self.queue = queue
         self.results = results
-        self.config = config
-        self.registry = registry
         self.hub = hub_for(queue.identity)
         self.metrics = Metrics()
+        self._config, self._registry = config, registry
+        self._name_metrics()
         instrument(queue, self.metrics)
         self._steps_keys: tuple[Config, tuple[bytes, ...]] | None = None  # and the config read
 
     @property
     def clock(self) -> Clock:
         return self.queue.clock
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self._config = config
+        self._name_metrics()
+
+    @property
+    def registry(self) -> Registry | None:
+        return self._registry
+
+    @registry.setter
+    def registry(self, registry: Registry | None) -> None:
+        self._registry = registry
+        self._name_metrics()
+
+    def _name_metrics(self) -> None:
+        """Series per queue and handler only for names the config gives (arqd/metrics.py)."""
+        cfg = self._config
+        queues = {"default", *cfg.workers.queues}
+        queues.update(h.queue for h in cfg.handler_configs().values() if h.queue)
+        queues.update(s.queue for s in cfg.schedules if s.queue)
+        queues.update(j.queue for g in cfg.groups.values() for j in g.jobs if j.queue)
+        handlers = None if self._registry is None else {*self._registry.names(), STEPS_HANDLER}
+        self.metrics.name(queues, handlers)
 
     # --- submitting -------------------------------------------------------------------------------
 

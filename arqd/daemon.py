@@ -28,7 +28,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from arqd import logs, systemd
+from arqd import logs, malloc, systemd
 from arqd.app import App
 from arqd.config import Config, load_config
 from arqd.errors import ArqdError, ConfigError
@@ -130,6 +130,7 @@ class Daemon:
         self.port: int | None = None
 
     async def run(self) -> int:
+        malloc.return_large_buffers()  # bounded memory comes back (docs/operations.md)
         try:
             config = load_config(self.config_path)
             preflight(config)

@@ -518,11 +518,14 @@ async def submit_batches(http: aiohttp.ClientSession, count: int, queue: str) ->
 async def finished_etags(http: aiohttp.ClientSession, ids: list[str]) -> dict[str, str]:
     etags: dict[str, str] = {}
     for job_id in ids:
+        params: dict[str, str] = {}  # read first: a long-poll holds a finished job
+        headers: dict[str, str] = {}
         while True:
-            async with http.get(f"/v1/jobs/{job_id}?wait=10") as r:
-                if (await r.json())["state"] == "succeeded":
+            async with http.get(f"/v1/jobs/{job_id}", params=params, headers=headers) as r:
+                if r.status == 200 and (await r.json())["state"] == "succeeded":
                     etags[job_id] = r.headers["ETag"]
                     break
+                params, headers = {"wait": "10"}, {"If-None-Match": r.headers["ETag"]}
     return etags
 
 

@@ -86,3 +86,27 @@ async def test_metrics_move_as_jobs_flow(served: tuple[arqd.App, TestServer, Man
     await app.client.wait(job.id, timeout=10)
     m = await scrape(server)
     assert m["arqd_lease_expiries_total", (("queue", "expiring"),)] == 1
+
+
+async def test_client_chosen_names_do_not_grow_the_scrape(
+    served: tuple[arqd.App, TestServer, ManualClock],
+):
+    """Jobs in queues the config does not name count under ``queue="other"``, in the counters
+    and the queue gauges alike, however many such names clients invent; so do handlers that are
+    not registered (a job stored by a daemon with another config, failed here)."""
+    app, server, _ = served
+    for i in range(30):
+        await app.client.submit("echo", i, queue=f"x{i}", delay=3600)
+    await app.client.submit("echo", "mine", delay=3600)
+    m = await scrape(server)
+    queues = {dict(labels).get("queue") for _, labels in m} - {None}
+    assert queues == {"default", "other"}
+    other, echo = ("queue", "other"), ("handler", "echo")
+    assert m["arqd_jobs_submitted_total", (echo, other)] == 30
+    assert m["arqd_queue_jobs", (other, ("state", "queued"))] == 30
+    assert m["arqd_queue_jobs", (("queue", "default"), ("state", "queued"))] == 1
+    app.core.metrics.finished.inc("x31", "unheard.of", "failed")
+    app.core.metrics.lease_expiries.labels("x32").inc()
+    m = await scrape(server)
+    assert m["arqd_jobs_finished_total", (("handler", "other"), other, ("state", "failed"))] == 1
+    assert m["arqd_lease_expiries_total", (other,)] == 1

@@ -13,10 +13,14 @@ cases (with the job's ETag as ``If-None-Match`` now and then, for the 304).
 The daemon consumes only the ``seeded`` queue, so jobs the fuzzer submits (to ``default`` or a
 random queue) are stored and listed but never run: no handler runs on fuzzed input, and no step
 ever makes a request (``http_steps.allow_hosts`` names only a closed loopback port besides).
-Long-polls and event streams end at once on terminal jobs, so only terminal jobs are swapped into
-``GET /v1/jobs/{id}`` (whose ``wait`` may be up to 60 s) and its ``/events``, which therefore need
-no exclusion; every request has a timeout all the same. Schemathesis leaves out the operation
-serving the document itself; ``tests/test_openapi.py`` covers it.
+Event streams end at once on terminal jobs, so only terminal jobs are swapped into
+``/events``. A long-poll of a terminal job is held until ``wait`` passes (API.md: a client
+long-polling in a loop must not spin), so where a seeded (terminal) id goes into
+``GET /v1/jobs/{id}`` a valid ``wait`` is shortened to at most ``SEEDED_WAIT``: the case still
+long-polls, with and without a matching ``If-None-Match``, and answers 304 or 200 after it;
+invalid ``wait`` values are kept as generated. Every request has a timeout all the same.
+Schemathesis leaves out the operation serving the document itself; ``tests/test_openapi.py``
+covers it.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ SEEDED = "seeded"  # the only queue the daemon consumes
 PARKED = "parked"  # jobs here stay queued
 DEDUPE_KEY = "seeded-echo"  # the key of a succeeded seeded job
 TIMEOUT = 10.0  # seconds for any one request
+SEEDED_WAIT = 0.2  # the longest long-poll of a seeded (terminal) job
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -226,11 +231,26 @@ def swap_in(seeds: Seeds) -> Callable[..., Any]:
                 case.path_parameters = {**(case.path_parameters or {}), name: value}
                 if etag and value in seeds.etags:
                     case.headers = {**(case.headers or {}), "If-None-Match": seeds.etags[value]}
+                if operation == ("GET", "/v1/jobs/{id}"):
+                    case.query = shorter_wait(case.query)
             return case
 
         return st.builds(put, st.sampled_from([None, *values]), st.booleans())
 
     return flatmap_case
+
+
+def shorter_wait(query: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``query`` with a valid ``wait`` cut to ``SEEDED_WAIT`` (a terminal job is held that long)."""
+    if not query or "wait" not in query or isinstance(query["wait"], bool):
+        return query
+    try:
+        wait = float(query["wait"])
+    except (TypeError, ValueError):
+        return query
+    if not 0 <= wait <= 60:
+        return query
+    return {**query, "wait": min(wait, SEEDED_WAIT)}
 
 
 @pytest.fixture

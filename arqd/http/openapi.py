@@ -589,6 +589,11 @@ def common_responses() -> dict[str, Schema]:
             "unknown_handler",
         ),
         "Unavailable": error("The queue backend or result store is unavailable", "unavailable"),
+        "Busy": error(
+            "`server.max_held` long-polls and event streams are open already",
+            "rate_limited",
+            headers={"Retry-After": header("Seconds to wait before trying again.")},
+        ),
     }
 
 
@@ -687,11 +692,15 @@ def get_job() -> Operation:
             304: response("The job's ETag matches `If-None-Match`", headers={"ETag": ETAG}),
             404: common("NotFound"),
             422: common("InvalidQuery"),
+            429: common("Busy"),
         },
         description=(
             "A job read in the last second is answered from memory. `?wait=S` holds the "
             "request until the job changes (with `If-None-Match`: until its ETag differs) or "
-            "S seconds pass, then answers as without `wait`."
+            "S seconds pass, then answers as without `wait`; a terminal job is held too (until "
+            "S pass, or it is deleted or expires: 404), so a client long-polling in a loop never "
+            "spins. A long-poll (`wait` > 0) is refused with 429 while `server.max_held` "
+            "requests are held."
         ),
         parameters=[
             JOB_ID,
@@ -806,6 +815,7 @@ def job_events() -> Operation:
                 content={"text/event-stream": {"schema": event}},
             ),
             404: common("NotFound"),
+            429: common("Busy"),
         },
         parameters=[JOB_ID],
     )
