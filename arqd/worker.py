@@ -1,6 +1,7 @@
 """The consumer pool: lease jobs, run their handlers, store results, report outcomes.
 
-Moving parts, each one small loop:
+Moving parts, each one small loop (run under a :class:`~arqd.supervise.Supervisor`: a loop that
+crashes is logged and restarted):
 - the **fetcher** leases batches while the pool has room (``concurrency`` running plus a prefetch
   of as many again, at most ``workers.batch`` per lease), into a local buffer; when nothing is
   ready it sleeps until a local submit wakes it or an adaptive poll interval passes;
@@ -17,6 +18,9 @@ timeout, and cancels, lost leases and shutdown interrupt the same way: record wh
 the consumer's task once; the attempt takes that cancellation back (``uncancel``) and turns it
 into its outcome, exactly as ``asyncio.timeout`` does, so a cancellation from anyone else still
 propagates.
+
+A :class:`~arqd.supervise.LoopWatch` thread reports the event loop's timers running late and
+repairs the timer heap when a handler broke it (``asyncio.sleep(nan)``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from arqd.core import JSON, SEALED, STEPS_HANDLER, Core
 from arqd.errors import BackendError, Fail, Retry
 from arqd.handlers import Handler, JobContext
 from arqd.model import ErrorInfo, Job, Progress, ResultRef, State, blob_name, new_token
+from arqd.supervise import LoopWatch, Supervisor
 
 log = structlog.get_logger("arqd.worker")
 
@@ -75,8 +80,11 @@ class _Running:
 class Pool:
     """``concurrency`` consumers over the core's backends; ``start()``, ``stop()``, ``drain()``."""
 
-    def __init__(self, core: Core, worker_id: str | None = None) -> None:
+    def __init__(
+        self, core: Core, worker_id: str | None = None, supervisor: Supervisor | None = None
+    ) -> None:
         self.core = core
+        self.supervisor = supervisor or Supervisor()
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{new_token()[:6]}"
         cfg = core.config.workers
         self.concurrency = cfg.concurrency
@@ -101,6 +109,7 @@ class Pool:
         self._stopping = False
         self._hurry = asyncio.Event()
         self._started = False
+        self._watch: LoopWatch | None = None
         self.started_at: float | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -111,14 +120,17 @@ class Pool:
         self._started = True
         self.started_at = self.core.clock.time()
         self.core.hub.add_listener(self._on_change)
+        spawn = self.supervisor.spawn
         self._loops = [
-            asyncio.create_task(self._fetch_loop(), name="arqd-fetch"),
-            asyncio.create_task(self._complete_loop(), name="arqd-complete"),
-            asyncio.create_task(self._heartbeat_loop(), name="arqd-heartbeat"),
-            asyncio.create_task(self._progress_loop(), name="arqd-progress"),
-            asyncio.create_task(self._deadline_loop(), name="arqd-deadlines"),
-            asyncio.create_task(self._register_loop(), name="arqd-register"),
+            spawn("arqd-fetch", self._fetch_loop),
+            spawn("arqd-complete", self._complete_loop),
+            spawn("arqd-heartbeat", self._heartbeat_loop),
+            spawn("arqd-progress", self._progress_loop),
+            spawn("arqd-deadlines", self._deadline_loop),
+            spawn("arqd-register", self._register_loop),
         ]
+        self._watch = LoopWatch(asyncio.get_running_loop())
+        self._watch.start()
         self.resize(self.concurrency)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -158,6 +170,9 @@ class Pool:
         except BackendError as exc:
             log.warning("backend.unregister_failed", error=str(exc))
         self.core.hub.remove_listener(self._on_change)
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         self._started = False
 
     def hurry(self) -> None:
@@ -187,7 +202,7 @@ class Pool:
         if self._stopping:
             return
         while len(self._consumers) < concurrency:
-            task = asyncio.create_task(self._consume(), name="arqd-consumer")
+            task = self.supervisor.spawn("arqd-consumer", self._consume)
             self._consumers.add(task)
             task.add_done_callback(self._consumers.discard)
         excess = len(self._consumers) - concurrency
@@ -229,9 +244,12 @@ class Pool:
         failures = 0
         while not self._stopping:
             room = self._room_for()
-            if room <= 0 or self.concurrency == 0:
+            if room <= 0 or self.concurrency == 0 or not self.queues:
                 self._room.clear()
-                await self._room.wait()
+                if not self.queues and not self._held:  # nothing to consume: idle for drain()
+                    self._lease_seq += 1
+                    await self._mark_idle(self._lease_seq)
+                await self._room.wait()  # a finished job, resize() or reconfigure() sets it
                 continue
             self._lease_seq += 1
             seq = self._lease_seq
@@ -295,19 +313,29 @@ class Pool:
                 lease = await self._buffer.get()
             finally:
                 self._waiting.discard(me)
-            if (lease.job.id, lease.token) in self._dropped:
-                self._dropped.discard((lease.job.id, lease.token))
+            try:
+                await self._take(lease, me)
+            except Exception:
+                # A fault of the pool itself (a handler's exceptions are outcomes): stop holding
+                # the lease, so it expires and the job runs again, and let the supervisor log
+                # and restart this consumer.
                 self._forget(lease)
-                continue
-            if not await self._still_held(lease):
-                # It expired while buffered (the process stalled, or heartbeats failed): another
-                # worker may have run the job already. Never start a handler on such a lease.
-                log.warning("job.lease_lost", job_id=lease.job.id, where="buffer")
-                self.core.metrics.lease_conflicts.labels("buffer").inc()
-                self._forget(lease)
-                continue
-            await self._run(lease, me)
+                raise
         self._consumers.discard(me)
+
+    async def _take(self, lease: Lease, me: asyncio.Task[None]) -> None:
+        if (lease.job.id, lease.token) in self._dropped:
+            self._dropped.discard((lease.job.id, lease.token))
+            self._forget(lease)
+            return
+        if not await self._still_held(lease):
+            # It expired while buffered (the process stalled, or heartbeats failed): another
+            # worker may have run the job already. Never start a handler on such a lease.
+            log.warning("job.lease_lost", job_id=lease.job.id, where="buffer")
+            self.core.metrics.lease_conflicts.labels("buffer").inc()
+            self._forget(lease)
+            return
+        await self._run(lease, me)
 
     async def _run(self, lease: Lease, task: asyncio.Task[None]) -> None:
         r = _Running(lease)
