@@ -2,9 +2,11 @@
 
 Moving parts, each one small loop (run under a :class:`~arqd.supervise.Supervisor`: a loop that
 crashes is logged and restarted):
-- the **fetcher** leases batches while the pool has room (``concurrency`` running plus a prefetch
-  of as many again, at most ``workers.batch`` per lease), into a local buffer; when nothing is
-  ready it sleeps until a local submit wakes it or an adaptive poll interval passes;
+- the **fetcher** leases batches while the pool has room (a job for every free consumer, plus a
+  prefetch sized so a buffered job waits about ``TARGET_WAIT`` at the recent pace of attempts:
+  none while attempts are long or not yet timed, at most ``min(batch, concurrency)``), into a
+  local buffer; when nothing is ready it sleeps until a local submit wakes it or an adaptive poll
+  interval passes;
 - **consumers** (``concurrency`` coroutines) take leases from the buffer and run one attempt each;
 - the **completer** writes outcomes in batches (one backend call for all outcomes that piled up
   while the previous call ran), so throughput grows with load instead of collapsing;
@@ -57,6 +59,11 @@ REGISTER_INTERVAL = 2.0  # the worker row is refreshed this often (API.md: at le
 DEADLINE_TICK = 0.05  # attempt timeouts are enforced within this much (one sweep, not a timer each)
 BACKEND_RETRY_MAX = 5.0  # longest pause between retries of a failing backend call
 ERROR_MESSAGE_MAX = 2000
+# Prefetch: a buffered lease shows its job as running although no handler runs it yet, so the
+# buffer holds only about this much work at the recent pace of attempts (a job waits in it about
+# this long at most): no-op jobs keep whole batches, 4 s jobs at concurrency 4 have 4 leases.
+TARGET_WAIT = 0.010
+ATTEMPT_WEIGHT = 0.1  # weight of the newest attempt in the moving average of their durations
 OCTETS = "application/octet-stream"
 
 _SCALARS = (int, float, bool, type(None))  # always small enough to keep inline
@@ -71,6 +78,8 @@ class _Running:
     cancelled: bool = False  # whether we cancelled ``task`` to interrupt it
     reason: Reason | None = None
     progress: Progress | None = None
+    started: float | None = None  # when the handler was called (clock time), if it was
+    began: float = 0.0  # the same, on the loop's monotonic clock
 
     @property
     def interrupted(self) -> bool:
@@ -110,6 +119,7 @@ class Pool:
         self._hurry = asyncio.Event()
         self._started = False
         self._watch: LoopWatch | None = None
+        self._mean_attempt: float | None = None  # moving average of attempt durations (s)
         self.started_at: float | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -230,13 +240,30 @@ class Pool:
 
     def _room_for(self) -> int:
         """How many jobs to lease now: none while the buffer holds work and less than half the
-        prefetch is free, so a pool of long jobs leases in batches as they finish instead of
+        prefetch is free, so a pool of short jobs leases in batches as they finish instead of
         one write per finished job (measured: a third of the throughput on sqlite)."""
-        prefetch = min(self.core.config.workers.batch, self.concurrency)
+        prefetch = self._prefetch()
         room = min(self.concurrency + prefetch - len(self._held), self.core.config.workers.batch)
         if room < prefetch // 2 and not self._buffer.empty():
             return 0
         return room
+
+    def _prefetch(self) -> int:
+        """How many leases may wait for a consumer: enough that consumers never wait for a lease
+        write while attempts are short, few enough that a buffered job waits about
+        ``TARGET_WAIT``: the buffer drains at ``concurrency / mean`` jobs per second. None
+        before an attempt was timed."""
+        mean = self._mean_attempt
+        if mean is None:
+            return 0
+        most = min(self.core.config.workers.batch, self.concurrency)
+        if mean <= 0.0:
+            return most
+        return min(most, int(self.concurrency * TARGET_WAIT / mean))
+
+    def _timed(self, seconds: float) -> None:
+        mean = self._mean_attempt
+        self._mean_attempt = seconds if mean is None else mean + ATTEMPT_WEIGHT * (seconds - mean)
 
     async def _fetch_loop(self) -> None:
         cfg = self.core.config.workers
@@ -289,13 +316,8 @@ class Pool:
     def _observe_leases(self, leases: list[Lease]) -> None:
         m = self.core.metrics
         for lease in leases:
-            job = lease.job
-            if job.started_at is not None:
-                m.queue_wait.observe(
-                    max(0.0, (job.started_at - job.ready_at).total_seconds()), job.queue
-                )
             if lease.recovered:
-                m.lease_expiries.labels(job.queue).inc()
+                m.lease_expiries.labels(lease.job.queue).inc()
 
     async def _mark_idle(self, seq: int) -> None:
         async with self._idle:
@@ -345,6 +367,10 @@ class Pool:
         finally:
             del self._running[lease.job.id]
             self._dirty.discard(lease.job.id)
+        if r.started is not None:
+            self._timed(asyncio.get_running_loop().time() - r.began)
+            if outcome is not None and outcome.started_at is None:
+                outcome = msgspec.structs.replace(outcome, started_at=r.started)
         if outcome is None:
             self._forget(lease)
         else:
@@ -360,7 +386,10 @@ class Pool:
         if r.interrupted:  # before it began
             return self._interrupted(r)
         ctx = r.ctx = JobContext(job, lambda p: self._report(r, p))
-        r.deadline = asyncio.get_running_loop().time() + job.timeout
+        r.began = asyncio.get_running_loop().time()
+        r.deadline = r.began + job.timeout
+        r.started = core.clock.time()
+        core.metrics.queue_wait.observe(max(0.0, r.started - job.ready_at.timestamp()), job.queue)
         cancelling = task.cancelling()
         r.task = task
         try:
@@ -383,7 +412,14 @@ class Pool:
         if r.reason == "lost":
             return None
         expires = core.result_expiry(job, core.clock.time())
-        return Outcome(job=job, token=token, state=State.SUCCEEDED, result=ref, expires_at=expires)
+        return Outcome(
+            job=job,
+            token=token,
+            state=State.SUCCEEDED,
+            result=ref,
+            expires_at=expires,
+            started_at=r.started,
+        )
 
     def _handler_for(self, r: _Running) -> Handler | None:
         if r.lease.job.handler == STEPS_HANDLER:
@@ -599,8 +635,9 @@ class Pool:
             m.finished.inc(job.queue, job.handler, outcome.state.value)
         elif outcome.count_attempt:
             m.retries.inc(job.queue, job.handler)
-        if job.started_at is not None and outcome.count_attempt:
-            ran = self.core.clock.time() - job.started_at.timestamp()
+        started = _started(lease, outcome)
+        if started is not None and outcome.count_attempt:
+            ran = self.core.clock.time() - started
             label = outcome.state.value if outcome.state.terminal else "retry"
             m.handler_seconds.observe(max(0.0, ran), job.handler, label)
 
@@ -745,7 +782,8 @@ def _canonical(lease: Lease, outcome: Outcome, now: float) -> None:
         event = "job.released" if not outcome.count_attempt else "job.retrying"
     else:
         event = "job." + outcome.state.value
-    started = job.started_at.timestamp() if job.started_at else now
+    started = _started(lease, outcome)
+    started = now if started is None else started
     log.info(
         event,
         job_id=job.id,
@@ -757,6 +795,14 @@ def _canonical(lease: Lease, outcome: Outcome, now: float) -> None:
         run_ms=round((now - started) * 1000, 3),
         error_type=outcome.error.type if outcome.error else None,
     )
+
+
+def _started(lease: Lease, outcome: Outcome) -> float | None:
+    """When the attempt's handler began; the lease's time when no handler ran."""
+    if outcome.started_at is not None:
+        return outcome.started_at
+    started = lease.job.started_at
+    return None if started is None else started.timestamp()
 
 
 def _info_enabled() -> bool:
