@@ -30,6 +30,7 @@ from arqd.errors import ArqdError
 from arqd.handlers import Handler, HandlerDef, Registry
 from arqd.schedules import Scheduler
 from arqd.stores import make_queue, make_results
+from arqd.supervise import Supervisor
 from arqd.worker import Pool
 
 log = structlog.get_logger("arqd.app")
@@ -59,6 +60,8 @@ class App:
         self.core = Core(self._queue, self._results, self.config, Registry())
         self.pool: Pool | None = None
         self.client = Client(_core=self.core)
+        # Runs every background loop; ``supervisor.failed`` is set when one keeps crashing.
+        self.supervisor = Supervisor()
         self._open = False
         self._tasks: list[asyncio.Task[None]] = []
         self.scheduler: Scheduler | None = None
@@ -113,13 +116,14 @@ class App:
         if self._owned[1]:
             await self._results.open()
         await self._sweep_partials()  # before this pool writes any
-        self.pool = Pool(self.core)
+        self.pool = Pool(self.core, supervisor=self.supervisor)
         await self.pool.start()
         self.scheduler = Scheduler(self.core, self.config)
+        spawn = self.supervisor.spawn
         self._tasks = [
-            asyncio.create_task(self.scheduler.run(), name="arqd-scheduler"),
-            asyncio.create_task(self._sweep_loop(), name="arqd-sweeper"),
-            self.core.start_follower(),
+            spawn("arqd-scheduler", self.scheduler.run),
+            spawn("arqd-sweeper", self._sweep_loop),
+            self.core.start_follower(spawn("arqd-follow", self.core.follow_changes)),
         ]
         return self
 

@@ -447,10 +447,12 @@ class Core:
             if news is not None:
                 return news if news.version >= job.version else job
 
-    def start_follower(self) -> asyncio.Task[None]:
+    def start_follower(self, task: asyncio.Task[None] | None = None) -> asyncio.Task[None]:
         """Run ``follow_changes`` for this storage until the task is cancelled (an ``App`` does,
-        for its life); waits use it instead of starting their own."""
-        task = asyncio.create_task(self.follow_changes(), name="arqd-follow")
+        for its life, passing the supervised task that runs it); waits use it instead of
+        starting their own."""
+        if task is None:
+            task = asyncio.create_task(self.follow_changes(), name="arqd-follow")
         _followers[self.hub] = _Follower(task, on_demand=False)
         return task
 

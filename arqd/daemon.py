@@ -10,6 +10,8 @@
 - SIGTERM / SIGINT: stop leasing, let running jobs finish for ``workers.shutdown_grace``, then
   interrupt and release them (another daemon takes them at once), exit 0. A second signal skips
   the wait.
+- A background task that keeps crashing (``task.gave_up``, see ``arqd/supervise.py``): stop as
+  on SIGTERM, then exit 1, so systemd (``Restart=on-failure``) starts a fresh process.
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ from arqd.handlers import Registry
 from arqd.http.server import STATE, ServerState, make_app
 from arqd.steps import check_keys
 from arqd.stores import queue_class
+from arqd.supervise import report_crash
 
 log = structlog.get_logger("arqd.daemon")
 
 RESTART_SECTIONS = ("server", "queue", "results")
 BACKEND_RETRY_MAX = 30.0  # longest pause between tries to reach the backends at start
 HTTP_SHUTDOWN = 2.0  # seconds open long-polls and event streams get once the pool has stopped
+EXIT_FAILED = 1  # a background task kept crashing: the service manager should restart us
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -157,7 +161,7 @@ class Daemon:
             log.info("daemon.stopped")
             return 0
         try:
-            watchdog = asyncio.create_task(self._watchdog())
+            watchdog = self.app.supervisor.spawn("arqd-watchdog", self._watchdog)
             log.info(
                 "daemon.ready",
                 listen=f"{host}:{self.port}",
@@ -166,14 +170,28 @@ class Daemon:
                 config=config.source,
             )
             systemd.notify("READY=1", f"STATUS=serving on {host}:{self.port}")
-            await self._stop.wait()
+            code = await self._serve(self.app)
             systemd.notify("STOPPING=1")
             log.info("daemon.stopping", grace_s=self.app.config.workers.shutdown_grace)
             watchdog.cancel()
         finally:
             await self.app.stop()
             await runner.cleanup()
-        log.info("daemon.stopped")
+        log.info("daemon.stopped", exit_code=code)
+        return code
+
+    async def _serve(self, app: App) -> int:
+        """Wait for a stop signal (answers 0) or a background task given up (answers 1)."""
+        stop = asyncio.ensure_future(self._stop.wait())
+        failed = asyncio.ensure_future(app.supervisor.failed.wait())
+        try:
+            await asyncio.wait([stop, failed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            failed.cancel()
+        if app.supervisor.failed.is_set():
+            log.error("daemon.failing", task=app.supervisor.failure, exit_code=EXIT_FAILED)
+            return EXIT_FAILED
         return 0
 
     async def _open_backends(self, config: Config, registry: Registry, state: ServerState) -> bool:
@@ -219,7 +237,8 @@ class Daemon:
         if self._reloading is not None and not self._reloading.done():
             log.info("config.reload_pending")
             return
-        self._reloading = asyncio.create_task(self.reload())
+        self._reloading = asyncio.create_task(self.reload(), name="arqd-reload")
+        self._reloading.add_done_callback(report_crash)
 
     async def reload(self) -> None:
         assert self.app is not None

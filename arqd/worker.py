@@ -1,9 +1,12 @@
 """The consumer pool: lease jobs, run their handlers, store results, report outcomes.
 
-Moving parts, each one small loop:
-- the **fetcher** leases batches while the pool has room (``concurrency`` running plus a prefetch
-  of as many again, at most ``workers.batch`` per lease), into a local buffer; when nothing is
-  ready it sleeps until a local submit wakes it or an adaptive poll interval passes;
+Moving parts, each one small loop (run under a :class:`~arqd.supervise.Supervisor`: a loop that
+crashes is logged and restarted):
+- the **fetcher** leases batches while the pool has room (a job for every free consumer, plus a
+  prefetch sized so a buffered job waits about ``TARGET_WAIT`` at the recent pace of attempts:
+  none while attempts are long or not yet timed, at most ``min(batch, concurrency)``), into a
+  local buffer; when nothing is ready it sleeps until a local submit wakes it or an adaptive poll
+  interval passes;
 - **consumers** (``concurrency`` coroutines) take leases from the buffer and run one attempt each;
 - the **completer** writes outcomes in batches (one backend call for all outcomes that piled up
   while the previous call ran), so throughput grows with load instead of collapsing;
@@ -17,6 +20,9 @@ timeout, and cancels, lost leases and shutdown interrupt the same way: record wh
 the consumer's task once; the attempt takes that cancellation back (``uncancel``) and turns it
 into its outcome, exactly as ``asyncio.timeout`` does, so a cancellation from anyone else still
 propagates.
+
+A :class:`~arqd.supervise.LoopWatch` thread reports the event loop's timers running late and
+repairs the timer heap when a handler broke it (``asyncio.sleep(nan)``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from arqd.core import JSON, SEALED, STEPS_HANDLER, Core
 from arqd.errors import BackendError, Fail, Retry
 from arqd.handlers import Handler, JobContext
 from arqd.model import ErrorInfo, Job, Progress, ResultRef, State, blob_name, new_token
+from arqd.supervise import LoopWatch, Supervisor
 
 log = structlog.get_logger("arqd.worker")
 
@@ -52,6 +59,11 @@ REGISTER_INTERVAL = 2.0  # the worker row is refreshed this often (API.md: at le
 DEADLINE_TICK = 0.05  # attempt timeouts are enforced within this much (one sweep, not a timer each)
 BACKEND_RETRY_MAX = 5.0  # longest pause between retries of a failing backend call
 ERROR_MESSAGE_MAX = 2000
+# Prefetch: a buffered lease shows its job as running although no handler runs it yet, so the
+# buffer holds only about this much work at the recent pace of attempts (a job waits in it about
+# this long at most): no-op jobs keep whole batches, 4 s jobs at concurrency 4 have 4 leases.
+TARGET_WAIT = 0.010
+ATTEMPT_WEIGHT = 0.1  # weight of the newest attempt in the moving average of their durations
 OCTETS = "application/octet-stream"
 
 _SCALARS = (int, float, bool, type(None))  # always small enough to keep inline
@@ -66,6 +78,8 @@ class _Running:
     cancelled: bool = False  # whether we cancelled ``task`` to interrupt it
     reason: Reason | None = None
     progress: Progress | None = None
+    started: float | None = None  # when the handler was called (clock time), if it was
+    began: float = 0.0  # the same, on the loop's monotonic clock
 
     @property
     def interrupted(self) -> bool:
@@ -75,8 +89,11 @@ class _Running:
 class Pool:
     """``concurrency`` consumers over the core's backends; ``start()``, ``stop()``, ``drain()``."""
 
-    def __init__(self, core: Core, worker_id: str | None = None) -> None:
+    def __init__(
+        self, core: Core, worker_id: str | None = None, supervisor: Supervisor | None = None
+    ) -> None:
         self.core = core
+        self.supervisor = supervisor or Supervisor()
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{new_token()[:6]}"
         cfg = core.config.workers
         self.concurrency = cfg.concurrency
@@ -101,6 +118,8 @@ class Pool:
         self._stopping = False
         self._hurry = asyncio.Event()
         self._started = False
+        self._watch: LoopWatch | None = None
+        self._mean_attempt: float | None = None  # moving average of attempt durations (s)
         self.started_at: float | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -111,14 +130,17 @@ class Pool:
         self._started = True
         self.started_at = self.core.clock.time()
         self.core.hub.add_listener(self._on_change)
+        spawn = self.supervisor.spawn
         self._loops = [
-            asyncio.create_task(self._fetch_loop(), name="arqd-fetch"),
-            asyncio.create_task(self._complete_loop(), name="arqd-complete"),
-            asyncio.create_task(self._heartbeat_loop(), name="arqd-heartbeat"),
-            asyncio.create_task(self._progress_loop(), name="arqd-progress"),
-            asyncio.create_task(self._deadline_loop(), name="arqd-deadlines"),
-            asyncio.create_task(self._register_loop(), name="arqd-register"),
+            spawn("arqd-fetch", self._fetch_loop),
+            spawn("arqd-complete", self._complete_loop),
+            spawn("arqd-heartbeat", self._heartbeat_loop),
+            spawn("arqd-progress", self._progress_loop),
+            spawn("arqd-deadlines", self._deadline_loop),
+            spawn("arqd-register", self._register_loop),
         ]
+        self._watch = LoopWatch(asyncio.get_running_loop())
+        self._watch.start()
         self.resize(self.concurrency)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -158,6 +180,9 @@ class Pool:
         except BackendError as exc:
             log.warning("backend.unregister_failed", error=str(exc))
         self.core.hub.remove_listener(self._on_change)
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         self._started = False
 
     def hurry(self) -> None:
@@ -187,7 +212,7 @@ class Pool:
         if self._stopping:
             return
         while len(self._consumers) < concurrency:
-            task = asyncio.create_task(self._consume(), name="arqd-consumer")
+            task = self.supervisor.spawn("arqd-consumer", self._consume)
             self._consumers.add(task)
             task.add_done_callback(self._consumers.discard)
         excess = len(self._consumers) - concurrency
@@ -215,13 +240,30 @@ class Pool:
 
     def _room_for(self) -> int:
         """How many jobs to lease now: none while the buffer holds work and less than half the
-        prefetch is free, so a pool of long jobs leases in batches as they finish instead of
+        prefetch is free, so a pool of short jobs leases in batches as they finish instead of
         one write per finished job (measured: a third of the throughput on sqlite)."""
-        prefetch = min(self.core.config.workers.batch, self.concurrency)
+        prefetch = self._prefetch()
         room = min(self.concurrency + prefetch - len(self._held), self.core.config.workers.batch)
         if room < prefetch // 2 and not self._buffer.empty():
             return 0
         return room
+
+    def _prefetch(self) -> int:
+        """How many leases may wait for a consumer: enough that consumers never wait for a lease
+        write while attempts are short, few enough that a buffered job waits about
+        ``TARGET_WAIT``: the buffer drains at ``concurrency / mean`` jobs per second. None
+        before an attempt was timed."""
+        mean = self._mean_attempt
+        if mean is None:
+            return 0
+        most = min(self.core.config.workers.batch, self.concurrency)
+        if mean <= 0.0:
+            return most
+        return min(most, int(self.concurrency * TARGET_WAIT / mean))
+
+    def _timed(self, seconds: float) -> None:
+        mean = self._mean_attempt
+        self._mean_attempt = seconds if mean is None else mean + ATTEMPT_WEIGHT * (seconds - mean)
 
     async def _fetch_loop(self) -> None:
         cfg = self.core.config.workers
@@ -229,9 +271,12 @@ class Pool:
         failures = 0
         while not self._stopping:
             room = self._room_for()
-            if room <= 0 or self.concurrency == 0:
+            if room <= 0 or self.concurrency == 0 or not self.queues:
                 self._room.clear()
-                await self._room.wait()
+                if not self.queues and not self._held:  # nothing to consume: idle for drain()
+                    self._lease_seq += 1
+                    await self._mark_idle(self._lease_seq)
+                await self._room.wait()  # a finished job, resize() or reconfigure() sets it
                 continue
             self._lease_seq += 1
             seq = self._lease_seq
@@ -271,13 +316,8 @@ class Pool:
     def _observe_leases(self, leases: list[Lease]) -> None:
         m = self.core.metrics
         for lease in leases:
-            job = lease.job
-            if job.started_at is not None:
-                m.queue_wait.observe(
-                    max(0.0, (job.started_at - job.ready_at).total_seconds()), job.queue
-                )
             if lease.recovered:
-                m.lease_expiries.labels(job.queue).inc()
+                m.lease_expiries.labels(lease.job.queue).inc()
 
     async def _mark_idle(self, seq: int) -> None:
         async with self._idle:
@@ -295,19 +335,29 @@ class Pool:
                 lease = await self._buffer.get()
             finally:
                 self._waiting.discard(me)
-            if (lease.job.id, lease.token) in self._dropped:
-                self._dropped.discard((lease.job.id, lease.token))
+            try:
+                await self._take(lease, me)
+            except Exception:
+                # A fault of the pool itself (a handler's exceptions are outcomes): stop holding
+                # the lease, so it expires and the job runs again, and let the supervisor log
+                # and restart this consumer.
                 self._forget(lease)
-                continue
-            if not await self._still_held(lease):
-                # It expired while buffered (the process stalled, or heartbeats failed): another
-                # worker may have run the job already. Never start a handler on such a lease.
-                log.warning("job.lease_lost", job_id=lease.job.id, where="buffer")
-                self.core.metrics.lease_conflicts.labels("buffer").inc()
-                self._forget(lease)
-                continue
-            await self._run(lease, me)
+                raise
         self._consumers.discard(me)
+
+    async def _take(self, lease: Lease, me: asyncio.Task[None]) -> None:
+        if (lease.job.id, lease.token) in self._dropped:
+            self._dropped.discard((lease.job.id, lease.token))
+            self._forget(lease)
+            return
+        if not await self._still_held(lease):
+            # It expired while buffered (the process stalled, or heartbeats failed): another
+            # worker may have run the job already. Never start a handler on such a lease.
+            log.warning("job.lease_lost", job_id=lease.job.id, where="buffer")
+            self.core.metrics.lease_conflicts.labels("buffer").inc()
+            self._forget(lease)
+            return
+        await self._run(lease, me)
 
     async def _run(self, lease: Lease, task: asyncio.Task[None]) -> None:
         r = _Running(lease)
@@ -317,6 +367,10 @@ class Pool:
         finally:
             del self._running[lease.job.id]
             self._dirty.discard(lease.job.id)
+        if r.started is not None:
+            self._timed(asyncio.get_running_loop().time() - r.began)
+            if outcome is not None and outcome.started_at is None:
+                outcome = msgspec.structs.replace(outcome, started_at=r.started)
         if outcome is None:
             self._forget(lease)
         else:
@@ -332,7 +386,10 @@ class Pool:
         if r.interrupted:  # before it began
             return self._interrupted(r)
         ctx = r.ctx = JobContext(job, lambda p: self._report(r, p))
-        r.deadline = asyncio.get_running_loop().time() + job.timeout
+        r.began = asyncio.get_running_loop().time()
+        r.deadline = r.began + job.timeout
+        r.started = core.clock.time()
+        core.metrics.queue_wait.observe(max(0.0, r.started - job.ready_at.timestamp()), job.queue)
         cancelling = task.cancelling()
         r.task = task
         try:
@@ -355,7 +412,14 @@ class Pool:
         if r.reason == "lost":
             return None
         expires = core.result_expiry(job, core.clock.time())
-        return Outcome(job=job, token=token, state=State.SUCCEEDED, result=ref, expires_at=expires)
+        return Outcome(
+            job=job,
+            token=token,
+            state=State.SUCCEEDED,
+            result=ref,
+            expires_at=expires,
+            started_at=r.started,
+        )
 
     def _handler_for(self, r: _Running) -> Handler | None:
         if r.lease.job.handler == STEPS_HANDLER:
@@ -571,8 +635,9 @@ class Pool:
             m.finished.inc(job.queue, job.handler, outcome.state.value)
         elif outcome.count_attempt:
             m.retries.inc(job.queue, job.handler)
-        if job.started_at is not None and outcome.count_attempt:
-            ran = self.core.clock.time() - job.started_at.timestamp()
+        started = _started(lease, outcome)
+        if started is not None and outcome.count_attempt:
+            ran = self.core.clock.time() - started
             label = outcome.state.value if outcome.state.terminal else "retry"
             m.handler_seconds.observe(max(0.0, ran), job.handler, label)
 
@@ -717,7 +782,8 @@ def _canonical(lease: Lease, outcome: Outcome, now: float) -> None:
         event = "job.released" if not outcome.count_attempt else "job.retrying"
     else:
         event = "job." + outcome.state.value
-    started = job.started_at.timestamp() if job.started_at else now
+    started = _started(lease, outcome)
+    started = now if started is None else started
     log.info(
         event,
         job_id=job.id,
@@ -729,6 +795,14 @@ def _canonical(lease: Lease, outcome: Outcome, now: float) -> None:
         run_ms=round((now - started) * 1000, 3),
         error_type=outcome.error.type if outcome.error else None,
     )
+
+
+def _started(lease: Lease, outcome: Outcome) -> float | None:
+    """When the attempt's handler began; the lease's time when no handler ran."""
+    if outcome.started_at is not None:
+        return outcome.started_at
+    started = lease.job.started_at
+    return None if started is None else started.timestamp()
 
 
 def _info_enabled() -> bool:

@@ -59,6 +59,21 @@ async def trickle(ctx: arqd.JobContext, payload: Any) -> AsyncIterator[bytes]:
     return chunks()
 
 
+async def nan_sleep(ctx: arqd.JobContext, payload: Any) -> None:
+    """A misbehaving handler: ``asyncio.sleep(float("nan"))``, ``count`` times at once (default
+    1). Each puts a NaN timer into the event loop's heap, whose order then breaks."""
+    count = int((payload or {}).get("count", 1))
+    await asyncio.gather(*(asyncio.sleep(float("nan")) for _ in range(count)))
+
+
+async def block_loop(ctx: arqd.JobContext, payload: Any) -> float:
+    """A misbehaving handler: blocks the event loop ``seconds`` (a synchronous sleep, as a
+    CPU-bound handler would)."""
+    seconds = float(payload["seconds"])
+    time.sleep(seconds)  # noqa: ASYNC251  # blocking the loop is what this handler is for
+    return seconds
+
+
 async def main(config_path: str) -> None:
     logs.configure("warning", "json")
     app = arqd.App.from_config(config_path)

@@ -41,6 +41,9 @@ def no_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role either
 
 
+STEPS_KEY = "YXJxZC10ZXN0cy1zdGVwcy1rZXktbm90LXNlY3JldCE="  # a Fernet key, for tests only
+
+
 def aws_config(tmp_path: Path, endpoint: str) -> str:
     """The process tests' config, with the queue on DynamoDB and results on S3 at ``endpoint``."""
     name = f"arqd-{uuid.uuid4().hex[:10]}"
@@ -50,6 +53,7 @@ def aws_config(tmp_path: Path, endpoint: str) -> str:
         f'{head}[queue]\nbackend = "dynamodb"\ntable = "{name}"\nregion = "us-east-1"\n'
         f'endpoint_url = "{endpoint}"\n\n[results]\nbackend = "s3"\nbucket = "{name}"\n'
         f'region = "us-east-1"\nendpoint_url = "{endpoint}"\n\n[workers]{rest}'
+        f'\n[http_steps]\nkey = "{STEPS_KEY}"\n'  # a queue shared by hosts needs a steps key
     )
 
 

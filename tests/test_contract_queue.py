@@ -224,6 +224,30 @@ async def test_release_gives_the_attempt_back(queue: QueueBackend, clock: Manual
     assert again.job.attempts == 1
 
 
+@pytest.mark.parametrize("state", [State.SUCCEEDED, State.FAILED, State.QUEUED])
+async def test_finish_writes_the_handlers_real_start(
+    queue: QueueBackend, clock: ManualClock, state: State
+):
+    """An outcome's started_at (the handler's real start, after a wait in a consumer's buffer)
+    replaces the lease's time, for a terminal outcome and a retry alike; an outcome without
+    one (no handler ran, e.g. a release) clears it."""
+    await put(queue, clock, 2)
+    first, second = await queue.lease(["default"], 2, VT, "w")
+    assert first.job.started_at is not None
+    assert first.job.started_at.timestamp() == pytest.approx(clock.time())
+    clock.advance(2.5)
+    started = clock.time() - 1.25
+    clock.advance(0.5)
+    ran = done(first.job, first.token, state, started_at=started, ready_at=clock.time() + 60)
+    gave_back = done(second.job, second.token, State.QUEUED, count_attempt=False)
+    assert await queue.finish([ran, gave_back]) == [True, True]
+    job = await queue.get(first.job.id)
+    assert job is not None and job.state is state and job.started_at is not None
+    assert job.started_at.timestamp() == pytest.approx(started, abs=1e-5)
+    released = await queue.get(second.job.id)
+    assert released is not None and released.started_at is None
+
+
 async def test_final_failure_is_terminal(queue: QueueBackend, clock: ManualClock):
     """A failed job is terminal: never leased again, error kept."""
     await put(queue, clock)

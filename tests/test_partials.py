@@ -114,6 +114,18 @@ async def test_writers_racing_sweeps_all_publish(tmp_path: Path):
             assert await store.size("temporary", name) == 10
 
 
+async def test_a_creation_left_half_done_goes_once_stale(tmp_path: Path):
+    """A ``.new`` file (a process died between creating and locking its partial) is left alone
+    while fresh, and removed once it is a minute old."""
+    async with FileResults(str(tmp_path)) as store:
+        leftover = tmp_path / ".partial" / f"{blob_name(new_job_id(), new_token())}.0.new"
+        leftover.write_bytes(b"x" * 10)
+        assert await store.sweep_partials() == (0, 0) and leftover.exists()
+        old = leftover.stat().st_mtime - 120
+        os.utime(leftover, (old, old))
+        assert await store.sweep_partials() == (1, 10) and not leftover.exists()
+
+
 def submit(url: str, spec: dict[str, Any]) -> str:
     request = urllib.request.Request(
         f"{url}/v1/jobs",
@@ -133,11 +145,11 @@ def get(url: str, path: str) -> bytes:
 async def test_a_daemon_killed_mid_stream_leaves_no_partial_after_restart(
     daemons: Daemons, tmp_path: Path
 ):
-    """kill -9 while a 2 GiB result streams leaves its partial behind; the restarted daemon
+    """kill -9 while a 1 GiB result streams leaves its partial behind; the restarted daemon
     sweeps it at start (and says so in its log)."""
     config = sqlite_config(tmp_path)
     first = daemons.start(config, name="d0")
-    submit(first.url, {"handler": "blob", "payload": {"size": 2048 * MIB}, "max_attempts": 1})
+    submit(first.url, {"handler": "blob", "payload": {"size": 1024 * MIB}, "max_attempts": 1})
     results = tmp_path / "results"
 
     def streaming() -> bool:

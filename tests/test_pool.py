@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
 import arqd
 from arqd.backends.base import Outcome
@@ -492,3 +494,58 @@ def test_job_is_immutable_and_state_is_a_str():
     assert job.state == "queued" and isinstance(job.state, str)
     with pytest.raises(AttributeError):
         job.state = arqd.State.FAILED  # type: ignore[misc]
+
+
+# --- prefetch and the real start of an attempt ----------------------------------------------------
+
+
+def register_nap(app: arqd.App, runs: dict[str, tuple[float, float]]) -> None:
+    @app.handler("nap")
+    async def nap(ctx: arqd.JobContext, payload: Any) -> None:
+        start = time.time()
+        await asyncio.sleep(payload)
+        runs[ctx.job.id] = (start, time.time())
+
+
+async def test_long_jobs_are_not_leased_ahead_of_a_free_consumer(app: arqd.App):
+    """8 one-second jobs at concurrency 4: never more than 4 show as running (no job sits
+    leased in a prefetch buffer), and each job's started_at..finished_at is its real run."""
+    runs: dict[str, tuple[float, float]] = {}
+    register_nap(app, runs)
+    jobs = await app.client.submit_many([{"handler": "nap", "payload": 1.0}] * 8)
+    most = 0
+    async with asyncio.timeout(30):
+        while True:
+            running, _ = await app.client.list(state="running")
+            most = max(most, len(running))
+            if len(runs) == 8 and not running:
+                break
+            await asyncio.sleep(0.02)
+    assert most == 4
+    for job in jobs:
+        done = await app.client.get(job.id)
+        assert done.state == "succeeded" and done.started_at and done.finished_at
+        start, end = runs[job.id]
+        assert abs(done.started_at.timestamp() - start) < 0.25
+        assert abs(done.finished_at.timestamp() - end) < 0.25
+
+
+async def test_started_at_is_the_handlers_start_after_a_buffer_wait(app: arqd.App):
+    """After a run of short jobs the pool prefetches; jobs that then wait in its buffer behind
+    slower ones record the handler's real start, and their canonical line's run_ms its real
+    run, not the time since they were leased."""
+    runs: dict[str, tuple[float, float]] = {}
+    register_nap(app, runs)
+    await app.client.submit_many([{"handler": "echo", "payload": i} for i in range(40)])
+    await app.drain()
+    with capture_logs() as logs:
+        jobs = await app.client.submit_many([{"handler": "nap", "payload": 0.5}] * 8)
+        for job in jobs:
+            await app.client.wait(job.id, timeout=30)
+    for job in jobs:
+        done = await app.client.get(job.id)
+        assert done.started_at is not None
+        assert abs(done.started_at.timestamp() - runs[job.id][0]) < 0.2
+    lines = {e["job_id"]: e for e in logs if e["event"] == "job.succeeded"}
+    assert {j.id for j in jobs} <= set(lines)
+    assert all(300 < lines[j.id]["run_ms"] < 800 for j in jobs)

@@ -67,6 +67,8 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
 
     ``state`` QUEUED means the job goes back to the queue: a retry (``ready_at`` set, the attempt
     counted) or a release on shutdown (``count_attempt=False``: the attempt is given back).
+    ``started_at`` is when the handler really began (a lease may wait in a consumer's buffer
+    first); the backend writes it over the lease's time, ``None`` when no handler ran.
     """
 
     job: Job  # the record as leased: names the job, its queue and its key
@@ -78,6 +80,7 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     count_attempt: bool = True
     expires_at: float | None = None
     free_key: bool = False
+    started_at: float | None = None
 
 
 class HeartbeatReply(msgspec.Struct, frozen=True):

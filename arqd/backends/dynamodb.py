@@ -195,7 +195,7 @@ HEARTBEAT_SET = "SET #va = :until"
 PROGRESS_SET = "SET #pg = :pg, #v = #v + :one"
 REQUEUE_SET = (
     "SET #st = :queued, #at = #at - :give, #ra = :ready, #va = :ready, #ft = :ft, "
-    "#v = #v + :one{error} REMOVE #lt, #lw"
+    "#v = #v + :one{sets} REMOVE #lt, #lw{removes}"
 )
 END_SET = "SET #st = :state, #at = #at - :give, #fa = :now, #ft = :ft, #v = #v + :one"
 END_REMOVE = "REMOVE #va, #vq, #lt, #lw"  # out of the visibility index
@@ -1973,20 +1973,11 @@ def _finish_update(o: Outcome, now: float) -> tuple[str, dict[str, Any]]:
     """The update expression and values of one outcome (back to queued, or terminal)."""
     give = _n(0 if o.count_attempt else 1)
     if o.state is State.QUEUED:
-        ready = o.ready_at if o.ready_at is not None else now
-        values: dict[str, Any] = {
-            "queued": _s(State.QUEUED.value),
-            "give": give,
-            "ready": _n(ready),
-            "one": ONE,
-        }
-        error = ""
-        if o.error is not None:
-            error, values["er"] = ", #er = :er", _j(o.error)
-        return REQUEUE_SET.format(error=error), values
-    values = {"state": _s(o.state.value), "give": give, "now": _n(now), "one": ONE}
+        return _requeue_update(o, now, give)
+    values: dict[str, Any] = {"state": _s(o.state.value), "give": give, "now": _n(now), "one": ONE}
     sets, removes = [END_SET], [END_REMOVE]
     optional = {
+        "sa": _n(o.started_at) if o.started_at is not None else None,
         "rs": _j(o.result) if o.result is not None else None,
         "er": _j(o.error) if o.error is not None else None,
         "x": _n(o.expires_at) if o.expires_at is not None else None,
@@ -2008,6 +1999,24 @@ def _finish_update(o: Outcome, now: float) -> tuple[str, dict[str, Any]]:
     if o.state in (State.FAILED, State.CANCELLED):
         sets.append("#dq = #lq")  # into the dead-letter index, in the job's own shard
     return f"{', '.join(sets)} {', '.join(removes)}", values
+
+
+def _requeue_update(o: Outcome, now: float, give: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    ready = o.ready_at if o.ready_at is not None else now
+    values: dict[str, Any] = {
+        "queued": _s(State.QUEUED.value),
+        "give": give,
+        "ready": _n(ready),
+        "one": ONE,
+    }
+    sets, removes = "", ""
+    if o.error is not None:  # else the job keeps its last error
+        sets, values["er"] = ", #er = :er", _j(o.error)
+    if o.started_at is None:
+        removes = ", #sa"
+    else:
+        sets, values["sa"] = f"{sets}, #sa = :sa", _n(o.started_at)
+    return REQUEUE_SET.format(sets=sets, removes=removes), values
 
 
 # --- creating the table ---------------------------------------------------------------------------

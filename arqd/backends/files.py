@@ -11,9 +11,11 @@ every daemon runs at start and every minute. A writer
 holds an exclusive ``flock`` on its partial from the moment it creates it until after it has
 renamed or removed it, and the kernel drops that lock when its process dies. So a partial whose
 lock can be taken has no live writer in any process on this host, whatever its age: the sweep
-takes the lock, checks the path still names the file it locked, and removes it. A writer that
-lost the race for its own fresh file (a sweep locked it between creation and ``flock``) sees
-that and starts again under a new name. (Locks do not reach across hosts: share a results
+takes the lock, checks the path still names the file it locked, and removes it. A writer
+creates its file under a name the sweep does not take (``.new``), locks it, and only then
+renames it to its ``.part`` name, so a sweep never sees a partial before its lock is held; a
+``.new`` file left by a process that died in those microseconds is removed once it is a minute
+old. (Locks do not reach across hosts: share a results
 directory between hosts only on a file system whose ``flock`` does, such as NFSv4 on Linux.)
 """
 
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -37,8 +40,9 @@ from arqd.model import BLOB_NAME_RE, new_token
 CHUNK = 64 * 1024
 PARTIAL = ".partial"
 PARTIAL_SUFFIX = ".part"
+CREATING_SUFFIX = ".new"  # a partial before its lock is held: the sweep leaves it alone
+CREATING_STALE = 60.0  # seconds after which a ``.new`` file is a dead process's leftover
 NAMES_PAGE = 1000  # result names answered per page by ``names``
-CREATE_TRIES = 5  # fresh names a writer tries when sweeps keep taking its new partial
 
 
 class _FileWriter(ResultWriter):
@@ -91,18 +95,21 @@ def _publish(partial: Path, final: Path) -> None:
 def _create_locked(directory: Path, name: str) -> tuple[Path, int]:
     """A new partial for ``name``, created and locked by this process (see the module
     docstring): its path and its open, locked fd."""
-    for _ in range(CREATE_TRIES):
-        path = directory / f"{name}.{new_token()[:8]}{PARTIAL_SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)  # a sweep holds it and will remove it: take another name
-            continue
-        if _names_file(path, fd):
-            return path, fd
-        os.close(fd)  # a sweep removed it between our creation and our lock
-    raise BackendError(f"cannot create a partial result in {directory}: swept each time")
+    stem = directory / f"{name}.{new_token()[:8]}"
+    creating, path = (
+        stem.with_name(stem.name + CREATING_SUFFIX),
+        stem.with_name(stem.name + PARTIAL_SUFFIX),
+    )
+    fd = os.open(creating, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh file: no one else holds it
+        os.rename(creating, path)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(creating)
+        raise
+    return path, fd
 
 
 def _names_file(path: Path, fd: int) -> bool:
@@ -124,7 +131,12 @@ def sweep_partials(directory: Path) -> tuple[int, int]:
     except FileNotFoundError:
         return 0, 0
     for entry in entries:
-        if not entry.name.endswith(PARTIAL_SUFFIX) or not entry.is_file(follow_symlinks=False):
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        if entry.name.endswith(CREATING_SUFFIX):
+            files, size = _drop_stale_creating(entry, files, size)
+            continue
+        if not entry.name.endswith(PARTIAL_SUFFIX):
             continue
         try:
             fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -143,6 +155,18 @@ def sweep_partials(directory: Path) -> tuple[int, int]:
         finally:
             os.close(fd)
     return files, size
+
+
+def _drop_stale_creating(entry: os.DirEntry[str], files: int, size: int) -> tuple[int, int]:
+    """Remove a ``.new`` file a dying process left between creating and locking it."""
+    try:
+        st = entry.stat(follow_symlinks=False)
+        if time.time() - st.st_mtime < CREATING_STALE:
+            return files, size
+        os.unlink(entry.path)
+    except FileNotFoundError:
+        return files, size
+    return files + 1, size + st.st_size
 
 
 class FileResults(ResultStore):

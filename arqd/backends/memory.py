@@ -209,6 +209,7 @@ class MemoryQueue(QueueBackend):
                     state=State.QUEUED,
                     attempts=job.attempts if o.count_attempt else job.attempts - 1,
                     ready_at=from_ts(ready),
+                    started_at=from_ts(o.started_at),
                     error=o.error if o.error is not None else job.error,
                     version=job.version + 1,
                 )
@@ -218,6 +219,7 @@ class MemoryQueue(QueueBackend):
                     job,
                     state=o.state,
                     attempts=job.attempts if o.count_attempt else job.attempts - 1,
+                    started_at=from_ts(o.started_at),
                     finished_at=from_ts(now),
                     result=o.result,
                     error=o.error,

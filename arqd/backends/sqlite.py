@@ -200,12 +200,13 @@ SQL_PROGRESS = (
 )
 SQL_REQUEUE = (
     "UPDATE jobs SET state = 'queued', attempts = attempts - ?, ready_at = ?, visible_at = ?, "
-    "error = coalesce(?, error), lease_token = NULL, worker = NULL, version = version + 1 "
+    "started_at = ?, error = coalesce(?, error), lease_token = NULL, worker = NULL, "
+    "version = version + 1 "
     "WHERE id = ? AND lease_token = ? AND state = 'running'"
 )
 SQL_END = (
-    "UPDATE jobs SET state = ?, attempts = attempts - ?, finished_at = ?, result = ?, error = ?, "
-    "expires_at = ?, "
+    "UPDATE jobs SET state = ?, attempts = attempts - ?, started_at = ?, finished_at = ?, "
+    "result = ?, error = ?, expires_at = ?, "
     "visible_at = NULL, lease_token = NULL, worker = NULL, version = version + 1 "
     "WHERE id = ? AND lease_token = ? AND state = 'running'"
 )
@@ -556,6 +557,7 @@ class SqliteQueue(QueueBackend):
                     0 if o.count_attempt else 1,
                     ready,
                     ready,
+                    o.started_at,
                     _opt(o.error),
                     job.id,
                     o.token,
@@ -565,6 +567,7 @@ class SqliteQueue(QueueBackend):
                 params = (
                     o.state.value,
                     0 if o.count_attempt else 1,
+                    o.started_at,
                     now,
                     _opt(o.result),
                     _opt(o.error),

@@ -38,6 +38,10 @@ async def test_a_buffered_lease_that_expired_is_not_run(tmp_path: Path, daemons:
     env = {RECORD_ENV: str(record)}
     first = daemons.start(config, "first", env)
     async with arqd.HttpClient(first.url) as client:
+        # The pool prefetches only while recent attempts are short: time some no-op ones first.
+        for i in range(20):
+            warm = await client.submit(WORK, {"kind": "noop", "n": f"warm-{i}"})
+            await client.wait(warm.id, timeout=20)
         running = await client.submit(WORK, {"kind": "noop", "n": "running", "sleep": 0.3})
         buffered = await client.submit(WORK, {"kind": "noop", "n": "buffered"})
 
