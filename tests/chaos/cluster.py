@@ -155,8 +155,8 @@ class ChaosProxy(FaultProxy):
                 op = request.headers.get("X-Amz-Target", request.method + " s3").rpartition(".")[2]
                 self.slow.append((start, took, op))
 
-    def _fate(self, request: web.Request) -> str | None:
-        fate = super()._fate(request)
+    def _fate(self, request: web.Request, body: bytes) -> str | None:
+        fate = super()._fate(request, body)
         if fate is not None:
             self.times.append(time.time())
         return fate
