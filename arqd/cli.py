@@ -1,4 +1,4 @@
-"""The ``arqd`` command (API.md section 7).
+"""The ``arqd`` command (docs/cli.md).
 
 Client commands talk to a running daemon over HTTP (``--url``/``ARQD_URL``,
 ``--token``/``ARQD_TOKEN``). Exit status: 0 on success, 1 on a failed job or a refused request,

@@ -1,4 +1,5 @@
-"""``config.toml``: the schema (API.md section 6), loading, validation and environment overrides.
+"""``config.toml``: the schema, loading, validation and environment overrides; every setting is
+described in docs/configuration.md.
 
 Every section is a frozen msgspec Struct that rejects unknown keys, so a typo is an error rather
 than a silently ignored setting. Durations are strings such as ``"500ms"``, ``"30s"``, ``"5m"``,
@@ -276,7 +277,7 @@ class ScheduleConfig(_Section, frozen=True):
     name: Name
     handler: str
     cron: str | None = None
-    # How a 6-field ``cron`` is read: seconds "first" (API.md) or "last" (croniter's order).
+    # How a 6-field ``cron`` is read: seconds "first" (Quartz's order) or "last" (croniter's).
     cron_seconds: Literal["first", "last"] | None = None
     every: Duration | None = None
     payload: Any = None
@@ -638,7 +639,7 @@ def _cron_problems(sched: ScheduleConfig, zone: ZoneInfo) -> list[tuple[str, str
         return [
             (
                 "cron",
-                f"{cron!r} has 6 fields, which read two ways: with the seconds first (API.md) "
+                f"{cron!r} has 6 fields, which read two ways: with the seconds first "
                 f"as {first}, or with the seconds last (croniter's order) as {last}; say which "
                 'with cron_seconds = "first" or "last"',
             )

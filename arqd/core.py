@@ -643,7 +643,7 @@ class Core:
 
     @staticmethod
     def frees_key(job: Job) -> bool:
-        """A failed or cancelled job frees its key (API.md section 4), except a schedule tick's:
+        """A failed or cancelled job frees its key (docs/jobs.md), except a schedule tick's:
         a late daemon must not run a failed tick again."""
         return job.key is None or not job.key.startswith(SCHEDULE_KEY)
 

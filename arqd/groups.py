@@ -1,4 +1,4 @@
-"""A group's aggregate view (API.md section 2), shared by the HTTP API and both clients."""
+"""A group's aggregate view (docs/jobs.md, Groups), shared by the HTTP API and both clients."""
 
 from __future__ import annotations
 

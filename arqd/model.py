@@ -303,7 +303,7 @@ Attempts = Annotated[int, msgspec.Meta(ge=1, le=100)]
 
 
 class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A job as a client submits it (API.md section 1). Unknown fields are an error."""
+    """A job as a client submits it (docs/jobs.md). Unknown fields are an error."""
 
     handler: HandlerName | None = None
     steps: list[dict[str, Any]] | None = None

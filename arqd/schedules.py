@@ -10,8 +10,8 @@ the others getting ``created=False``), then raises the mark. A tick at or below 
 fired again, even once its job was cancelled, purged or expired (each of which frees its key).
 The job's ``ready_at`` is the tick time and its ``meta`` is ``{"schedule": name}``.
 
-Ticks missed while no daemon ran are skipped (``catch_up = "none"``, the default, as API.md
-says). A schedule the cluster has never seen (no mark) is noted on first sight by setting its
+Ticks missed while no daemon ran are skipped (``catch_up = "none"``, the default; docs/jobs.md,
+Schedules). A schedule the cluster has never seen (no mark) is noted on first sight by setting its
 mark to its latest past tick without firing it, so a new schedule never fires a past tick.
 ``catch_up = "last"`` fires the latest missed tick once, when a daemon starts, and only if the
 mark shows that the cluster knew the schedule before that tick; earlier ticks are never replayed.

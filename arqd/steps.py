@@ -1,4 +1,4 @@
-"""Multi-step HTTP jobs (API.md section 5): validation, the runner, credentials and redaction.
+"""Multi-step HTTP jobs (docs/jobs.md): validation, the runner, credentials and redaction.
 
 A job made of ``steps`` runs them in order. Each step is one HTTP request, retried after
 ``retry_exponent ** attempt`` seconds on network errors, timeouts, 5xx and 429, and failing the job
@@ -118,7 +118,7 @@ __all__ = [
     "unseal",
 ]
 
-BODY_LIMIT = 64 * 1024  # API.md: a step's response is checkpointed truncated to 64 KiB
+BODY_LIMIT = 64 * 1024  # a step's response is checkpointed truncated to 64 KiB
 MAX_REDIRECTS = 5  # hops followed per attempt, each one checked against the allow-list
 MAX_RETRY_DELAY = 3600.0  # seconds; `retry_exponent ** attempt` with 100 attempts would be absurd
 MIN_SCRUBBED = 4  # shorter secrets are not scrubbed from response bodies (would shred the text)

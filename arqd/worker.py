@@ -55,7 +55,7 @@ Reason = Literal["cancelled", "lost", "shutdown", "timeout"]
 
 POLL_MIN = 0.005  # first idle poll after activity: other processes' submits are seen within ms
 PROGRESS_INTERVAL = 0.25  # at most four progress writes per second per job
-REGISTER_INTERVAL = 2.0  # the worker row is refreshed this often (API.md: at least every 5 s)
+REGISTER_INTERVAL = 2.0  # the worker row is refreshed this often (GET /v1/workers: seen in 15 s)
 DEADLINE_TICK = 0.05  # attempt timeouts are enforced within this much (one sweep, not a timer each)
 BACKEND_RETRY_MAX = 5.0  # longest pause between retries of a failing backend call
 ERROR_MESSAGE_MAX = 2000

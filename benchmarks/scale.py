@@ -13,7 +13,7 @@
    machine disturbs least). ``--rounds`` rounds alternate between the depths, forwards then
    backwards, so a busy spell weighs on all alike; per-job cost is the median round, and
    ``cost_ratio`` compares the largest depth with the smallest.
-   Round trips (submit one job, await it) use a separate queue, ``rtt``: API.md has no
+   Round trips (submit one job, await it) use a separate queue, ``rtt``: arqd has no
    priorities and a queue is FIFO, so a new job on the deep queue would wait for the whole
    backlog. They run with the pool consuming only ``rtt`` (the backlog sits in the same table
    and indexes), and, for depths above the sample, with the pool consuming both queues while it
@@ -99,7 +99,7 @@ BUSY_WARMUP = 5
 LIST_LIMIT = 50  # the dashboard's page of failed jobs
 SETTLE = 2.0  # seconds to let a daemon settle before reading its memory
 CPU_WINDOW = 5.0  # seconds over which the daemon's CPU use with only long-polls open is read
-WAIT_MAX = 60  # the API's longest ?wait= (API.md section 2)
+WAIT_MAX = 60  # the API's longest ?wait= (docs/http-api.md)
 CONNECTS_IN_FLIGHT = 100  # the daemon listens with aiohttp's default accept backlog of 128
 POLL_JOBS = 1000  # finished jobs the status polls pick from (as benchmarks/http_api.py)
 POLL_CONCURRENCY = 64  # wrk connections (as benchmarks/http_api.py)

@@ -1,4 +1,4 @@
-"""Tokens, scopes and tenant isolation (API.md section 3), checked route by route."""
+"""Tokens, scopes and tenant isolation (docs/http-api.md), checked route by route."""
 
 from __future__ import annotations
 

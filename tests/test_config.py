@@ -36,7 +36,7 @@ def test_repository_config_loads():
     [("500ms", 0.5), ("30s", 30), ("5m", 300), ("24h", 86400), ("1.5s", 1.5), (2, 2.0)],
 )
 def test_durations(text: object, seconds: float):
-    """Durations accept the units of API.md section 6, or plain seconds."""
+    """Durations accept the units of docs/configuration.md, or plain seconds."""
     assert parse_duration(text) == seconds
 
 

@@ -14,7 +14,7 @@ The daemon consumes only the ``seeded`` queue, so jobs the fuzzer submits (to ``
 random queue) are stored and listed but never run: no handler runs on fuzzed input, and no step
 ever makes a request (``http_steps.allow_hosts`` names only a closed loopback port besides).
 Event streams end at once on terminal jobs, so only terminal jobs are swapped into
-``/events``. A long-poll of a terminal job is held until ``wait`` passes (API.md: a client
+``/events``. A long-poll of a terminal job is held until ``wait`` passes (docs/http-api.md: a client
 long-polling in a loop must not spin), so where a seeded (terminal) id goes into
 ``GET /v1/jobs/{id}`` a valid ``wait`` is shortened to at most ``SEEDED_WAIT``: the case still
 long-polls, with and without a matching ``If-None-Match``, and answers 304 or 200 after it;

@@ -60,7 +60,7 @@ def test_cron_five_and_six_fields():
 
 
 def test_six_fields_need_to_say_where_the_seconds_are():
-    """A 6-field cron without cron_seconds is refused with both readings spelled out (API.md
+    """A 6-field cron without cron_seconds is refused with both readings spelled out (Quartz
     puts seconds first, croniter last: "* * * * * */3" is every 3 s, or every second on three
     weekdays); cron_seconds on a 5-field cron is refused too."""
     base = {"handlers": {"echo": "arqd.demo:echo"}}

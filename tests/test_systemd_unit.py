@@ -1,4 +1,4 @@
-"""systemd/arqd.service states what API.md section 7 and the operations guide promise."""
+"""systemd/arqd.service states what docs/cli.md and the operations guide promise."""
 
 from __future__ import annotations
 

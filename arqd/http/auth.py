@@ -1,4 +1,4 @@
-"""Bearer tokens and scopes (API.md section 3).
+"""Bearer tokens and scopes (docs/http-api.md, Authentication and scopes).
 
 ``[auth] tokens`` lists each token by name with the SHA-256 of its secret and its scopes out of
 ``submit``, ``read``, ``cancel``, ``admin`` (``admin`` implies the others and the operator

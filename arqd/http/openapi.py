@@ -1,4 +1,4 @@
-"""``GET /v1/openapi.json``: the OpenAPI 3.1 document of the HTTP API (API.md section 2).
+"""``GET /v1/openapi.json``: the OpenAPI 3.1 document of the HTTP API (docs/http-api.md).
 
 The document is built from small helpers rather than written as one literal:
 
@@ -122,12 +122,12 @@ def _described(schema: Schema, description: str | None) -> Schema:
 
 
 def _job_spec_properties() -> dict[str, Schema]:
-    """The fields of a job spec (API.md section 1), as msgspec validates them."""
+    """The fields of a job spec (docs/jobs.md), as msgspec validates them."""
     return {
         "handler": string(
             "A registered handler's name; required unless `steps`.", maxLength=256, pattern=TEXT
         ),
-        "steps": array(ref("Step"), "A multi-step HTTP job (API.md section 5).", minItems=1),
+        "steps": array(ref("Step"), "A multi-step HTTP job (docs/jobs.md).", minItems=1),
         "payload": any_json("Passed to the handler; must be absent or null with `steps`."),
         "queue": nullable(string("Default: the handler's queue, else `default`.", pattern=NAME)),
         "key": nullable(
@@ -302,7 +302,7 @@ def _job() -> Schema:
             },
         },
         optional=["deduplicated"],
-        description="A job as arqd returns it (API.md section 1).",
+        description="A job as arqd returns it (docs/jobs.md).",
     )
 
 
@@ -735,7 +735,7 @@ def cancel_job() -> Operation:
             202: job_answer("Running: `cancel_requested`, the handler is being cancelled"),
             404: common("NotFound"),
         },
-        description="An addition to API.md: `DELETE` would delete a job that just finished.",
+        description="Cancels and never deletes: `DELETE` would delete a job that just finished.",
         parameters=[JOB_ID],
     )
 

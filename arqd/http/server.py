@@ -1,4 +1,4 @@
-"""The HTTP control API (API.md section 2) as an aiohttp application.
+"""The HTTP control API (docs/http-api.md) as an aiohttp application.
 
 ``make_app(app)`` builds the ``web.Application`` around a running ``arqd.App``; the daemon
 (``arqd.daemon``) serves it, and tests serve it in-process or as ``arqd serve``.
@@ -383,10 +383,10 @@ async def wait_for_change(
 ) -> Entry | None:
     """Hold until the job's ETag leaves ``baseline`` or ``wait`` seconds pass; a deleted (or
     swept) job raises :class:`JobNotFound`; ``None`` once ``gone`` resolves (the client left).
-    A terminal job is held like any other (API.md), so a client long-polling it in a loop waits
-    instead of spinning. Local changes arrive through the hub at once; other processes' through
-    ``Core.follow_changes``, which reads every watched job's version once a second in batches
-    (waiters never poll on their own)."""
+    A terminal job is held like any other (docs/http-api.md), so a client long-polling it in a
+    loop waits instead of spinning. Local changes arrive through the hub at once; other
+    processes' through ``Core.follow_changes``, which reads every watched job's version once a
+    second in batches (waiters never poll on their own)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     hub = st.core.hub
@@ -543,8 +543,8 @@ async def delete_job(request: web.Request) -> web.Response:
 
 
 async def cancel_job(request: web.Request) -> web.Response:
-    """An addition to API.md: cancel without ever deleting (``DELETE`` deletes terminal jobs);
-    a terminal job is answered unchanged. ``arqd.HttpClient.cancel`` uses it."""
+    """Cancel without ever deleting (``DELETE`` deletes terminal jobs); a terminal job is
+    answered unchanged. ``arqd.HttpClient.cancel`` uses it."""
     job = await state_of(request).core.cancel(job_id_of(request), sees(request))
     return job_response(job, 202 if job.state is State.RUNNING else 200)
 

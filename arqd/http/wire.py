@@ -1,4 +1,4 @@
-"""The job's JSON form (API.md section 1), shared by the server and ``arqd.HttpClient``, and the
+"""The job's JSON form (docs/jobs.md), shared by the server and ``arqd.HttpClient``, and the
 error body and error classes each ``error.code`` maps to."""
 
 from __future__ import annotations
