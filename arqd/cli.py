@@ -341,7 +341,9 @@ async def _cancel(client: HttpClient, args: argparse.Namespace) -> int:
 
 
 async def _jobs(client: HttpClient, args: argparse.Namespace) -> int:
-    jobs, nxt = await client.list(state=args.state, queue=args.queue, limit=args.limit)
+    jobs, nxt = await client.list(
+        state=args.state, queue=args.queue, limit=args.limit, cursor=args.cursor
+    )
     print(f"{'id':32}  {'queue':12} {'handler':16} {'state':10} {'attempts':>8}")
     for j in jobs:
         print(f"{j.id:32}  {j.queue:12} {j.handler:16} {j.state.value:10} {j.attempts:>8}")
@@ -438,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", choices=[s.value for s in State])
     p.add_argument("--queue")
     p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--cursor", help="the page after this one (the cursor a listing printed)")
     add("queues", client_command(_queues), "show queue counts", client=True)
     p = add("redrive", client_command(_redrive), "requeue a queue's failed jobs", client=True)
     p.add_argument("queue")

@@ -690,8 +690,8 @@ def _env_setting(rest: str) -> list[str] | None:
     path: list[str] = []
     while True:
         fields = _fields(cls)
-        if path and rest in fields:
-            return [*path, rest]
+        if rest in fields and (path or rest != "source"):
+            return [*path, rest]  # a setting, or a whole section (ARQD_SCHEDULES='[{...}]')
         tables = {n: f.type for n, f in fields.items() if _section_of(f.type) or _is_dict(f.type)}
         name = next(
             (n for n in sorted(tables, key=len, reverse=True) if rest.startswith(n + "_")), None

@@ -152,7 +152,16 @@ class Daemon:
         await runner.setup()
         host, port = split_listen(config.server.listen)
         site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # the port is taken, or the address is not this host's
+            await runner.cleanup()
+            print(
+                f"arqd: {config.source}: server.listen: cannot listen on {host}:{port}: "
+                f"{exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 1
         self.port = _bound_port(runner) or port
         self._install_signals()
         log.info("daemon.listening", listen=f"{host}:{self.port}", pid=os.getpid())

@@ -266,7 +266,6 @@ class Pool:
         self._mean_attempt = seconds if mean is None else mean + ATTEMPT_WEIGHT * (seconds - mean)
 
     async def _fetch_loop(self) -> None:
-        cfg = self.core.config.workers
         poll = POLL_MIN
         failures = 0
         while not self._stopping:
@@ -282,6 +281,7 @@ class Pool:
             seq = self._lease_seq
             ready_seq = self.core.hub.ready_seq
             queues = self.queues[seq % len(self.queues) :] + self.queues[: seq % len(self.queues)]
+            cfg = self.core.config.workers  # read each time: a reload applies to the next lease
             try:
                 leases = await self.core.queue.lease(
                     queues, room, cfg.visibility_timeout, self.worker_id

@@ -95,6 +95,23 @@ def test_serve_refuses_an_invalid_config(tmp_path: Path):
     assert str(bad) in run.stderr and "handlers.echo.retries: unknown setting" in run.stderr
 
 
+def test_serve_on_a_taken_port_says_so(tmp_path: Path):
+    """`arqd serve` on a port another socket holds exits 1 with one line naming the setting and
+    the reason, not a traceback."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "c.toml"
+        config.write_text(sqlite_config(tmp_path).replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+        run = arqd("serve", "-c", str(config))
+    assert run.returncode == 1
+    assert f"server.listen: cannot listen on 127.0.0.1:{port}" in run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
+
+
 def test_token_new_prints_secret_and_config_line():
     """token new prints a fresh secret once and the [auth] line holding its SHA-256."""
     import hashlib
@@ -104,6 +121,32 @@ def test_token_new_prints_secret_and_config_line():
     secret = run.stdout.split("store it now): ")[1].split()[0]
     digest = hashlib.sha256(secret.encode()).hexdigest()
     assert f'name = "web", sha256 = "{digest}", scopes = ["submit", "read"]' in run.stdout
+
+
+def test_jobs_pages_with_the_cursor_it_prints(tmp_path: Path, daemons: Daemons):
+    """`arqd jobs --limit 2` prints a `--cursor` hint, and that cursor gives the next page."""
+    d = daemons.start(sqlite_config(tmp_path, workers='queues = ["other"]'))
+    for n in range(3):
+        assert arqd("submit", "echo", "--payload", str(n), url=d.url).returncode == 0
+    first = arqd("jobs", "--limit", "2", url=d.url)
+    assert first.returncode == 0, first.stderr
+    cursor = re.search(r"\(more: --cursor ([0-9a-f]{32})\)", first.stdout)
+    assert cursor is not None, first.stdout
+    second = arqd("jobs", "--limit", "2", "--cursor", cursor.group(1), url=d.url)
+    assert second.returncode == 0 and "(more:" not in second.stdout
+    ids = re.findall(r"^([0-9a-f]{32}) ", first.stdout + second.stdout, re.M)
+    assert len(ids) == len(set(ids)) == 3
+
+
+def test_steps_key_new_prints_a_fernet_key():
+    """`arqd steps-key new` prints one fresh Fernet key alone on stdout."""
+    from cryptography.fernet import Fernet
+
+    run = arqd("steps-key", "new")
+    assert run.returncode == 0
+    key = run.stdout.strip()
+    assert run.stdout == key + "\n" and Fernet(key.encode()).decrypt(Fernet(key).encrypt(b"x"))
+    assert arqd("steps-key", "new").stdout != run.stdout
 
 
 # --- submit --wait: cheap, and readable in a pipe and on a terminal ----------------------------

@@ -332,3 +332,16 @@ async def test_a_config_group_may_hold_multi_step_jobs(tmp_path: Path):
     assert [j.name for j in group.jobs] == ["job1", "fetch"]
     assert fetch.handler == "arqd.steps" and [s.name for s in fetch.steps or []] == ["get"]
     assert "sekrit" not in msgspec.json.encode(fetch).decode()
+
+
+def test_a_whole_section_comes_from_one_variable(tmp_path: Path):
+    """`ARQD_SCHEDULES` (a section that is a list) sets `[[schedules]]` from a TOML value, and
+    an error in it names the variable."""
+    env = {"ARQD_SCHEDULES": '[{ name = "tick", every = "1m", handler = "noop" }]'}
+    path = tmp_path / "c.toml"
+    path.write_text('[handlers]\nnoop = "arqd.demo:noop"\n')
+    cfg = load_config(path, env)
+    assert [s.name for s in cfg.schedules] == ["tick"]
+    bad = {"ARQD_SCHEDULES": '[{ name = "tick", every = "1m", handler = "nope" }]'}
+    with pytest.raises(ConfigError, match="ARQD_SCHEDULES"):
+        load_config(path, bad)
