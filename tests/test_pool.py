@@ -549,3 +549,25 @@ async def test_started_at_is_the_handlers_start_after_a_buffer_wait(app: arqd.Ap
     lines = {e["job_id"]: e for e in logs if e["event"] == "job.succeeded"}
     assert {j.id for j in jobs} <= set(lines)
     assert all(300 < lines[j.id]["run_ms"] < 800 for j in jobs)
+
+
+async def test_a_reload_applies_the_visibility_timeout_to_the_next_lease(tmp_path: Path):
+    """After `reconfigure` with a new `visibility_timeout`, the next lease is taken for that
+    long (the fetch loop reads the setting each time, not once at start)."""
+    queue = MemoryQueue()
+    seen: list[float] = []
+    lease = queue.lease
+
+    async def spy(queues: Sequence[str], limit: int, lease_for: float, worker: str) -> Any:
+        seen.append(lease_for)
+        return await lease(queues, limit, lease_for, worker)
+
+    queue.lease = spy  # type: ignore[method-assign]
+    app = arqd.App(make_config("memory", tmp_path), queue=queue, results=MemoryResults())
+    async with app:
+        job = await app.client.submit("echo", 1)
+        await app.client.wait(job.id, timeout=10)
+        app.with_workers(visibility_timeout=7.0)
+        job = await app.client.submit("echo", 2)
+        await app.client.wait(job.id, timeout=10)
+    assert seen[0] == 30.0 and seen[-1] == 7.0
