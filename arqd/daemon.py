@@ -34,6 +34,7 @@ from arqd import logs, malloc, systemd
 from arqd.app import App
 from arqd.config import Config, load_config
 from arqd.errors import ArqdError, ConfigError
+from arqd.gcpolicy import CollectorPolicy
 from arqd.handlers import Registry
 from arqd.http.server import STATE, ServerState, make_app
 from arqd.steps import check_keys
@@ -171,6 +172,7 @@ class Daemon:
             return 0
         try:
             watchdog = self.app.supervisor.spawn("arqd-watchdog", self._watchdog)
+            collector = self.app.supervisor.spawn("arqd-gc", CollectorPolicy().run)
             log.info(
                 "daemon.ready",
                 listen=f"{host}:{self.port}",
@@ -183,6 +185,7 @@ class Daemon:
             systemd.notify("STOPPING=1")
             log.info("daemon.stopping", grace_s=self.app.config.workers.shutdown_grace)
             watchdog.cancel()
+            collector.cancel()
         finally:
             await self.app.stop()
             await runner.cleanup()

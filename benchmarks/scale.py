@@ -24,7 +24,8 @@
    database with all its jobs queued (the daemon consumes another queue); after a SIGHUP made
    it work through ``--sample`` of them and another made it stop; after it worked through all.
 3. **Status polls** (``GET /v1/jobs/{id}`` of 1,000 finished jobs, as ``benchmarks/http_api.py``,
-   from ``wrk`` or else aiohttp) with no long-polls, then with ``--longpolls`` long-polls open:
+   from ``wrk`` or else aiohttp), on the database the memory phase drained (the largest depth's
+   jobs, all finished, plus these) with no long-polls, then with ``--longpolls`` long-polls open:
    ``GET /v1/jobs/{id}?wait=S`` on jobs of a queue no worker consumes, held by a second process
    of this script over raw sockets (one connection each; the first ``wait`` uniform in 1..60 s
    so expiries spread as from independent clients, then ``wait=60``, the API's maximum, re-armed
@@ -41,7 +42,8 @@ with ``<max>``/``<min>`` the largest/smallest depth written 1k, 100k, 1m:
 ``rss_<max>_drained_anon_mb``, ``daemon_drain_per_s_<max>``; with ``<L>`` the long-polls (10k):
 ``poll_per_s_no_longpolls``, ``poll_p50_ms_no_longpolls``, ``poll_p99_ms_no_longpolls`` and the
 same ending ``_<L>_longpolls``, ``daemon_cpu_pct_<L>_longpolls_idle``, ``rss_<L>_longpolls_mb``,
-``longpolls_open``, ``longpolls_returned``, ``longpoll_errors``, ``load_generator``; plus
+``longpolls_open``, ``longpolls_returned``, ``longpoll_errors``, ``load_generator``,
+``poll_table_rows`` (jobs in the table the polls read); plus
 ``machine`` and the parameters.
 """
 
@@ -626,6 +628,11 @@ async def polls(tmp: Path, longpolls: int, seconds: float) -> dict[str, Any]:
         async with aiohttp.ClientSession(d.url) as http:
             etags = await finished_etags(http, await submit_batches(http, POLL_JOBS, "default"))
             parked = await submit_batches(http, longpolls, "parked")  # no worker consumes it
+            counts = await (await http.get("/v1/queues")).json()
+            figures["rows"] = sum(
+                sum(q[s] for s in ("queued", "running", "succeeded", "failed", "cancelled"))
+                for q in counts["queues"]
+            )
         await status_polls(d, etags, WARMUP_SECONDS, root)  # fill the daemon's caches first
         figures["plain"] = await status_polls(d, etags, seconds, root)
         async with LongPolls(d.url, parked, root) as held:
@@ -721,6 +728,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict
     print("2. daemon memory", flush=True)
     mem = await memory(tmp, tmp / "master" / "q.sqlite3", large, min(args.sample, large))
     shutil.rmtree(tmp / "master")
+    # The status polls run on the drained deep database: a table of ``large`` finished jobs,
+    # as a daemon that has worked for a while has (the follower's reads walk that index).
+    copy_database(tmp / "deep" / "q.sqlite3", tmp / "http")
     shutil.rmtree(tmp / "deep")
     figures["rss_idle_mb"] = mem["idle"]["VmRSS"]
     figures[f"rss_{big}_queued_mb"] = mem["queued"]["VmRSS"]
@@ -732,6 +742,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict
     lp = label(args.longpolls)
     http = await polls(tmp, args.longpolls, args.seconds)
     figures["load_generator"] = http["load_generator"]
+    figures["poll_table_rows"] = http["rows"]
     for key, name in (("plain", "no_longpolls"), ("loaded", f"{lp}_longpolls")):
         for stat in ("per_s", "p50_ms", "p99_ms"):
             figures[f"poll_{stat}_{name}"] = http[key][stat]
@@ -793,7 +804,7 @@ def print_memory(mem: dict[str, Any], http: dict[str, Any], args: argparse.Names
 def print_polls(f: dict[str, Any], http: dict[str, Any], args: argparse.Namespace) -> None:
     print(
         f"\nstatus polls: GET /v1/jobs/{{id}}, {f['load_generator']}, {POLL_CONCURRENCY} "
-        f"connections, {args.seconds:g} s"
+        f"connections, {args.seconds:g} s, on a table of {f['poll_table_rows']:,} jobs"
     )
     print(f"{'':28} {'per s':>7} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7} {'daemon CPU %':>13}")
     rows = (("no long-polls", "plain"), (f"{args.longpolls:,} long-polls open", "loaded"))

@@ -17,6 +17,7 @@ import contextlib
 from aiohttp import web
 
 GONE_CHECK = 1.0  # seconds between looks at the held requests' connections
+WATCH_SLICE = 500  # held requests looked at per turn of the event loop
 
 
 class Held:
@@ -56,9 +57,12 @@ class Held:
         """Runs while anything is held."""
         while self._held:
             await asyncio.sleep(self.check)
-            for request, gone in list(self._held.values()):
-                if gone_now(request) and not gone.done():
-                    gone.set_result(None)
+            held = list(self._held.values())
+            for start in range(0, len(held), WATCH_SLICE):
+                for request, gone in held[start : start + WATCH_SLICE]:
+                    if gone_now(request) and not gone.done():
+                        gone.set_result(None)
+                await asyncio.sleep(0)  # requests run between slices, not after all 10,000
 
 
 def gone_now(request: web.BaseRequest) -> bool:
