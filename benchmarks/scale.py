@@ -727,10 +727,10 @@ async def run(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], dict
     large, big = args.sizes[-1], label(args.sizes[-1])
     print("2. daemon memory", flush=True)
     mem = await memory(tmp, tmp / "master" / "q.sqlite3", large, min(args.sample, large))
+    # The status polls run on the database the deep daemon drained: a table of ``large``
+    # finished jobs, as a daemon that has worked for a while has.
+    copy_database(tmp / "master" / "q.sqlite3", tmp / "http")
     shutil.rmtree(tmp / "master")
-    # The status polls run on the drained deep database: a table of ``large`` finished jobs,
-    # as a daemon that has worked for a while has (the follower's reads walk that index).
-    copy_database(tmp / "deep" / "q.sqlite3", tmp / "http")
     shutil.rmtree(tmp / "deep")
     figures["rss_idle_mb"] = mem["idle"]["VmRSS"]
     figures[f"rss_{big}_queued_mb"] = mem["queued"]["VmRSS"]

@@ -2,7 +2,7 @@
 
 A web page the operator visits can send requests to ``127.0.0.1:8080``; it cannot read the
 answers (same-origin policy) unless DNS rebinding makes its own name point at arqd. Three rules,
-applied by ``server.guard_middleware`` to every route but the public ones (``/``, ``/healthz``,
+applied by ``server.access_middleware`` to every route but the public ones (``/``, ``/healthz``,
 ``/readyz`` hold no data and change nothing), close both doors:
 
 - **Host** (421 ``misdirected_request``): a request that presents no valid token must name this

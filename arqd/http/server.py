@@ -171,8 +171,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 @web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every route has a scope (see ROUTES); unknown routes fall through to a 404."""
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Who may call a route, in one pass (one middleware layer less per request: a status poll
+    is ~100 µs, each layer ~10 µs of it). Every route has a scope (see ROUTES); public and
+    unknown routes are left alone (unknown ones fall through to a 404): they hold no data and
+    change nothing. Then: a bearer token with the route's scope (401, 403), and what a browser
+    may not do (``arqd/http/guard.py``): name another host without a token (421), call from
+    another site's page (403), send a body that is not JSON (415)."""
     st = state_of(request)
     scope = st.scopes.get(request.match_info.route.handler)
     if scope is None or scope == "public":
@@ -188,20 +193,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if not principal.allows(scope):
         return error_response(403, "forbidden", f"this token lacks the {scope!r} scope")
     request[PRINCIPAL] = principal
-    return await handler(request)
-
-
-@web.middleware
-async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """What a browser may not do (``arqd/http/guard.py``): name another host without a token
-    (421), call from another site's page (403), send a body that is not JSON (415). Public and
-    unknown routes are left alone: they hold no data and change nothing."""
-    st = state_of(request)
-    scope = st.scopes.get(request.match_info.route.handler)
-    if scope is None or scope == "public":
-        return await handler(request)
     guard = st.guard
-    if principal_of(request).name is None:  # no token proved anything: rebinding is possible
+    if principal.name is None:  # no token proved anything: rebinding is possible
         problem = guard.host_problem(request.headers.get("Host"))
         if problem:
             return error_response(421, "misdirected_request", problem)
@@ -801,7 +794,7 @@ ROUTES: list[tuple[str, str, Handler, Scope]] = [
 def make_app(app: App) -> web.Application:
     """The aiohttp application serving ``app`` (whose pool and backends the caller runs)."""
     web_app = web.Application(
-        middlewares=[errors_middleware, auth_middleware, guard_middleware],
+        middlewares=[errors_middleware, access_middleware],
         client_max_size=app.config.server.max_body,
     )
     server = app.config.server  # restart-only: a reload keeps it
