@@ -12,8 +12,10 @@
     │   ├── JobCancelled       finished as cancelled               HTTP 409 job_cancelled
     │   └── ResultExpired      the cache dropped it                HTTP 410 expired
     ├── ConfigError            a config file that does not validate
-    └── BackendError           a storage backend failed (driver errors become this)
-        └── BackendUnavailable cannot be reached right now         HTTP 503 unavailable
+    ├── BackendError           a storage backend failed (driver errors become this)
+    │   └── BackendUnavailable cannot be reached right now         HTTP 503 unavailable
+    ├── StepFailed             a step of a multi-step job failed it (the job's error)
+    └── CredentialsUnreadable  sealed step data no key of this daemon opens (the job's error)
 
 Handlers raise ``Fail`` to fail a job at once, or ``Retry`` to ask for another attempt later.
 """
@@ -79,6 +81,36 @@ class BackendError(ArqdError):
 
 class BackendUnavailable(BackendError):
     code, status = "unavailable", 503
+
+
+class StepFailed(ArqdError):
+    """A step failed a multi-step job: ``type`` is ``"StepFailed"`` (an unexpected status, or
+    attempts exhausted) or ``"HostNotAllowed"``; ``status`` is the last response's, if any."""
+
+    code = "step_failed"
+    # The step's last HTTP response, not an answer's status: a StepFailed never reaches one.
+    status: int | None  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        step: str,
+        message: str,
+        *,
+        status: int | None = None,
+        type: str = "StepFailed",
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.status = status
+        self.type = type
+        self.attempts = attempts
+
+
+class CredentialsUnreadable(ArqdError):
+    """Stored step credentials cannot be decrypted (the key changed, or the record is damaged)."""
+
+    code, status = "credentials_unreadable", 500
 
 
 class Fail(Exception):

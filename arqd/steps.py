@@ -83,7 +83,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from multidict import CIMultiDict
 from yarl import URL
 
-from arqd.errors import ArqdError, ConfigError, InvalidRequest
+from arqd.errors import ConfigError, CredentialsUnreadable, InvalidRequest, StepFailed
 from arqd.model import NAME_PATTERN, StepState
 
 if TYPE_CHECKING:
@@ -300,12 +300,6 @@ def _explain(message: str) -> str:
 
 
 # --- credentials ----------------------------------------------------------------------------------
-
-
-class CredentialsUnreadable(ArqdError):
-    """Stored step credentials cannot be decrypted (the key changed, or the record is damaged)."""
-
-    code, status = "credentials_unreadable", 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -885,26 +879,6 @@ class Checkpoint:
 
     def copy(self) -> Checkpoint:
         return Checkpoint(dict(self.outcomes), list(self.states))
-
-
-class StepFailed(Exception):
-    """A step failed the job: ``type`` is ``"StepFailed"`` (an unexpected status, or attempts
-    exhausted) or ``"HostNotAllowed"``; ``status`` is the last response's, if there was one."""
-
-    def __init__(
-        self,
-        step: str,
-        message: str,
-        *,
-        status: int | None = None,
-        type: str = "StepFailed",
-        attempts: int = 0,
-    ) -> None:
-        super().__init__(message)
-        self.step = step
-        self.status = status
-        self.type = type
-        self.attempts = attempts
 
 
 def _resume(steps: list[StepSpec], checkpoint: Checkpoint) -> Checkpoint:
