@@ -1,9 +1,11 @@
 """Prometheus metrics (``GET /metrics``), with the official client library.
 
 Each ``App`` owns one registry (so several apps in one process, as in tests, do not collide).
-Counters and histograms are fed where things happen (submits in the core, outcomes and leases in
-the pool, backend calls by ``instrument``); queue depth, oldest ready age, in-flight jobs and
-concurrency are read when scraped. ``docs/operations.md`` explains each and suggests alerts.
+:class:`Metrics` is the core's and the pool's :class:`~arqd.observe.Observer`: counters and
+histograms are fed where things happen (submits in the core, outcomes and leases in the pool,
+backend calls by ``instrument``), through the observer's calls; queue depth, oldest ready age,
+in-flight jobs and concurrency are read when scraped. ``docs/operations.md`` explains each and
+suggests alerts.
 
 Label values come from configuration, never from clients: a series per queue only for the queues
 the config names (``Metrics.name``: the workers' queues, handlers', schedules' and groups' queues
@@ -27,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from arqd.backends.base import QueueBackend, QueueStats
 from arqd.errors import BackendError
+from arqd.observe import Ended, LostAt, Observer
 
 # Backend operations timed by ``instrument`` (every primitive a daemon calls in steady state).
 OPERATIONS = (
@@ -246,6 +249,31 @@ class Metrics:
         self._queues = frozenset(queues)
         self._handlers = None if handlers is None else frozenset(handlers)
 
+    # --- the Observer (arqd/observe.py): what the core and the pool report ------------------------
+
+    def configured(self, queues: Collection[str], handlers: Collection[str] | None) -> None:
+        self.name(queues, handlers)
+
+    def job_submitted(self, queue: str, handler: str) -> None:
+        self.submitted.inc(queue, handler)
+
+    def lease_recovered(self, queue: str) -> None:
+        self.lease_expiries.inc(queue)
+
+    def lease_lost(self, where: LostAt) -> None:
+        self.lease_conflicts.labels(where).inc()
+
+    def attempt_started(self, queue: str, waited: float) -> None:
+        self.queue_wait.observe(waited, queue)
+
+    def attempt_ended(self, queue: str, handler: str, ended: Ended, seconds: float | None) -> None:
+        if ended == "retry":
+            self.retries.inc(queue, handler)
+        elif ended != "released":
+            self.finished.inc(queue, handler, ended)
+        if seconds is not None:
+            self.handler_seconds.observe(seconds, handler, ended)
+
     def queue(self, name: str) -> str:
         return name if name in self._queues else OTHER
 
@@ -286,9 +314,10 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def instrument(queue: QueueBackend, metrics: Metrics) -> None:
-    """Time every backend primitive of ``queue`` (once, however many cores share it)."""
-    if getattr(queue, "_arqd_instrumented", False):
+def instrument(queue: QueueBackend, metrics: Observer) -> None:
+    """Time every backend primitive of ``queue`` (once, however many cores share it), when the
+    core's observer is a :class:`Metrics`."""
+    if getattr(queue, "_arqd_instrumented", False) or not isinstance(metrics, Metrics):
         return
     for name in OPERATIONS:
         method = getattr(queue, name, None)

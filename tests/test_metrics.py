@@ -105,8 +105,8 @@ async def test_client_chosen_names_do_not_grow_the_scrape(
     assert m["arqd_jobs_submitted_total", (echo, other)] == 30
     assert m["arqd_queue_jobs", (other, ("state", "queued"))] == 30
     assert m["arqd_queue_jobs", (("queue", "default"), ("state", "queued"))] == 1
-    app.core.metrics.finished.inc("x31", "unheard.of", "failed")
-    app.core.metrics.lease_expiries.labels("x32").inc()
+    app.metrics.finished.inc("x31", "unheard.of", "failed")
+    app.metrics.lease_expiries.labels("x32").inc()
     m = await scrape(server)
     assert m["arqd_jobs_finished_total", (("handler", "other"), other, ("state", "failed"))] == 1
     assert m["arqd_lease_expiries_total", (other,)] == 1
