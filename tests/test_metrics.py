@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import ast
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -14,7 +16,12 @@ import arqd
 from arqd.backends.memory import MemoryQueue, MemoryResults
 from arqd.clock import ManualClock
 from arqd.config import Config
+from arqd.core import STEPS_HANDLER, Core
+from arqd.handlers import Registry
 from arqd.http.server import make_app
+from arqd.model import JobSpec
+from arqd.observe import Ended, LostAt
+from arqd.pool import Pool
 
 from .util import eventually
 
@@ -110,3 +117,75 @@ async def test_client_chosen_names_do_not_grow_the_scrape(
     m = await scrape(server)
     assert m["arqd_jobs_finished_total", (("handler", "other"), other, ("state", "failed"))] == 1
     assert m["arqd_lease_expiries_total", (other,)] == 1
+
+
+class Recorder:
+    """An observer of one's own: what the core and the pool reported, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def configured(self, queues: Collection[str], handlers: Collection[str] | None) -> None:
+        self.calls.append(("configured", set(queues), set(handlers or ())))
+
+    def job_submitted(self, queue: str, handler: str) -> None:
+        self.calls.append(("submitted", queue, handler))
+
+    def lease_recovered(self, queue: str) -> None:
+        self.calls.append(("recovered", queue))
+
+    def lease_lost(self, where: LostAt) -> None:
+        self.calls.append(("lost", where))
+
+    def attempt_started(self, queue: str, waited: float) -> None:
+        assert waited >= 0
+        self.calls.append(("started", queue))
+
+    def attempt_ended(self, queue: str, handler: str, ended: Ended, seconds: float | None) -> None:
+        assert seconds is not None and seconds >= 0
+        self.calls.append(("ended", queue, handler, ended))
+
+
+async def test_the_core_and_the_pool_report_to_any_observer(tmp_path: Path):
+    """A core and a pool given an observer of one's own (no Prometheus) tell it the configured
+    names, each job stored, each attempt started and how each attempt ended."""
+    recorder = Recorder()
+    config = Config.from_dict(
+        {
+            "workers": {"concurrency": 2, "poll_max": "20ms"},
+            "defaults": {"max_attempts": 2, "backoff": {"base": "1ms", "max": "1ms"}},
+            "handlers": {"echo": "arqd.demo:echo", "fail": "arqd.demo:fail"},
+        }
+    )
+    registry = Registry.from_config(config)
+    core = Core(MemoryQueue(), MemoryResults(), config, registry, observer=recorder)
+    assert recorder.calls[0] == ("configured", {"default"}, {"echo", "fail", STEPS_HANDLER})
+    pool = Pool(core)
+    await pool.start()
+    try:
+        await core.submit([JobSpec(handler="echo", payload=1), JobSpec(handler="fail")])
+        ended = [("ended", "default", "fail", "failed"), ("ended", "default", "echo", "succeeded")]
+        await eventually(lambda: all(c in recorder.calls for c in ended))
+    finally:
+        await pool.stop()
+    calls = recorder.calls[1:]
+    assert calls[:2] == [("submitted", "default", "echo"), ("submitted", "default", "fail")]
+    assert calls.count(("started", "default")) == 3
+    assert ("ended", "default", "fail", "retry") in calls
+    assert len([c for c in calls if c[0] == "ended"]) == 3
+
+
+def test_the_core_and_the_pool_do_not_import_prometheus():
+    """The pool's modules and the observer interface import neither arqd.metrics nor
+    prometheus_client: they report through arqd.observe (read from source, not imported)."""
+    package = Path(arqd.__file__).parent
+    for path in [package / "observe.py", *sorted((package / "pool").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(("arqd.metrics", "prometheus_client")), (path, name)
