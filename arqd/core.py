@@ -67,13 +67,13 @@ from arqd.model import (
     member_names,
     new_job_id,
 )
+from arqd.stepmodel import STEPS_HANDLER as STEPS_HANDLER  # re-exported: view, worker
 
 # The deepest JSON nesting a job may carry (payload, meta, steps). Real documents rarely pass 20;
 # past about 1,000 msgspec's decoder hits Python's recursion limit and sqlite's json() refuses
 # the value, so the bound is checked here, before anything is stored, far below both.
 DEPTH_MAX = 64
 TOO_DEEP = f"the body nests JSON deeper than {DEPTH_MAX} levels"
-STEPS_HANDLER = "arqd.steps"  # the built-in handler of multi-step HTTP jobs
 SEALED = "sealed"  # the payload field holding a multi-step job's encrypted secrets
 SWEEP_BATCH = 500  # expired records deleted per sweep (one short write transaction)
 PURGE_BATCH = 1000

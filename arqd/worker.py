@@ -44,7 +44,7 @@ import structlog
 from arqd import logs
 from arqd.backends.base import Area, Lease, Outcome, WorkerInfo
 from arqd.core import JSON, SEALED, STEPS_HANDLER, Core
-from arqd.errors import BackendError, Fail, Retry
+from arqd.errors import BackendError, CredentialsUnreadable, Fail, Retry, StepFailed
 from arqd.handlers import Handler, JobContext
 from arqd.model import ErrorInfo, Job, Progress, ResultRef, State, blob_name, new_token
 from arqd.supervise import LoopWatch, Supervisor
@@ -472,17 +472,16 @@ class Pool:
         if isinstance(exc, Retry):
             error = _error("Retry", str(exc), job)
             return self.core.failed_attempt(job, token, error, exc.delay)
-        step = getattr(exc, "step", None)
-        if step is not None:  # arqd.steps.StepFailed: the job is poisoned at this step
+        if isinstance(exc, StepFailed):  # the job is poisoned at this step
             error = ErrorInfo(
-                type=getattr(exc, "type", "StepFailed"),
+                type=exc.type,
                 message=str(exc)[:2000],
                 attempt=job.attempts,
-                step=step,
-                status=getattr(exc, "status", None),
+                step=exc.step,
+                status=exc.response_status,
             )
             return self.core.final_failure(job, token, error)
-        if getattr(exc, "code", None) == "credentials_unreadable":
+        if isinstance(exc, CredentialsUnreadable):
             return self.core.final_failure(
                 job, token, _error("CredentialsUnreadable", str(exc), job)
             )
