@@ -21,13 +21,14 @@ from typing import Self
 import msgspec
 import structlog
 
-from arqd.backends.base import QueueBackend, ResultStore
+from arqd.backends.base import QueueBackend
 from arqd.client import Client
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.config import Config, load_config
 from arqd.core import SWEEP_BATCH, Core
 from arqd.errors import ArqdError
 from arqd.handlers import Handler, HandlerDef, Registry
+from arqd.results.base import ResultStore
 from arqd.schedules import Scheduler
 from arqd.stores import make_queue, make_results
 from arqd.supervise import Supervisor

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from arqd.backends.base import QueueBackend, ResultStore
+from arqd.backends.base import QueueBackend
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.config import QueueConfig, ResultsConfig
 from arqd.errors import ConfigError
+from arqd.results.base import ResultStore
 
 if TYPE_CHECKING:  # the AWS backends are imported only when config names them
     from arqd.backends.dynamodb import DynamoSettings
-    from arqd.backends.s3 import S3Settings
+    from arqd.results.s3 import S3Settings
 
 
 def make_queue(cfg: QueueConfig, clock: Clock = SYSTEM_CLOCK) -> QueueBackend:
@@ -54,15 +55,15 @@ def queue_class(backend: str) -> type[QueueBackend]:
 
 def make_results(cfg: ResultsConfig, clock: Clock = SYSTEM_CLOCK) -> ResultStore:
     if cfg.backend == "memory":
-        from arqd.backends.memory import MemoryResults
+        from arqd.results.memory import MemoryResults
 
         return MemoryResults(clock=clock)
     if cfg.backend == "files":
-        from arqd.backends.files import FileResults
+        from arqd.results.files import FileResults
 
         return FileResults(cfg.path, clock=clock)
     if cfg.backend == "s3":
-        from arqd.backends.s3 import S3Results
+        from arqd.results.s3 import S3Results
 
         return S3Results(s3_settings(cfg), clock=clock)
     raise ConfigError(f"results.backend: {cfg.backend!r} is not available in this build")
@@ -77,7 +78,7 @@ def dynamo_settings(cfg: QueueConfig) -> DynamoSettings:
 
 
 def s3_settings(cfg: ResultsConfig) -> S3Settings:
-    from arqd.backends.s3 import S3Settings
+    from arqd.results.s3 import S3Settings
 
     return S3Settings(
         bucket=cfg.bucket, prefix=cfg.prefix, region=cfg.region, endpoint_url=cfg.endpoint_url
@@ -94,7 +95,7 @@ async def init_aws(queue: QueueConfig, results: ResultsConfig) -> list[str]:
 
         done += await init_table(dynamo_settings(queue))
     if results.backend == "s3":
-        from arqd.backends.s3 import init_bucket
+        from arqd.results.s3 import init_bucket
 
         done += await init_bucket(s3_settings(results), temporary_ttl=results.temporary_ttl)
     return done

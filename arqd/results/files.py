@@ -32,10 +32,10 @@ from pathlib import Path
 import aiofiles
 import aiofiles.os
 
-from arqd.backends.base import AREAS, Area, ResultStore, ResultWriter
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import BackendError, ResultExpired
 from arqd.model import BLOB_NAME_RE, new_token
+from arqd.results.base import AREAS, Area, ResultStore, ResultWriter
 
 CHUNK = 64 * 1024
 PARTIAL = ".partial"

@@ -25,10 +25,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from arqd.backends.base import AREAS, Area, ResultStore, ResultWriter
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import BackendError, BackendUnavailable, ConfigError, ResultExpired
 from arqd.model import BLOB_NAME_RE
+from arqd.results.base import AREAS, Area, ResultStore, ResultWriter
 
 MIN_PART = 5 * 1024 * 1024  # S3 refuses smaller parts (except the last)
 CHUNK = 64 * 1024  # bytes per chunk handed to readers
