@@ -149,7 +149,7 @@ class App:
     async def _sweep_partials(self) -> None:
         try:
             files, size = await self._results.sweep_partials()
-        except (ArqdError, OSError) as exc:
+        except ArqdError as exc:  # the store translates its OSErrors
             log.warning("results.partials_sweep_failed", error=str(exc))
             return
         if files:
