@@ -1,7 +1,9 @@
-"""Where config picks concrete backends by name; the only core module that imports them.
+"""Where config picks the queue backend and the result store by name; the only core module that
+imports them.
 
-Each backend module is imported only when config names it, so optional drivers (aioboto3 for
-``dynamodb`` and ``s3``, extra ``arqd[aws]``) are needed only by those who use them.
+Each backend's or store's module is imported only when config names it, so optional drivers
+(aioboto3 for ``dynamodb`` and ``s3``, extra ``arqd[aws]``) are needed only by those who use
+them; ``tests/test_stores.py`` pins it for the result stores.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def queue_class(backend: str) -> type[QueueBackend]:
 
 
 def make_results(cfg: ResultsConfig, clock: Clock = SYSTEM_CLOCK) -> ResultStore:
+    """The store ``results.backend`` names, from its own module (``arqd/results/``)."""
     if cfg.backend == "memory":
         from arqd.results.memory import MemoryResults
 
