@@ -60,11 +60,12 @@ def test_throttling_and_5xx_are_unavailable_other_refusals_are_errors():
 
 
 def test_a_stores_own_reading_of_a_refusal_comes_first():
-    """``refine`` sees the code, the status and the whole response before the general rules,
-    and its answer wins; a refusal it does not claim falls through to them."""
+    """``refine`` sees the operation, the code, the status and the whole response before the
+    general rules, and its answer wins; a refusal it does not claim falls through to them."""
     seen: list[aws.Refusal] = []
 
-    def refine(answer: aws.Refusal) -> Exception | None:
+    def refine(op: str, answer: aws.Refusal) -> Exception | None:
+        assert op == "update"
         seen.append(answer)
         return _Gone(answer.response["Item"]) if answer.code == "Gone" else None
 

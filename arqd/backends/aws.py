@@ -110,17 +110,18 @@ def translate(
     exc: BaseException,
     *,
     unavailable: frozenset[str] = frozenset(),
-    refine: Callable[[Refusal], Exception | None] | None = None,
+    refine: Callable[[str, Refusal], Exception | None] | None = None,
 ) -> Exception:
-    """The arqd error for one failed request ``op`` to ``service``: ``refine``'s answer when it
-    has one (the store's own reading of a refusal), else :class:`BackendUnavailable` for no
-    answer, a code in ``unavailable`` or a 5xx, else :class:`BackendError`."""
+    """The arqd error for one failed request ``op`` to ``service``: ``refine(op, refusal)``'s
+    answer when it has one (the store's own reading of a refusal), else
+    :class:`BackendUnavailable` for no answer, a code in ``unavailable`` or a 5xx, else
+    :class:`BackendError`."""
     answer = refusal(exc)
     if answer is None:  # no answer at all: connection refused, reset, timed out, no credentials
         return BackendUnavailable(
             f"{service} {op}: {NO_CREDENTIALS if credentials_missing(exc) else exc}"
         )
-    special = None if refine is None else refine(answer)
+    special = None if refine is None else refine(op, answer)
     if special is not None:
         return special
     if answer.code in unavailable or answer.status >= 500:

@@ -69,7 +69,7 @@ class _Missing(Exception):
     """The object (or bucket) is not there."""
 
 
-def _missing(answer: aws.Refusal) -> Exception | None:
+def _missing(op: str, answer: aws.Refusal) -> Exception | None:
     return _Missing(answer.code) if answer.code in MISSING_CODES or answer.status == 404 else None
 
 
