@@ -20,11 +20,9 @@ import msgspec
 import structlog
 
 from arqd.backends.base import (
-    Area,
     Enqueued,
     Outcome,
     QueueBackend,
-    ResultStore,
     group_record,
 )
 from arqd.clock import Clock
@@ -67,6 +65,7 @@ from arqd.model import (
     member_names,
     new_job_id,
 )
+from arqd.results.base import Area, ResultStore
 from arqd.stepmodel import STEPS_HANDLER as STEPS_HANDLER  # re-exported: view, worker
 
 # The deepest JSON nesting a job may carry (payload, meta, steps). Real documents rarely pass 20;

@@ -42,11 +42,12 @@ import msgspec
 import structlog
 
 from arqd import logs
-from arqd.backends.base import Area, Lease, Outcome, WorkerInfo
+from arqd.backends.base import Lease, Outcome, WorkerInfo
 from arqd.core import JSON, SEALED, STEPS_HANDLER, Core
 from arqd.errors import BackendError, CredentialsUnreadable, Fail, Retry, StepFailed
 from arqd.handlers import Handler, JobContext
 from arqd.model import ErrorInfo, Job, Progress, ResultRef, State, blob_name, new_token
+from arqd.results.base import Area
 from arqd.supervise import LoopWatch, Supervisor
 
 log = structlog.get_logger("arqd.worker")

@@ -10,12 +10,12 @@ import pytest
 
 from arqd.backends.base import ListFilter
 from arqd.backends.dynamodb import DynamoQueue
-from arqd.backends.memory import MemoryResults
 from arqd.clock import ManualClock
 from arqd.config import Config
 from arqd.core import Core
 from arqd.errors import BackendError, Unstorable
 from arqd.model import GroupMemberSpec
+from arqd.results.memory import MemoryResults
 
 from .conftest import dynamo_settings
 from .faultproxy import FaultProxy, Faults

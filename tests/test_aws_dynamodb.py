@@ -14,7 +14,6 @@ import pytest
 
 from arqd.backends.base import Outcome
 from arqd.backends.dynamodb import GSIS, DynamoQueue, _Grant
-from arqd.backends.s3 import S3Results
 from arqd.clock import ManualClock
 from arqd.config import QueueConfig, ResultsConfig
 from arqd.model import (
@@ -27,6 +26,7 @@ from arqd.model import (
     new_job_id,
     new_token,
 )
+from arqd.results.s3 import S3Results
 from arqd.stores import init_aws, make_queue, make_results
 
 from .conftest import AWS_FAKE_KEY, AWS_REGION, dynamo_settings

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from arqd.backends.base import ResultStore
 from arqd.errors import ArqdError, ResultExpired
 from arqd.model import blob_name, new_job_id, new_token
+from arqd.results.base import ResultStore
 
 
 def a_name() -> str:

@@ -15,10 +15,11 @@ from structlog.testing import capture_logs
 
 import arqd
 from arqd.backends.base import Outcome
-from arqd.backends.memory import MemoryQueue, MemoryResults
+from arqd.backends.memory import MemoryQueue
 from arqd.clock import ManualClock
 from arqd.config import Config
 from arqd.model import Progress
+from arqd.results.memory import MemoryResults
 
 from .util import eventually
 

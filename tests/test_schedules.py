@@ -14,13 +14,14 @@ import pytest
 
 import arqd
 from arqd.backends.base import ListFilter, Outcome, QueueBackend
-from arqd.backends.memory import MemoryQueue, MemoryResults
+from arqd.backends.memory import MemoryQueue
 from arqd.clock import ManualClock
 from arqd.config import Config, ScheduleConfig
 from arqd.core import Core
 from arqd.errors import ConfigError
 from arqd.handlers import Registry
 from arqd.model import ResultRef, State
+from arqd.results.memory import MemoryResults
 from arqd.schedules import Schedule, Scheduler, mark_name, tick_key
 
 from .daemons import Daemons, sqlite_config

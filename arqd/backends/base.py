@@ -10,10 +10,7 @@ A batch is stored whole or not at all: a backend converts every job of it (and t
 into what it stores *before* its first write, so a value it cannot hold is refused with
 :class:`arqd.errors.Unstorable` and nothing is written (``convert_all``).
 
-A result store keeps result blobs by (area, job id); its writers publish atomically, so no reader
-ever sees half a result.
-
-Both are async context managers; ``aclose()`` releases their connections. Driver errors are
+A backend is an async context manager; ``aclose()`` releases its connections. Driver errors are
 translated to :class:`arqd.errors.BackendError` at this seam.
 """
 
@@ -21,10 +18,10 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, ClassVar, Literal, Self, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import msgspec
 
@@ -41,9 +38,6 @@ from arqd.model import (
     State,
     StepState,
 )
-
-Area = Literal["temporary", "persistent"]
-AREAS: tuple[Area, ...] = ("temporary", "persistent")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -346,62 +340,3 @@ class QueueBackend(_AsyncClosing, abc.ABC):
     @abc.abstractmethod
     async def get_mark(self, name: str) -> float | None:
         """The mark ``name``, or ``None`` if it was never set."""
-
-
-class ResultWriter(abc.ABC):
-    """A result being written; invisible to readers until ``commit``."""
-
-    @abc.abstractmethod
-    async def write(self, data: bytes) -> None: ...
-
-    @abc.abstractmethod
-    async def commit(self) -> int:
-        """Publish atomically; answers the size in bytes."""
-
-    @abc.abstractmethod
-    async def abort(self) -> None:
-        """Drop what was written; safe to call after commit or twice."""
-
-
-class ResultStore(_AsyncClosing, abc.ABC):
-    name: str = "abstract"
-
-    def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
-        self.clock = clock
-
-    @abc.abstractmethod
-    async def writer(self, area: Area, name: str) -> ResultWriter: ...
-
-    async def put(self, area: Area, name: str, data: bytes) -> int:
-        writer = await self.writer(area, name)
-        try:
-            await writer.write(data)
-            return await writer.commit()
-        except BaseException:
-            await writer.abort()
-            raise
-
-    @abc.abstractmethod
-    def read(
-        self, area: Area, name: str, start: int = 0, end: int | None = None
-    ) -> AsyncIterator[bytes]:
-        """Bytes ``start`` up to (excluding) ``end``; raises :class:`ResultExpired` if missing."""
-
-    @abc.abstractmethod
-    async def size(self, area: Area, name: str) -> int | None: ...
-
-    @abc.abstractmethod
-    async def delete(self, area: Area, name: str) -> None: ...
-
-    @abc.abstractmethod
-    def names(self, area: Area) -> AsyncIterator[list[str]]:
-        """The names of every result stored in ``area``, a page at a time (at most 1,000 a
-        page), in no particular order; a result published meanwhile may or may not appear."""
-
-    async def sweep_partials(self) -> tuple[int, int]:
-        """Delete what writers that died left behind (files, bytes); never a live writer's.
-        Called at start and periodically; stores with nothing to sweep answer (0, 0)."""
-        return 0, 0
-
-    async def ping(self) -> None:
-        """Raise :class:`BackendError` unless the storage answers."""

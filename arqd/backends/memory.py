@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from arqd.backends.base import (
-    Area,
     Enqueued,
     HeartbeatReply,
     Lease,
@@ -25,8 +24,6 @@ from arqd.backends.base import (
     Outcome,
     QueueBackend,
     QueueStats,
-    ResultStore,
-    ResultWriter,
     WorkerInfo,
     convert_all,
     group_record,
@@ -34,7 +31,6 @@ from arqd.backends.base import (
     storable_job,
 )
 from arqd.clock import SYSTEM_CLOCK, Clock
-from arqd.errors import ResultExpired
 from arqd.model import (
     DROPPED,
     GroupRecord,
@@ -49,7 +45,6 @@ from arqd.model import (
 )
 
 _ids = itertools.count()
-NAMES_PAGE = 1000  # result names answered per page by ``MemoryResults.names``
 
 
 @dataclass(slots=True)
@@ -424,60 +419,3 @@ def _matches(job: Job, where: ListFilter) -> bool:
         and (where.group_id is None or job.group_id == where.group_id)
         and (where.owner is None or job.owner == where.owner)
     )
-
-
-# --- results --------------------------------------------------------------------------------------
-
-
-class _MemoryWriter(ResultWriter):
-    def __init__(self, store: MemoryResults, area: Area, name: str) -> None:
-        self._store, self._area, self._name = store, area, name
-        self._parts: list[bytes] = []
-        self._done = False
-
-    async def write(self, data: bytes) -> None:
-        self._parts.append(bytes(data))
-
-    async def commit(self) -> int:
-        blob = b"".join(self._parts)
-        self._store._blobs[(self._area, self._name)] = blob
-        self._done = True
-        return len(blob)
-
-    async def abort(self) -> None:
-        self._parts.clear()
-
-
-class MemoryResults(ResultStore):
-    """Result blobs in a dict; for tests and throwaway runs."""
-
-    name = "memory"
-
-    def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
-        super().__init__(clock=clock)
-        self._blobs: dict[tuple[Area, str], bytes] = {}
-
-    async def writer(self, area: Area, name: str) -> ResultWriter:
-        return _MemoryWriter(self, area, name)
-
-    async def read(
-        self, area: Area, name: str, start: int = 0, end: int | None = None
-    ) -> AsyncIterator[bytes]:
-        entry = self._blobs.get((area, name))
-        if entry is None:
-            raise ResultExpired(f"the result of job {name} is no longer stored")
-        blob = entry[start:end]
-        for i in range(0, len(blob), 65536):
-            yield blob[i : i + 65536]
-
-    async def size(self, area: Area, name: str) -> int | None:
-        entry = self._blobs.get((area, name))
-        return None if entry is None else len(entry)
-
-    async def delete(self, area: Area, name: str) -> None:
-        self._blobs.pop((area, name), None)
-
-    async def names(self, area: Area) -> AsyncIterator[list[str]]:
-        found = [name for a, name in self._blobs if a == area]
-        for i in range(0, len(found), NAMES_PAGE):
-            yield found[i : i + NAMES_PAGE]
