@@ -19,9 +19,19 @@ from types import TracebackType
 from typing import Literal, Self
 
 from arqd.clock import SYSTEM_CLOCK, Clock
+from arqd.errors import BackendError
+from arqd.model import BLOB_NAME_RE
 
 Area = Literal["temporary", "persistent"]
 AREAS: tuple[Area, ...] = ("temporary", "persistent")
+
+
+def checked(area: str, name: str) -> str:
+    """``name`` if it is a well-formed blob name in a known area; every store calls this before
+    a name becomes a path, a key or a dict entry, so no name can escape its store."""
+    if area not in AREAS or not BLOB_NAME_RE.match(name):
+        raise BackendError(f"refusing result name for area={area!r} name={name!r}")
+    return name
 
 
 class _AsyncClosing:

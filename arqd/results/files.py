@@ -43,8 +43,8 @@ import aiofiles.os
 
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import BackendError, ResultExpired
-from arqd.model import BLOB_NAME_RE, new_token
-from arqd.results.base import AREAS, Area, ResultStore, ResultWriter
+from arqd.model import new_token
+from arqd.results.base import AREAS, Area, ResultStore, ResultWriter, checked
 
 CHUNK = 64 * 1024
 PARTIAL = ".partial"
@@ -217,9 +217,7 @@ class FileResults(ResultStore):
                 await asyncio.to_thread((self.root / sub).mkdir, parents=True, exist_ok=True)
 
     def _path(self, area: Area, name: str) -> Path:
-        if area not in AREAS or not BLOB_NAME_RE.match(name):
-            raise BackendError(f"refusing result path for area={area!r} id={name!r}")
-        return self.root / area / name[-11:-9] / name
+        return self.root / area / checked(area, name)[-11:-9] / name
 
     async def writer(self, area: Area, name: str) -> ResultWriter:
         final = self._path(area, name)

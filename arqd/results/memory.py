@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import ResultExpired
-from arqd.results.base import Area, ResultStore, ResultWriter
+from arqd.results.base import Area, ResultStore, ResultWriter, checked
 
 NAMES_PAGE = 1000  # result names answered per page by ``MemoryResults.names``
 CHUNK = 64 * 1024  # bytes per chunk handed to readers
@@ -45,12 +45,12 @@ class MemoryResults(ResultStore):
         self._blobs: dict[tuple[Area, str], bytes] = {}
 
     async def writer(self, area: Area, name: str) -> ResultWriter:
-        return _MemoryWriter(self, area, name)
+        return _MemoryWriter(self, area, checked(area, name))
 
     async def read(
         self, area: Area, name: str, start: int = 0, end: int | None = None
     ) -> AsyncIterator[bytes]:
-        entry = self._blobs.get((area, name))
+        entry = self._blobs.get((area, checked(area, name)))
         if entry is None:
             raise ResultExpired(f"the result of job {name} is no longer stored")
         blob = entry[start:end]
@@ -58,11 +58,11 @@ class MemoryResults(ResultStore):
             yield blob[i : i + CHUNK]
 
     async def size(self, area: Area, name: str) -> int | None:
-        entry = self._blobs.get((area, name))
+        entry = self._blobs.get((area, checked(area, name)))
         return None if entry is None else len(entry)
 
     async def delete(self, area: Area, name: str) -> None:
-        self._blobs.pop((area, name), None)
+        self._blobs.pop((area, checked(area, name)), None)
 
     async def names(self, area: Area) -> AsyncIterator[list[str]]:
         found = [name for a, name in self._blobs if a == area]

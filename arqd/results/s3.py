@@ -28,8 +28,7 @@ from typing import Any
 from arqd.backends import aws
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import BackendError, BackendUnavailable, ConfigError, ResultExpired
-from arqd.model import BLOB_NAME_RE
-from arqd.results.base import AREAS, Area, ResultStore, ResultWriter
+from arqd.results.base import AREAS, Area, ResultStore, ResultWriter, checked
 
 MIN_PART = 5 * 1024 * 1024  # S3 refuses smaller parts (except the last)
 CHUNK = 64 * 1024  # bytes per chunk handed to readers
@@ -227,9 +226,7 @@ class S3Results(ResultStore):
             raise _translate(op, exc) from exc
 
     def _key(self, area: Area, name: str) -> str:
-        if area not in AREAS or not BLOB_NAME_RE.match(name):
-            raise BackendError(f"refusing result key for area={area!r} name={name!r}")
-        return f"{self.settings.prefix}{area}/{name}"
+        return f"{self.settings.prefix}{area}/{checked(area, name)}"
 
     async def writer(self, area: Area, name: str) -> ResultWriter:
         return S3Writer(self, self._key(area, name))
