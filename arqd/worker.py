@@ -411,15 +411,7 @@ class Pool:
             task.uncancel()
         if r.reason == "lost":
             return None
-        expires = core.result_expiry(job, core.clock.time())
-        return Outcome(
-            job=job,
-            token=token,
-            state=State.SUCCEEDED,
-            result=ref,
-            expires_at=expires,
-            started_at=r.started,
-        )
+        return core.succeeded(job, token, ref, r.started)
 
     def _handler_for(self, r: _Running) -> Handler | None:
         if r.lease.job.handler == STEPS_HANDLER:

@@ -156,7 +156,9 @@ async def test_a_fresh_lease_is_not_rewritten_by_every_heartbeat(table: DynamoQu
     (beat,) = await table.heartbeat([(lease.job.id, lease.token)], VT)
     assert beat.held and not beat.cancel_requested
     assert seen["UpdateItem"] == 0
-    await table.cancel(lease.job.id)  # tries queued → cancelled, then sets cancel_requested
+    await table.cancel(
+        lease.job.id, free_key=True
+    )  # tries queued → cancelled, then sets cancel_requested
     (beat,) = await table.heartbeat([(lease.job.id, lease.token)], VT)
     assert beat.held and beat.cancel_requested
     assert seen["UpdateItem"] == 2
@@ -268,11 +270,11 @@ async def test_drop_results_walks_one_area_and_frees_keys(table: DynamoQueue):
         table, clock, 7, state=State.SUCCEEDED, result=ref, expires_at=clock.time() + 99
     )
     dropped: list[str] = []
-    while batch := await table.drop_results(False, 3):
+    while batch := await table.drop_results(False, 3, frees_key=lambda job: True):
         assert len(batch) <= 3
         dropped += [j.id for j in batch]
     assert sorted(dropped) == sorted(temporary)
-    assert await table.drop_results(True, 10) == []
+    assert await table.drop_results(True, 10, frees_key=lambda job: True) == []
     jobs = await table.get_many(temporary)
     assert all(j is not None and j.result == ResultRef(area=DROPPED) for j in jobs)
     for job in jobs:

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from arqd.backends.base import ListFilter, Outcome, QueueBackend
+from arqd.backends.base import ListFilter, Outcome, QueueBackend, Redrive
 from arqd.clock import ManualClock
 from arqd.errors import InvalidRequest
 from arqd.model import (
@@ -61,6 +61,16 @@ async def put(backend: QueueBackend, clock: ManualClock, n: int = 1, **kw: Any) 
 
 def done(lease_job: Job, token: str, state: State = State.SUCCEEDED, **kw: Any) -> Outcome:
     return Outcome(job=lease_job, token=token, state=state, **kw)
+
+
+def free_all(job: Job) -> bool:
+    """The ``frees_key`` of a purge freeing every key it drops (the core's, for plain keys)."""
+    return True
+
+
+def redrive_now(clock: ManualClock, queue: str = "default") -> Redrive:
+    """A redrive as the core makes it: ready now, attempts reset, keys taken back."""
+    return Redrive(queue=queue, ready_at=clock.time(), attempts=0, take_keys=True)
 
 
 async def test_enqueue_then_get_round_trips_the_record(queue: QueueBackend, clock: ManualClock):
@@ -263,7 +273,7 @@ async def test_final_failure_is_terminal(queue: QueueBackend, clock: ManualClock
 async def test_cancel_queued_job(queue: QueueBackend, clock: ManualClock):
     """Cancelling a queued job makes it cancelled at once and never leased."""
     (job,) = await put(queue, clock)
-    cancelled = await queue.cancel(job.id)
+    cancelled = await queue.cancel(job.id, free_key=True)
     assert cancelled is not None and cancelled.state is State.CANCELLED
     assert await queue.lease(["default"], 1, VT, "w") == []
 
@@ -275,7 +285,7 @@ async def test_cancel_running_job_is_requested_through_heartbeat(
     and may then finish the job as cancelled."""
     await put(queue, clock)
     (lease,) = await queue.lease(["default"], 1, VT, "w")
-    job = await queue.cancel(lease.job.id)
+    job = await queue.cancel(lease.job.id, free_key=True)
     assert job is not None and job.state is State.RUNNING and job.cancel_requested
     (reply,) = await queue.heartbeat([(lease.job.id, lease.token)], VT)
     assert reply.held and reply.cancel_requested
@@ -290,8 +300,8 @@ async def test_cancel_terminal_job_changes_nothing(queue: QueueBackend, clock: M
     (lease,) = await queue.lease(["default"], 1, VT, "w")
     await queue.finish([done(lease.job, lease.token)])
     before = await queue.get(lease.job.id)
-    assert await queue.cancel(lease.job.id) == before
-    assert await queue.cancel(new_job_id()) is None
+    assert await queue.cancel(lease.job.id, free_key=True) == before
+    assert await queue.cancel(new_job_id(), free_key=True) is None
 
 
 async def test_progress_is_conditional_and_bumps_version(queue: QueueBackend, clock: ManualClock):
@@ -326,7 +336,7 @@ async def test_dedupe_key_returns_the_live_job(queue: QueueBackend, clock: Manua
 async def test_failed_or_cancelled_job_frees_its_key(queue: QueueBackend, clock: ManualClock):
     """A failed or cancelled job no longer holds its key."""
     (job,) = await put(queue, clock, key="k1")
-    await queue.cancel(job.id)
+    await queue.cancel(job.id, free_key=True)
     assert (await queue.enqueue([new(clock, key="k1")]))[0].created is True
     await put(queue, clock, key="k2", queue="other")
     (lease,) = await queue.lease(["other"], 1, VT, "w")
@@ -391,8 +401,8 @@ async def test_redrive_requeues_failed_jobs(queue: QueueBackend, clock: ManualCl
     leases = await queue.lease(["default"], 2, VT, "w")
     for lease in leases:
         await queue.finish([done(lease.job, lease.token, State.FAILED)])
-    assert await queue.redrive("default") == 2
-    assert await queue.redrive("default") == 0
+    assert await queue.redrive(redrive_now(clock)) == 2
+    assert await queue.redrive(redrive_now(clock)) == 0
     again = await queue.lease(["default"], 5, VT, "w")
     assert len(again) == 2 and all(lease.job.attempts == 1 for lease in again)
 
@@ -450,7 +460,7 @@ async def test_drop_results_walks_one_area_in_batches(queue: QueueBackend, clock
     temporary = await finished(7, sticky=False)
     persistent = await finished(2, sticky=True)
     dropped: list[str] = []
-    while batch := await queue.drop_results(False, 3):
+    while batch := await queue.drop_results(False, 3, frees_key=free_all):
         assert len(batch) <= 3
         assert all(j.result is not None and j.result.area == "temporary" for j in batch)
         dropped += [j.id for j in batch]
@@ -462,8 +472,11 @@ async def test_drop_results_walks_one_area_in_batches(queue: QueueBackend, clock
         assert job is not None and job.result is not None and job.result.area == "persistent"
     # A new purge walks everything again, on either side of where the last one ended.
     more = await finished(2, sticky=False, ids=("0" * 31 + "1", "f" * 32))
-    again = [j.id for j in await queue.drop_results(False, 10)]
-    assert sorted(again) == sorted(more) and await queue.drop_results(False, 10) == []
+    again = [j.id for j in await queue.drop_results(False, 10, frees_key=free_all)]
+    assert (
+        sorted(again) == sorted(more)
+        and await queue.drop_results(False, 10, frees_key=free_all) == []
+    )
 
 
 async def test_versions_track_changes_and_omit_missing_jobs(
@@ -618,7 +631,7 @@ async def test_a_batch_mixing_live_and_new_keys_answers_each_job(
     and a new key store new jobs, and a key repeated in the batch answers its first job."""
     (live,) = await put(queue, clock, key="live")
     (gone,) = await put(queue, clock, key="gone")
-    await queue.cancel(gone.id)  # frees "gone"
+    await queue.cancel(gone.id, free_key=True)  # frees "gone"
     filler = [new(clock) for _ in range(size - 5)]
     batch = [*filler, new(clock, key="live"), new(clock, key="gone"), new(clock, key="new")]
     batch += [new(clock, key="new"), new(clock, key="live")]
@@ -683,7 +696,85 @@ async def test_drop_results_keeps_results_finished_after_the_purge_began(
     began = clock.time() + 1
     clock.advance(2)
     assert await queue.finish([done(late.job, late.token, result=ref)]) == [True]
-    dropped = [j.id for j in await queue.drop_results(False, 10, before=began)]
-    assert dropped == [early.job.id] and await queue.drop_results(False, 10, before=began) == []
+    dropped = [j.id for j in await queue.drop_results(False, 10, before=began, frees_key=free_all)]
+    assert (
+        dropped == [early.job.id]
+        and await queue.drop_results(False, 10, before=began, frees_key=free_all) == []
+    )
     kept = await queue.get(late.job.id)
     assert kept is not None and kept.result == ref
+
+
+# --- keys: held or freed as the core says --------------------------------------------------------
+
+
+async def test_cancel_frees_the_key_only_when_told(queue: QueueBackend, clock: ManualClock):
+    """Cancelling a queued job frees its key with free_key=True; with free_key=False (a schedule
+    tick's) the cancelled job keeps holding it and answers a new job with the same key."""
+    (kept,) = await put(queue, clock, key="kept")
+    (freed,) = await put(queue, clock, key="freed")
+    await queue.cancel(kept.id, free_key=False)
+    await queue.cancel(freed.id, free_key=True)
+    again = await queue.enqueue([new(clock, key="kept"), new(clock, key="freed")])
+    assert [(e.created, e.job.id == kept.id) for e in again] == [(False, True), (True, False)]
+    holder = await queue.find_by_key("kept")
+    assert holder is not None and holder.id == kept.id and holder.state is State.CANCELLED
+
+
+async def test_drop_results_frees_the_keys_it_is_told_to(queue: QueueBackend, clock: ManualClock):
+    """A purge drops every result it finds but frees only the keys ``frees_key`` names; the
+    others stay held by their jobs."""
+    await put(queue, clock, key="kept")
+    await put(queue, clock, key="freed")
+    leases = await queue.lease(["default"], 2, VT, "w")
+    ref = ResultRef(area="temporary", name="x", size=1)
+    outcomes = [done(le.job, le.token, result=ref, expires_at=clock.time() + 60) for le in leases]
+    assert await queue.finish(outcomes) == [True, True]
+    dropped = await queue.drop_results(False, 10, frees_key=lambda job: job.key == "freed")
+    assert sorted(j.key or "" for j in dropped) == ["freed", "kept"]
+    assert await queue.find_by_key("freed") is None
+    holder = await queue.find_by_key("kept")
+    assert holder is not None and holder.result == ResultRef(area="dropped")
+
+
+async def test_a_kept_key_outlives_the_result_until_the_record_goes(
+    queue: QueueBackend, clock: ManualClock
+):
+    """A success with keep_key holds its key past the result's expiry, until the sweep deletes
+    the record; without it the key expires with the result."""
+    await put(queue, clock, key="kept")
+    await put(queue, clock, key="plain")
+    leases = await queue.lease(["default"], 2, VT, "w")
+    expires = clock.time() + 60
+    outcomes = [
+        done(le.job, le.token, expires_at=expires, keep_key=le.job.key == "kept") for le in leases
+    ]
+    assert await queue.finish(outcomes) == [True, True]
+    clock.advance(61)
+    assert await queue.find_by_key("plain") is None
+    kept = await queue.find_by_key("kept")
+    assert kept is not None
+    assert not (await queue.enqueue([new(clock, key="kept")]))[0].created
+    swept = await queue.sweep_expired(10)
+    assert sorted(j.key or "" for j in swept) == ["kept", "plain"]
+    assert await queue.find_by_key("kept") is None
+    assert (await queue.enqueue([new(clock, key="kept")]))[0].created
+
+
+async def test_redrive_applies_the_plan_it_is_given(queue: QueueBackend, clock: ManualClock):
+    """Redrive makes each failed job of the queue what the plan says: queued, visible from its
+    ready_at, with its attempts; take_keys=False leaves a freed key free."""
+    await put(queue, clock, key="k")
+    (lease,) = await queue.lease(["default"], 1, VT, "w")
+    await queue.finish([done(lease.job, lease.token, State.FAILED, free_key=True)])
+    plan = Redrive(queue="default", ready_at=clock.time() + 5, attempts=1, take_keys=False)
+    assert await queue.redrive(plan) == 1
+    job = await queue.get(lease.job.id)
+    assert job is not None and job.state is State.QUEUED and job.attempts == 1
+    assert job.ready_at.timestamp() == pytest.approx(clock.time() + 5)
+    assert job.error is None and job.finished_at is None
+    assert await queue.find_by_key("k") is None
+    assert await queue.lease(["default"], 1, VT, "w") == []
+    clock.advance(5)
+    (again,) = await queue.lease(["default"], 1, VT, "w")
+    assert again.job.id == job.id and again.job.attempts == 2

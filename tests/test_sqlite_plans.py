@@ -81,6 +81,6 @@ def test_listing_dead_jobs_uses_the_partial_index(state: str):
 def test_redrive_uses_the_partial_index():
     conn = sqlite3.connect(":memory:")
     conn.executescript(sq.SCHEMA)
-    params = {"now": 1, "queue": "q"}
+    params = {"ready": 1, "attempts": 0, "queue": "q"}
     plan = " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sq.SQL_REDRIVE, params))
     assert "jobs_dead" in plan and "SCAN" not in plan, plan

@@ -31,6 +31,7 @@ import msgspec
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import Unstorable
 from arqd.model import (
+    DROPPED,
     ErrorInfo,
     GroupMember,
     GroupRecord,
@@ -69,6 +70,10 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     counted) or a release on shutdown (``count_attempt=False``: the attempt is given back).
     ``started_at`` is when the handler really began (a lease may wait in a consumer's buffer
     first); the backend writes it over the lease's time, ``None`` when no handler ran.
+
+    The core decides the key (``Core.frees_key``): a terminal outcome with ``free_key`` lets the
+    key go now; else the key is held until ``expires_at`` passes, or, with ``keep_key``, until
+    the record is deleted (a schedule tick's: it must never be fired again).
     """
 
     job: Job  # the record as leased: names the job, its queue and its key
@@ -80,6 +85,7 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     count_attempt: bool = True
     expires_at: float | None = None
     free_key: bool = False
+    keep_key: bool = False
     started_at: float | None = None
 
 
@@ -115,11 +121,77 @@ class Enqueued(msgspec.Struct, frozen=True):
 
 
 class ListFilter(msgspec.Struct, frozen=True, kw_only=True):
+    """Which jobs ``list_jobs`` answers: every field given must match (validated by the core)."""
+
     queue: str | None = None
     state: State | None = None
     handler: str | None = None
     group_id: str | None = None
     owner: str | None = None
+
+    def matches(self, job: Job) -> bool:
+        """Whether ``job`` passes the filter (for backends that filter records themselves)."""
+        return (
+            (self.queue is None or job.queue == self.queue)
+            and (self.state is None or job.state is self.state)
+            and (self.handler is None or job.handler == self.handler)
+            and (self.group_id is None or job.group_id == self.group_id)
+            and (self.owner is None or job.owner == self.owner)
+        )
+
+
+class Redrive(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``redrive`` makes of each failed job of ``queue``, decided by the core: queued
+    again, ready at ``ready_at`` with ``attempts`` counted, its error and finish time cleared,
+    and, with ``take_keys``, holding its key again unless another live job took it."""
+
+    queue: str
+    ready_at: float
+    attempts: int
+    take_keys: bool
+
+
+# --- rules every backend applies alike ---------------------------------------------------------
+
+
+def droppable(job: Job, sticky: bool, before: float | None) -> bool:
+    """Whether a purge of the ``sticky`` area that began at ``before`` (``None``: all) drops
+    ``job``'s result: succeeded, in that area, not dropped yet, finished by then."""
+    if job.state is not State.SUCCEEDED or job.sticky is not sticky:
+        return False
+    if job.result is None or job.result.area == DROPPED:
+        return False
+    if before is None:
+        return True
+    return job.finished_at is not None and job.finished_at.timestamp() <= before
+
+
+def fifo(job: Job) -> tuple[datetime, str]:
+    """The order leases come out in within a queue: ``ready_at``, then id (submit order)."""
+    return job.ready_at, job.id
+
+
+class StateCounts(dict[tuple[str, str], int]):
+    """Changes to per-(queue, state) job counts, collected by one call (or, on DynamoDB, by
+    this process between flushes) and written once."""
+
+    def add(self, queue: str, state: str, n: int = 1) -> None:
+        self[queue, state] = self.get((queue, state), 0) + n
+
+    def move(self, queue: str, old: str, new: str, n: int = 1) -> None:
+        self.add(queue, old, -n)
+        self.add(queue, new, n)
+
+    def rows(self) -> list[tuple[str, str, int]]:
+        """The non-zero changes, as (queue, state, n)."""
+        return [(q, st, n) for (q, st), n in self.items() if n]
+
+    def by_queue(self) -> dict[str, dict[str, int]]:
+        """The non-zero changes per queue, then per state."""
+        out: dict[str, dict[str, int]] = {}
+        for queue, state, n in self.rows():
+            out.setdefault(queue, {})[state] = n
+        return out
 
 
 # --- converting before writing ----------------------------------------------------------------
@@ -257,8 +329,9 @@ class QueueBackend(_AsyncClosing, abc.ABC):
         """Apply each outcome whose token still holds its job; answer which were applied."""
 
     @abc.abstractmethod
-    async def cancel(self, job_id: str) -> Job | None:
-        """Queued → cancelled (key freed); running → ``cancel_requested``; terminal: unchanged."""
+    async def cancel(self, job_id: str, *, free_key: bool) -> Job | None:
+        """Queued → cancelled (its key freed if ``free_key``); running → ``cancel_requested``;
+        terminal: unchanged. Answers the job as it is then, ``None`` if there is none."""
 
     @abc.abstractmethod
     async def get(self, job_id: str) -> Job | None: ...
@@ -292,8 +365,8 @@ class QueueBackend(_AsyncClosing, abc.ABC):
         is not terminal), or ``None`` if there is no such job."""
 
     @abc.abstractmethod
-    async def redrive(self, queue: str) -> int:
-        """Failed jobs of ``queue`` go back to queued, attempts reset; answers how many."""
+    async def redrive(self, plan: Redrive) -> int:
+        """Every failed job of ``plan.queue`` becomes what ``plan`` says; answers how many."""
 
     @abc.abstractmethod
     async def ping(self) -> None:
@@ -317,12 +390,16 @@ class QueueBackend(_AsyncClosing, abc.ABC):
 
     @abc.abstractmethod
     async def drop_results(
-        self, sticky: bool, limit: int, before: float | None = None
+        self,
+        sticky: bool,
+        limit: int,
+        before: float | None = None,
+        *,
+        frees_key: Callable[[Job], bool],
     ) -> list[Job]:
-        """Drop the results of up to ``limit`` succeeded jobs with this ``sticky`` flag (the
-        persistent area when true, the temporary one when false) that finished at or before
-        ``before`` (all when ``None``): their result becomes ``ResultRef(area="dropped")`` and
-        their keys are freed. Answers the jobs as they were, so the caller can delete their
+        """Drop the results of up to ``limit`` jobs ``droppable(job, sticky, before)``: each
+        result becomes ``ResultRef(area="dropped")`` and, where ``frees_key(job)``, its key is
+        freed in the same write. Answers the jobs as they were, so the caller can delete their
         blobs; an empty answer means none are left."""
 
     @abc.abstractmethod

@@ -61,8 +61,12 @@ from arqd.backends.base import (
     Outcome,
     QueueBackend,
     QueueStats,
+    Redrive,
+    StateCounts,
     WorkerInfo,
     convert_all,
+    droppable,
+    fifo,
     group_record,
     storable_group,
     storable_job,
@@ -200,16 +204,17 @@ REQUEUE_SET = (
 END_SET = "SET #st = :state, #at = #at - :give, #fa = :now, #ft = :ft, #v = #v + :one"
 END_REMOVE = "REMOVE #va, #vq, #lt, #lw"  # out of the visibility index
 CANCEL_QUEUED_SET = (
-    "SET #st = :cancelled, #fa = :now, #dq = #lq, #kf = :true, #v = #v + :one REMOVE #va, #vq"
+    "SET #st = :cancelled, #fa = :now, #dq = #lq, #v = #v + :one{sets} REMOVE #va, #vq"
 )
 CANCEL_RUNNING_SET = "SET #cr = :true, #v = #v + :one"
 CANCEL_RUNNING_IF = "#st = :running AND #cr = :false"
 REDRIVE_SET = (
-    "SET #st = :queued, #at = :zero, #ra = :now, #va = :now, #vq = #lq, #v = #v + :one "
-    "REMOVE #fa, #er, #dq, #xp, #ttl"
+    "SET #st = :queued, #at = :attempts, #ra = :ready, #va = :ready, #vq = #lq, "
+    "#v = #v + :one REMOVE #fa, #er, #dq, #xp, #ttl"
 )
 STEPS_SET = "SET #sp = :sp, #cp = :cp, #v = #v + :one"
-DROP_SET = "SET #rs = :dropped, #kf = :true, #v = #v + :one"
+DROP_SET = "SET #rs = :dropped, #v = #v + :one"
+FREE_KEY_SET = "#kf = :true"  # joins a SET: the job no longer holds its key
 DROP_IF = "#st = :succeeded AND #v = :seen_v"
 SWEEP_IF = "attribute_exists(#xp) AND #x <= :now"
 KEY_STALE = "#j = :stale"
@@ -377,9 +382,12 @@ def _state(item: Item) -> str:
 
 
 def _holds_key(item: Item | None, now: float) -> bool:
-    """Whether a job item still holds its dedupe key (the rule of the memory backend)."""
+    """Whether a job item still holds its dedupe key (the rule of the memory backend): not
+    freed (``kf``), and kept (``kp``: an outcome's ``keep_key``) or not expired (``x``)."""
     if item is None or item.get("kf", FALSE)["BOOL"]:
         return False
+    if item.get("kp", FALSE)["BOOL"]:
+        return True
     expires = item.get("x")
     return expires is None or float(expires["N"]) > now
 
@@ -780,25 +788,12 @@ class _ListPlan:
     state: State | None = None
 
 
-class _Counts:
+class _Counts(StateCounts):
     """Per-(queue, state) changes made by this process and not yet written to the ``Q`` items."""
 
-    def __init__(self) -> None:
-        self.pending: dict[tuple[str, str], int] = {}
-
-    def add(self, queue: str, state: str, n: int = 1) -> None:
-        self.pending[queue, state] = self.pending.get((queue, state), 0) + n
-
-    def move(self, queue: str, old: str, new: str) -> None:
-        self.add(queue, old, -1)
-        self.add(queue, new, 1)
-
     def take(self) -> dict[str, dict[str, int]]:
-        by_queue: dict[str, dict[str, int]] = {}
-        for (queue, state), n in self.pending.items():
-            if n:
-                by_queue.setdefault(queue, {})[state] = n
-        self.pending.clear()
+        by_queue = self.by_queue()
+        self.clear()
         return by_queue
 
     def give_back(self, by_queue: dict[str, dict[str, int]]) -> None:
@@ -807,28 +802,8 @@ class _Counts:
                 self.add(queue, state, n)
 
 
-def _fifo(lease: Lease) -> tuple[datetime, str]:
-    return lease.job.ready_at, lease.job.id
-
-
-def _matches(job: Job, where: ListFilter) -> bool:
-    return (
-        (where.queue is None or job.queue == where.queue)
-        and (where.state is None or job.state is where.state)
-        and (where.handler is None or job.handler == where.handler)
-        and (where.group_id is None or job.group_id == where.group_id)
-        and (where.owner is None or job.owner == where.owner)
-    )
-
-
-def _droppable(result: ResultRef | None) -> bool:
-    return result is not None and result.area != DROPPED
-
-
-def _finished_before(job: Job, before: float | None) -> bool:
-    if before is None:
-        return True
-    return job.finished_at is not None and job.finished_at.timestamp() <= before
+def _lease_fifo(lease: Lease) -> tuple[datetime, str]:
+    return fifo(lease.job)
 
 
 def _ttl(expires_at: float) -> dict[str, str]:
@@ -1304,7 +1279,7 @@ class DynamoQueue(QueueBackend):
         except BackendError:
             if not got:
                 raise
-        return sorted(got, key=_fifo)
+        return sorted(got, key=_lease_fifo)
 
     async def _lease_wave(
         self, queue: str, shards: list[int], want: int, grant: _Grant, got: list[Lease]
@@ -1519,16 +1494,18 @@ class DynamoQueue(QueueBackend):
                 kw = _expr("SET #ttl = :ttl", KEY_OURS, ttl=_ttl(expires_at), id=_s(job_id))
                 await self._call("update_item", TableName=self.table, Key=_key_key(key), **kw)
 
-    async def cancel(self, job_id: str) -> Job | None:
-        values = {
+    async def cancel(self, job_id: str, *, free_key: bool) -> Job | None:
+        values: dict[str, Any] = {
             "cancelled": _s(State.CANCELLED.value),
             "queued": _s(State.QUEUED.value),
             "now": _n(self.clock.time()),
-            "true": TRUE,
             "one": ONE,
         }
+        sets = ""
+        if free_key:
+            sets, values["true"] = f", {FREE_KEY_SET}", TRUE
         try:
-            kw = _expr(CANCEL_QUEUED_SET, "#st = :queued", **values)
+            kw = _expr(CANCEL_QUEUED_SET.format(sets=sets), "#st = :queued", **values)
             item = await self._update(_job_key(job_id), **kw)
         except _ConditionFailed as exc:
             if exc.item is None:
@@ -1536,7 +1513,7 @@ class DynamoQueue(QueueBackend):
             return await self._cancel_running(job_id, exc.item)
         job = _decode_job(item)
         self._counts.move(job.queue, State.QUEUED.value, State.CANCELLED.value)
-        if job.key is not None:
+        if free_key and job.key is not None:
             await self._tidy_key(job.key, job.id, free=True, expires_at=None)
         return job
 
@@ -1572,16 +1549,16 @@ class DynamoQueue(QueueBackend):
             await self._tidy_key(job.key, job.id, free=True, expires_at=None)
         return job
 
-    async def redrive(self, queue: str) -> int:
-        now = self.clock.time()
+    async def redrive(self, plan: Redrive) -> int:
+        now, queue = self.clock.time(), plan.queue
         failed = await self._dead_ids(queue, State.FAILED)
 
         async def one(job_id: str) -> bool:
             values = {
                 "queued": _s(State.QUEUED.value),
                 "failed": _s(State.FAILED.value),
-                "zero": ZERO,
-                "now": _n(now),
+                "attempts": _n(plan.attempts),
+                "ready": _n(plan.ready_at),
                 "one": ONE,
             }
             try:
@@ -1590,7 +1567,7 @@ class DynamoQueue(QueueBackend):
             except _ConditionFailed:
                 return False  # deleted or redriven by someone else meanwhile
             self._counts.move(queue, State.FAILED.value, State.QUEUED.value)
-            key = item.get("k")
+            key = item.get("k") if plan.take_keys else None
             if key is not None and await self._take_key(key["S"], job_id, now):
                 kw = _expr("REMOVE #kf")
                 await self._call("update_item", TableName=self.table, Key=_job_key(job_id), **kw)
@@ -1652,7 +1629,7 @@ class DynamoQueue(QueueBackend):
             for job_id in ids:
                 item = items.get(f"J#{job_id}")
                 job = None if item is None else _decode_job(item)
-                if job is not None and _matches(job, where):
+                if job is not None and where.matches(job):
                     matches.append(job)
                     if len(matches) > limit:
                         return matches[:limit], matches[limit - 1].id
@@ -1826,7 +1803,12 @@ class DynamoQueue(QueueBackend):
         return job
 
     async def drop_results(
-        self, sticky: bool, limit: int, before: float | None = None
+        self,
+        sticky: bool,
+        limit: int,
+        before: float | None = None,
+        *,
+        frees_key: Callable[[Job], bool],
     ) -> list[Job]:
         """Walk the succeeded jobs (through ``list``: a purge is an operator's rare act) and drop
         the results of those with this ``sticky`` flag, each by an update conditional on the
@@ -1837,15 +1819,11 @@ class DynamoQueue(QueueBackend):
         where = ListFilter(state=State.SUCCEEDED)
         while len(dropped) < limit:
             page, after = await self.list_jobs(where, 100, cursor)
-            doomed = [
-                j
-                for j in page
-                if j.sticky is sticky and _droppable(j.result) and _finished_before(j, before)
-            ]
+            doomed = [j for j in page if droppable(j, sticky, before)]
             doomed = doomed[: limit - len(dropped)]
             if doomed and doomed[-1] is not page[-1]:
                 after = doomed[-1].id  # the batch is full: go on just below its last job
-            won = await self._all(self._drop_one(j) for j in doomed)
+            won = await self._all(self._drop_one(j, frees_key(j)) for j in doomed)
             dropped += [j for j, ok in zip(doomed, won, strict=True) if ok]
             cursor = after
             if cursor is None:
@@ -1854,19 +1832,21 @@ class DynamoQueue(QueueBackend):
             self._drop_cursor[sticky] = cursor
         return dropped
 
-    async def _drop_one(self, job: Job) -> bool:
-        values = {
+    async def _drop_one(self, job: Job, free_key: bool) -> bool:
+        values: dict[str, Any] = {
             "dropped": _j(ResultRef(area=DROPPED)),
-            "true": TRUE,
             "one": ONE,
             "succeeded": _s(State.SUCCEEDED.value),
             "seen_v": _n(job.version),
         }
+        update = DROP_SET
+        if free_key:
+            update, values["true"] = f"{DROP_SET}, {FREE_KEY_SET}", TRUE
         try:
-            await self._update(_job_key(job.id), **_expr(DROP_SET, DROP_IF, **values))
+            await self._update(_job_key(job.id), **_expr(update, DROP_IF, **values))
         except _ConditionFailed:
             return False  # changed (or dropped by another purge) since the walk read it
-        if job.key is not None:
+        if job.key is not None and free_key:
             await self._tidy_key(job.key, job.id, free=True, expires_at=None)
         return True
 
@@ -1994,8 +1974,13 @@ def _finish_update(o: Outcome, now: float) -> tuple[str, dict[str, Any]]:
     else:
         removes.append("#xp")
     if o.free_key and o.job.key is not None:
-        sets.append("#kf = :true")
+        sets.append(FREE_KEY_SET)
         values["true"] = TRUE
+    if o.keep_key and o.job.key is not None:
+        sets.append("#kp = :true")  # held past ``x``, until the item is deleted
+        values["true"] = TRUE
+    else:
+        removes.append("#kp")
     if o.state in (State.FAILED, State.CANCELLED):
         sets.append("#dq = #lq")  # into the dead-letter index, in the job's own shard
     return f"{', '.join(sets)} {', '.join(removes)}", values

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +25,12 @@ from arqd.backends.base import (
     Outcome,
     QueueBackend,
     QueueStats,
+    Redrive,
     ResultStore,
     ResultWriter,
     WorkerInfo,
     convert_all,
+    droppable,
     group_record,
     storable_group,
     storable_job,
@@ -232,11 +234,11 @@ class MemoryQueue(QueueBackend):
                 elif job.key is not None:
                     entry = self._s.keys.get(job.key)
                     if entry is not None and entry.job_id == job.id:
-                        entry.expires_at = o.expires_at
+                        entry.expires_at = None if o.keep_key else o.expires_at
             out.append(True)
         return out
 
-    async def cancel(self, job_id: str) -> Job | None:
+    async def cancel(self, job_id: str, *, free_key: bool) -> Job | None:
         row = self._s.rows.get(job_id)
         if row is None:
             return None
@@ -249,7 +251,8 @@ class MemoryQueue(QueueBackend):
                 version=job.version + 1,
             )
             self._set_visible(row, None)
-            self._free_key(job)
+            if free_key:
+                self._free_key(job)
         elif job.state is State.RUNNING and not job.cancel_requested:
             row.job = _replace(job, cancel_requested=True, version=job.version + 1)
         return row.job
@@ -272,7 +275,7 @@ class MemoryQueue(QueueBackend):
             if cursor is not None and job_id >= cursor:
                 continue
             job = self._s.rows[job_id].job
-            if _matches(job, where):
+            if where.matches(job):
                 jobs.append(job)
                 if len(jobs) > limit:
                     break
@@ -308,24 +311,25 @@ class MemoryQueue(QueueBackend):
             self._free_key(row.job)
         return row.job
 
-    async def redrive(self, queue: str) -> int:
+    async def redrive(self, plan: Redrive) -> int:
         now = self.clock.time()
         count = 0
         for row in self._s.rows.values():
             job = row.job
-            if job.queue == queue and job.state is State.FAILED:
+            if job.queue == plan.queue and job.state is State.FAILED:
                 row.job = _replace(
                     job,
                     state=State.QUEUED,
-                    attempts=0,
-                    ready_at=from_ts(now),
+                    attempts=plan.attempts,
+                    ready_at=from_ts(plan.ready_at),
                     finished_at=None,
                     error=None,
                     version=job.version + 1,
                 )
-                self._set_visible(row, now)
-                if job.key is not None and self._key_holder(job.key, now) is None:
-                    self._s.keys[job.key] = _Key(job.id)
+                self._set_visible(row, plan.ready_at)
+                key = job.key if plan.take_keys else None
+                if key is not None and self._key_holder(key, now) is None:
+                    self._s.keys[key] = _Key(job.id)
                 count += 1
         return count
 
@@ -360,23 +364,23 @@ class MemoryQueue(QueueBackend):
         return doomed
 
     async def drop_results(
-        self, sticky: bool, limit: int, before: float | None = None
+        self,
+        sticky: bool,
+        limit: int,
+        before: float | None = None,
+        *,
+        frees_key: Callable[[Job], bool],
     ) -> list[Job]:
         dropped: list[Job] = []
         for row in self._s.rows.values():
             job = row.job
             if len(dropped) >= limit:
                 break
-            if (
-                job.state is State.SUCCEEDED
-                and job.sticky is sticky
-                and job.result is not None
-                and job.result.area != DROPPED
-                and (before is None or _finished_before(job, before))
-            ):
+            if droppable(job, sticky, before):
                 dropped.append(job)
                 row.job = _replace(job, result=ResultRef(area=DROPPED), version=job.version + 1)
-                self._free_key(job)
+                if frees_key(job):
+                    self._free_key(job)
         return dropped
 
     async def register_worker(self, info: WorkerInfo) -> None:
@@ -408,22 +412,8 @@ def _convert(new: NewJob) -> Job:
     return storable_job(new)
 
 
-def _finished_before(job: Job, before: float) -> bool:
-    return job.finished_at is not None and job.finished_at.timestamp() <= before
-
-
 def _replace(job: Job, **changes: object) -> Job:
     return msgspec.structs.replace(job, **changes)
-
-
-def _matches(job: Job, where: ListFilter) -> bool:
-    return (
-        (where.queue is None or job.queue == where.queue)
-        and (where.state is None or job.state is where.state)
-        and (where.handler is None or job.handler == where.handler)
-        and (where.group_id is None or job.group_id == where.group_id)
-        and (where.owner is None or job.owner == where.owner)
-    )
 
 
 # --- results --------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -41,8 +40,11 @@ from arqd.backends.base import (
     Outcome,
     QueueBackend,
     QueueStats,
+    Redrive,
+    StateCounts,
     WorkerInfo,
     convert_all,
+    fifo,
     group_record,
     storable_group,
     storable_job,
@@ -222,7 +224,8 @@ SQL_GET = f"SELECT {COLUMNS} FROM jobs WHERE id = ?"
 DEAD_STATES = ("failed", "cancelled")  # jobs_dead's partial index covers exactly these
 DEAD_CLAUSE = "state IN ('failed', 'cancelled')"
 SQL_REDRIVE = (
-    "UPDATE jobs SET state = 'queued', attempts = 0, ready_at = :now, visible_at = :now, "
+    "UPDATE jobs SET state = 'queued', attempts = :attempts, ready_at = :ready, "
+    "visible_at = :ready, "
     "finished_at = NULL, error = NULL, version = version + 1 "
     "WHERE queue = :queue AND state = 'failed' AND state IN ('failed', 'cancelled') "
     "RETURNING id, key"  # the IN term lets SQLite use jobs_dead (see list_jobs)
@@ -390,14 +393,8 @@ class _Thread:
             self._here = None
 
 
-class _Counts(dict[tuple[str, str], int]):
-    """Changes to ``queue_counts`` made by one transaction, written once at its end."""
-
-    def add(self, queue: str, state: str, n: int) -> None:
-        self[queue, state] = self.get((queue, state), 0) + n
-
-    def rows(self) -> list[tuple[str, str, int]]:
-        return [(q, st, n) for (q, st), n in self.items() if n]
+# Changes to ``queue_counts`` made by one transaction, written once at its end.
+_Counts = StateCounts
 
 
 class SqliteQueue(QueueBackend):
@@ -511,7 +508,7 @@ class SqliteQueue(QueueBackend):
                         continue
                     params.update(queue=queue, state=state, limit=limit - len(leases))
                     rows = conn.execute(SQL_LEASE, params).fetchall()
-                    jobs = sorted(map(_row_to_job, rows), key=_fifo)
+                    jobs = sorted(map(_row_to_job, rows), key=fifo)
                     recovered = state == "running"
                     leases.extend(Lease(job, token, expires, recovered) for job in jobs)
                     if state == "queued" and rows:
@@ -579,7 +576,7 @@ class SqliteQueue(QueueBackend):
                 if applied and job.key is not None:
                     if o.free_key:
                         conn.execute(SQL_KEY_FREE, (job.key, job.id))
-                    else:
+                    elif not o.keep_key:
                         conn.execute(SQL_KEY_EXPIRES, (o.expires_at, job.key, job.id))
             if applied:
                 counts.add(job.queue, "running", -1)
@@ -591,7 +588,7 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body, here=len(outcomes) <= HERE_MAX_ROWS)
 
-    async def cancel(self, job_id: str) -> Job | None:
+    async def cancel(self, job_id: str, *, free_key: bool) -> Job | None:
         now = self.clock.time()
 
         def body(conn: sqlite3.Connection, counts: _Counts) -> Job | None:
@@ -600,7 +597,7 @@ class SqliteQueue(QueueBackend):
                 job = _row_to_job(row)
                 counts.add(job.queue, "queued", -1)
                 counts.add(job.queue, "cancelled", 1)
-                if job.key is not None:
+                if free_key and job.key is not None:
                     conn.execute(SQL_KEY_FREE, (job.key, job.id))
                 return job
             row = conn.execute(SQL_CANCEL_RUNNING, (job_id,)).fetchone()
@@ -625,16 +622,16 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body)
 
-    async def redrive(self, queue: str) -> int:
+    async def redrive(self, plan: Redrive) -> int:
         now = self.clock.time()
+        params = {"ready": plan.ready_at, "attempts": plan.attempts, "queue": plan.queue}
 
         def body(conn: sqlite3.Connection, counts: _Counts) -> int:
-            rows = conn.execute(SQL_REDRIVE, {"now": now, "queue": queue}).fetchall()
-            for job_id, key in rows:
+            rows = conn.execute(SQL_REDRIVE, params).fetchall()
+            for job_id, key in rows if plan.take_keys else ():
                 if key is not None and not conn.execute(SQL_KEY_HOLDER, (key, now)).fetchone():
                     conn.execute(SQL_KEY_TAKE, (key, job_id))
-            counts.add(queue, "failed", -len(rows))
-            counts.add(queue, "queued", len(rows))
+            counts.move(plan.queue, "failed", "queued", len(rows))
             return len(rows)
 
         return await self._write(body, here=False)  # every failed job of a queue
@@ -769,7 +766,12 @@ class SqliteQueue(QueueBackend):
         return await self._write(body)
 
     async def drop_results(
-        self, sticky: bool, limit: int, before: float | None = None
+        self,
+        sticky: bool,
+        limit: int,
+        before: float | None = None,
+        *,
+        frees_key: Callable[[Job], bool],
     ) -> list[Job]:
         """Walk the droppable results from where the previous call stopped (an empty answer
         ends the walk and resets it), finding them on the reader, then drop each one in a short
@@ -796,7 +798,7 @@ class SqliteQueue(QueueBackend):
                         continue  # dropped or deleted meanwhile
                     job = _row_to_job(row)
                     conn.execute(SQL_DROP, (dropped, job.id))
-                    if job.key is not None:
+                    if job.key is not None and frees_key(job):
                         conn.execute(SQL_KEY_FREE, (job.key, job.id))
                     jobs.append(job)
                 return jobs
@@ -862,10 +864,6 @@ class SqliteQueue(QueueBackend):
             return None if row is None else float(row[0])
 
         return await self._reader.run(work)
-
-
-def _fifo(job: Job) -> tuple[datetime, str]:
-    return job.ready_at, job.id
 
 
 def _convert(new: NewJob) -> tuple[tuple[Any, ...], Job]:
