@@ -44,7 +44,7 @@ from arqd.errors import (
 )
 from arqd.handlers import Registry, cache_key
 from arqd.hub import Hub, hub_for
-from arqd.metrics import Metrics, instrument
+from arqd.metrics import Metrics
 from arqd.model import (
     AHEAD_MAX,
     BLOB_NAME_RE,
@@ -224,7 +224,7 @@ class Core:
         self.metrics = Metrics()
         self._config, self._registry = config, registry
         self._name_metrics()
-        instrument(queue, self.metrics)
+        queue.observe(self.metrics)  # backend call latencies and errors
         self._steps_keys: tuple[Config, tuple[bytes, ...]] | None = None  # and the config read
 
     @property

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from arqd.backends.base import Outcome
+from arqd.backends.base import Outcome, Update
 from arqd.backends.dynamodb import GSIS, DynamoQueue, _Grant
 from arqd.backends.s3 import S3Results
 from arqd.clock import ManualClock
@@ -30,7 +30,7 @@ from arqd.model import (
 from arqd.stores import init_aws, make_queue, make_results
 
 from .conftest import AWS_FAKE_KEY, AWS_REGION, dynamo_settings
-from .test_contract_queue import new
+from .contract import new
 
 VT = 30.0
 
@@ -283,7 +283,7 @@ async def test_drop_results_walks_one_area_and_frees_keys(table: DynamoQueue):
 
 
 async def test_steps_groups_and_recovered_leases(table: DynamoQueue):
-    """save_steps is fenced by the lease; a group record round-trips; a lease taken over from an
+    """A steps update is fenced by the lease; a group record round-trips; a lease taken over from an
     expired one says so."""
     clock = table.clock
     assert isinstance(clock, ManualClock)
@@ -291,12 +291,15 @@ async def test_steps_groups_and_recovered_leases(table: DynamoQueue):
     (first,) = await table.lease(["default"], 1, VT, "w1")
     assert not first.recovered and first.job.name == "first"
     steps = [StepState(name="reserve", state="succeeded", status=201, attempts=1)]
-    assert await table.save_steps(job.id, first.token, steps, {"reserve": {"status": 201}})
+    cp = {"reserve": {"status": 201}}
+    saved = Update(job_id=job.id, token=first.token, steps=steps, checkpoint=cp)
+    assert await table.update([saved]) == [True]
     clock.advance(VT + 1)
     (second,) = await table.lease(["default"], 1, VT, "w2")
     assert second.recovered and second.job.steps == steps
     assert second.job.checkpoint == {"reserve": {"status": 201}}
-    assert not await table.save_steps(job.id, first.token, [], {})
+    late = Update(job_id=job.id, token=first.token, steps=[], checkpoint={})
+    assert await table.update([late]) == [False]
     gid = new_job_id()
     member = new(clock, group_id=gid, name="a")
     record = GroupRecord(

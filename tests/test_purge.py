@@ -13,7 +13,7 @@ from arqd.core import Core
 from arqd.errors import ResultExpired
 from arqd.model import ResultRef, State, blob_name, new_job_id, new_token
 
-from .test_contract_queue import VT, put
+from .contract import VT, put
 
 BLOB = b"result " * 100
 

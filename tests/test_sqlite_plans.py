@@ -29,7 +29,7 @@ HOT = {
     "droppable": (sq.SQL_DROPPABLE, ("", 0, 1e18, 1000)),
     "drop take": (sq.SQL_DROP_TAKE, ("id",)),
     "heartbeat": (sq.SQL_HEARTBEAT, (1, "id", "t")),
-    "progress": (sq.SQL_PROGRESS, (b"{}", "id", "t")),
+    "update": (sq.SQL_UPDATE, ("{}", None, None, "id", "t")),
     "requeue": (sq.SQL_REQUEUE, (0, 1, 1, 1, None, "id", "t")),
     "end": (sq.SQL_END, ("succeeded", 0, 1, 1, None, None, None, "id", "t")),
     "get": (sq.SQL_GET, ("id",)),

@@ -63,6 +63,7 @@ from arqd.backends.base import (
     QueueStats,
     Redrive,
     StateCounts,
+    Update,
     WorkerInfo,
     convert_all,
     droppable,
@@ -78,10 +79,8 @@ from arqd.model import (
     GroupRecord,
     Job,
     NewJob,
-    Progress,
     ResultRef,
     State,
-    StepState,
     new_token,
 )
 
@@ -196,7 +195,6 @@ LEASE_SET = (
     "#va = :expires, #v = #v + :one"
 )
 HEARTBEAT_SET = "SET #va = :until"
-PROGRESS_SET = "SET #pg = :pg, #v = #v + :one"
 REQUEUE_SET = (
     "SET #st = :queued, #at = #at - :give, #ra = :ready, #va = :ready, #ft = :ft, "
     "#v = #v + :one{sets} REMOVE #lt, #lw{removes}"
@@ -212,7 +210,6 @@ REDRIVE_SET = (
     "SET #st = :queued, #at = :attempts, #ra = :ready, #va = :ready, #vq = #lq, "
     "#v = #v + :one REMOVE #fa, #er, #dq, #xp, #ttl"
 )
-STEPS_SET = "SET #sp = :sp, #cp = :cp, #v = #v + :one"
 DROP_SET = "SET #rs = :dropped, #v = #v + :one"
 FREE_KEY_SET = "#kf = :true"  # joins a SET: the job no longer holds its key
 DROP_IF = "#st = :succeeded AND #v = :seen_v"
@@ -884,7 +881,7 @@ class DynamoQueue(QueueBackend):
         except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
             raise _translate(op, exc) from exc
 
-    async def _update(self, key: Item, **kw: Any) -> Item:
+    async def _update_item(self, key: Item, **kw: Any) -> Item:
         """A conditional UpdateItem answering the new item; refusals carry the old one."""
         out = await self._call(
             "update_item",
@@ -1012,7 +1009,7 @@ class DynamoQueue(QueueBackend):
 
     # --- submit -----------------------------------------------------------------------------------
 
-    async def enqueue(
+    async def _enqueue(
         self, jobs: Sequence[NewJob], group: GroupRecord | None = None
     ) -> list[Enqueued]:
         """Every item is converted and checked against DynamoDB's limits before the first
@@ -1245,7 +1242,7 @@ class DynamoQueue(QueueBackend):
 
     # --- leasing ----------------------------------------------------------------------------------
 
-    async def lease(
+    async def _lease(
         self, queues: Sequence[str], limit: int, lease_for: float, worker: str
     ) -> list[Lease]:
         now = self.clock.time()
@@ -1376,7 +1373,9 @@ class DynamoQueue(QueueBackend):
             "expires": _n(grant.expires),
         }
         try:
-            item = await self._update(_job_key(cand.job_id), **_expr(LEASE_SET, LEASE_IF, **values))
+            item = await self._update_item(
+                _job_key(cand.job_id), **_expr(LEASE_SET, LEASE_IF, **values)
+            )
         except _ConditionFailed as exc:
             if exc.item is None or exc.item.get("lt") != _s(grant.token):
                 return None  # another consumer was first, or the index was stale
@@ -1386,7 +1385,7 @@ class DynamoQueue(QueueBackend):
 
     # --- while running ----------------------------------------------------------------------------
 
-    async def heartbeat(
+    async def _heartbeat(
         self, leases: Sequence[tuple[str, str]], lease_for: float
     ) -> list[HeartbeatReply]:
         now = self.clock.time()
@@ -1411,7 +1410,7 @@ class DynamoQueue(QueueBackend):
     async def _extend(self, job_id: str, token: str, until: float) -> HeartbeatReply:
         values = {"until": _n(until), "running": _s(State.RUNNING.value), "token": _s(token)}
         try:
-            item = await self._update(_job_key(job_id), **_expr(HEARTBEAT_SET, HELD, **values))
+            item = await self._update_item(_job_key(job_id), **_expr(HEARTBEAT_SET, HELD, **values))
         except _ConditionFailed:
             self._extended.pop((job_id, token), None)
             return HeartbeatReply(held=False, cancel_requested=False)
@@ -1437,25 +1436,30 @@ class DynamoQueue(QueueBackend):
             replies.append(HeartbeatReply(held=held, cancel_requested=cancel))
         return replies
 
-    async def set_progress(self, updates: Sequence[tuple[str, str, Progress]]) -> list[bool]:
-        async def one(job_id: str, token: str, progress: Progress) -> bool:
-            values = {
-                "pg": _j(progress),
+    async def _update(self, updates: Sequence[Update]) -> list[bool]:
+        async def one(u: Update) -> bool:
+            values: dict[str, Any] = {
                 "one": ONE,
                 "running": _s(State.RUNNING.value),
-                "token": _s(token),
+                "token": _s(u.token),
             }
+            sets = ["#v = #v + :one"]
+            if u.progress is not None:
+                sets.append("#pg = :pg")
+                values["pg"] = _j(u.progress)
+            if u.steps is not None:
+                sets += ["#sp = :sp", "#cp = :cp"]
+                values.update(sp=_j(u.steps), cp=_j(u.checkpoint or {}))
+            update = "SET " + ", ".join(sets)
             try:
-                await self._update(_job_key(job_id), **_expr(PROGRESS_SET, HELD, **values))
+                await self._update_item(_job_key(u.job_id), **_expr(update, HELD, **values))
             except _ConditionFailed:
                 return False
             return True
 
-        return await self._all(one(*u) for u in updates)
+        return await self._all(one(u) for u in updates)
 
-    # --- the end of an attempt --------------------------------------------------------------------
-
-    async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
+    async def _finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
         now = self.clock.time()
         return await self._all(self._finish_one(o, now) for o in outcomes)
 
@@ -1466,7 +1470,7 @@ class DynamoQueue(QueueBackend):
         values.update(running=_s(State.RUNNING.value), token=_s(o.token), ft=mark)
         fresh = True
         try:
-            await self._update(_job_key(job.id), **_expr(update, HELD, **values))
+            await self._update_item(_job_key(job.id), **_expr(update, HELD, **values))
         except _ConditionFailed as exc:
             if exc.item is None or exc.item.get("ft") != mark:
                 return False  # fenced: this lease no longer holds the job
@@ -1494,7 +1498,7 @@ class DynamoQueue(QueueBackend):
                 kw = _expr("SET #ttl = :ttl", KEY_OURS, ttl=_ttl(expires_at), id=_s(job_id))
                 await self._call("update_item", TableName=self.table, Key=_key_key(key), **kw)
 
-    async def cancel(self, job_id: str, *, free_key: bool) -> Job | None:
+    async def _cancel(self, job_id: str, *, free_key: bool) -> Job | None:
         values: dict[str, Any] = {
             "cancelled": _s(State.CANCELLED.value),
             "queued": _s(State.QUEUED.value),
@@ -1506,7 +1510,7 @@ class DynamoQueue(QueueBackend):
             sets, values["true"] = f", {FREE_KEY_SET}", TRUE
         try:
             kw = _expr(CANCEL_QUEUED_SET.format(sets=sets), "#st = :queued", **values)
-            item = await self._update(_job_key(job_id), **kw)
+            item = await self._update_item(_job_key(job_id), **kw)
         except _ConditionFailed as exc:
             if exc.item is None:
                 return None
@@ -1523,11 +1527,11 @@ class DynamoQueue(QueueBackend):
         values = {"true": TRUE, "false": FALSE, "running": _s(State.RUNNING.value), "one": ONE}
         try:
             kw = _expr(CANCEL_RUNNING_SET, CANCEL_RUNNING_IF, **values)
-            return _decode_job(await self._update(_job_key(job_id), **kw))
+            return _decode_job(await self._update_item(_job_key(job_id), **kw))
         except _ConditionFailed as exc:  # it ended (or was asked to) meanwhile
             return _decode_job(exc.item) if exc.item else _decode_job(item)
 
-    async def delete(self, job_id: str) -> Job | None:
+    async def _delete(self, job_id: str) -> Job | None:
         item = await self._get_item(_job_key(job_id))
         if item is None:
             return None
@@ -1549,7 +1553,7 @@ class DynamoQueue(QueueBackend):
             await self._tidy_key(job.key, job.id, free=True, expires_at=None)
         return job
 
-    async def redrive(self, plan: Redrive) -> int:
+    async def _redrive(self, plan: Redrive) -> int:
         now, queue = self.clock.time(), plan.queue
         failed = await self._dead_ids(queue, State.FAILED)
 
@@ -1563,7 +1567,7 @@ class DynamoQueue(QueueBackend):
             }
             try:
                 kw = _expr(REDRIVE_SET, "#st = :failed", **values)
-                item = await self._update(_job_key(job_id), **kw)
+                item = await self._update_item(_job_key(job_id), **kw)
             except _ConditionFailed:
                 return False  # deleted or redriven by someone else meanwhile
             self._counts.move(queue, State.FAILED.value, State.QUEUED.value)
@@ -1593,17 +1597,17 @@ class DynamoQueue(QueueBackend):
 
     # --- reads ------------------------------------------------------------------------------------
 
-    async def get(self, job_id: str) -> Job | None:
+    async def _get(self, job_id: str) -> Job | None:
         item = await self._get_item(_job_key(job_id))
         return None if item is None else _decode_job(item)
 
-    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+    async def _get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         items = await self._batch_get(
             [_job_key(i) for i in dict.fromkeys(job_ids)], consistent=True
         )
         return [_decode_job(items[f"J#{i}"]) if f"J#{i}" in items else None for i in job_ids]
 
-    async def find_by_key(self, key: str) -> Job | None:
+    async def _find_by_key(self, key: str) -> Job | None:
         pointer = await self._get_item(_key_key(key))
         if pointer is None:
             return None
@@ -1613,7 +1617,7 @@ class DynamoQueue(QueueBackend):
         assert item is not None
         return _decode_job(item)
 
-    async def list_jobs(
+    async def _list_jobs(
         self, where: ListFilter, limit: int, cursor: str | None
     ) -> tuple[list[Job], str | None]:
         """Newest first, merged from the partitions of one key-only index and filtered on the
@@ -1682,7 +1686,7 @@ class DynamoQueue(QueueBackend):
         ids = sorted({i for got, _, _ in pages for i in got if floor is None or i >= floor})
         return ids[::-1], floor, sum(scanned for _, _, scanned in pages)
 
-    async def stats(self) -> list[QueueStats]:
+    async def _stats(self) -> list[QueueStats]:
         await self._flush_counts()
         now = self.clock.time()
         items = await self._query_all(
@@ -1733,27 +1737,11 @@ class DynamoQueue(QueueBackend):
 
     # --- multi-step jobs, groups, the result cache ------------------------------------------------
 
-    async def save_steps(
-        self, job_id: str, token: str, steps: list[StepState], checkpoint: dict[str, Any]
-    ) -> bool:
-        values = {
-            "sp": _j(steps),
-            "cp": _j(checkpoint),
-            "one": ONE,
-            "running": _s(State.RUNNING.value),
-            "token": _s(token),
-        }
-        try:
-            await self._update(_job_key(job_id), **_expr(STEPS_SET, HELD, **values))
-        except _ConditionFailed:
-            return False
-        return True
-
-    async def get_group(self, group_id: str) -> GroupRecord | None:
+    async def _get_group(self, group_id: str) -> GroupRecord | None:
         item = await self._get_item({"pk": _s(f"G#{group_id}"), "sk": _s(GROUP_SK)})
         return None if item is None else msgspec.json.decode(item["rec"]["S"], type=GroupRecord)
 
-    async def sweep_expired(self, limit: int) -> list[Job]:
+    async def _sweep_expired(self, limit: int) -> list[Job]:
         """Expired ended jobs (from ``exp``), each deleted by a conditional DeleteItem: of many
         sweepers racing for a job, one deletes it and answers it. Each call visits the
         partitions in random order, ``LEASE_FANOUT`` at a time, until it has ``limit``
@@ -1802,7 +1790,7 @@ class DynamoQueue(QueueBackend):
             await self._tidy_key(job.key, job.id, free=True, expires_at=None)
         return job
 
-    async def drop_results(
+    async def _drop_results(
         self,
         sticky: bool,
         limit: int,
@@ -1818,7 +1806,7 @@ class DynamoQueue(QueueBackend):
         cursor = self._drop_cursor.pop(sticky, None)
         where = ListFilter(state=State.SUCCEEDED)
         while len(dropped) < limit:
-            page, after = await self.list_jobs(where, 100, cursor)
+            page, after = await self._list_jobs(where, 100, cursor)
             doomed = [j for j in page if droppable(j, sticky, before)]
             doomed = doomed[: limit - len(dropped)]
             if doomed and doomed[-1] is not page[-1]:
@@ -1843,14 +1831,14 @@ class DynamoQueue(QueueBackend):
         if free_key:
             update, values["true"] = f"{DROP_SET}, {FREE_KEY_SET}", TRUE
         try:
-            await self._update(_job_key(job.id), **_expr(update, DROP_IF, **values))
+            await self._update_item(_job_key(job.id), **_expr(update, DROP_IF, **values))
         except _ConditionFailed:
             return False  # changed (or dropped by another purge) since the walk read it
         if job.key is not None and free_key:
             await self._tidy_key(job.key, job.id, free=True, expires_at=None)
         return True
 
-    async def ping(self) -> None:
+    async def _ping(self) -> None:
         await self._call(
             "get_item",
             client=self._ping_client,
@@ -1860,7 +1848,7 @@ class DynamoQueue(QueueBackend):
 
     # --- the worker registry ----------------------------------------------------------------------
 
-    async def register_worker(self, info: WorkerInfo) -> None:
+    async def _register_worker(self, info: WorkerInfo) -> None:
         item = {
             "pk": _s(WORKERS_PK),
             "sk": _s(info.id),
@@ -1873,11 +1861,11 @@ class DynamoQueue(QueueBackend):
         }
         await self._call("put_item", TableName=self.table, Item=item)
 
-    async def remove_worker(self, worker_id: str) -> None:
+    async def _remove_worker(self, worker_id: str) -> None:
         key = {"pk": _s(WORKERS_PK), "sk": _s(worker_id)}
         await self._call("delete_item", TableName=self.table, Key=key)
 
-    async def list_workers(self, seen_since: float) -> list[WorkerInfo]:
+    async def _list_workers(self, seen_since: float) -> list[WorkerInfo]:
         values = _pk_values(WORKERS_PK)
         values["ExpressionAttributeNames"]["#ls"] = "ls"
         values["ExpressionAttributeValues"][":since"] = _n(seen_since)
@@ -1901,7 +1889,7 @@ class DynamoQueue(QueueBackend):
 
     # --- marks ------------------------------------------------------------------------------------
 
-    async def advance_mark(self, name: str, value: float) -> float | None:
+    async def _advance_mark(self, name: str, value: float) -> float | None:
         """One conditional UpdateItem on ``pk = "M#<name>"``: it raises the mark or, refused,
         answers the mark that stood (a retried request whose first try landed answers
         ``value`` itself, as if another process had set it)."""
@@ -1919,7 +1907,7 @@ class DynamoQueue(QueueBackend):
         old = out.get("Attributes", {}).get("mv")
         return None if old is None else float(old["N"])
 
-    async def get_mark(self, name: str) -> float | None:
+    async def _get_mark(self, name: str) -> float | None:
         item = await self._get_item(_mark_key(name))
         return None if item is None or "mv" not in item else float(item["mv"]["N"])
 

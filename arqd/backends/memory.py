@@ -12,7 +12,6 @@ import heapq
 import itertools
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgspec
 
@@ -28,6 +27,7 @@ from arqd.backends.base import (
     Redrive,
     ResultStore,
     ResultWriter,
+    Update,
     WorkerInfo,
     convert_all,
     droppable,
@@ -42,10 +42,8 @@ from arqd.model import (
     GroupRecord,
     Job,
     NewJob,
-    Progress,
     ResultRef,
     State,
-    StepState,
     from_ts,
     new_token,
 )
@@ -119,7 +117,7 @@ class MemoryQueue(QueueBackend):
 
     # --- the contract -----------------------------------------------------------------------------
 
-    async def enqueue(
+    async def _enqueue(
         self, jobs: Sequence[NewJob], group: GroupRecord | None = None
     ) -> list[Enqueued]:
         # Everything is converted first; from there on nothing can fail, and nothing awaits.
@@ -143,7 +141,7 @@ class MemoryQueue(QueueBackend):
             self._s.groups[group.id] = group_record(group, [e.job.id for e in out])
         return out
 
-    async def lease(
+    async def _lease(
         self, queues: Sequence[str], limit: int, lease_for: float, worker: str
     ) -> list[Lease]:
         now = self.clock.time()
@@ -171,7 +169,7 @@ class MemoryQueue(QueueBackend):
                 out.append(Lease(row.job, token, expires, recovered))
         return out
 
-    async def heartbeat(
+    async def _heartbeat(
         self, leases: Sequence[tuple[str, str]], lease_for: float
     ) -> list[HeartbeatReply]:
         until = self.clock.time() + lease_for
@@ -185,16 +183,22 @@ class MemoryQueue(QueueBackend):
             replies.append(HeartbeatReply(held=True, cancel_requested=row.job.cancel_requested))
         return replies
 
-    async def set_progress(self, updates: Sequence[tuple[str, str, Progress]]) -> list[bool]:
+    async def _update(self, updates: Sequence[Update]) -> list[bool]:
         answers = []
-        for job_id, token, progress in updates:
-            row = self._held(job_id, token)
+        for u in updates:
+            row = self._held(u.job_id, u.token)
             if row is not None:
-                row.job = _replace(row.job, progress=progress, version=row.job.version + 1)
+                changes: dict[str, object] = {"version": row.job.version + 1}
+                if u.progress is not None:
+                    changes["progress"] = u.progress
+                if u.steps is not None:
+                    changes["steps"] = list(u.steps)
+                    changes["checkpoint"] = dict(u.checkpoint or {})
+                row.job = _replace(row.job, **changes)
             answers.append(row is not None)
         return answers
 
-    async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
+    async def _finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
         now = self.clock.time()
         out: list[bool] = []
         for o in outcomes:
@@ -238,7 +242,7 @@ class MemoryQueue(QueueBackend):
             out.append(True)
         return out
 
-    async def cancel(self, job_id: str, *, free_key: bool) -> Job | None:
+    async def _cancel(self, job_id: str, *, free_key: bool) -> Job | None:
         row = self._s.rows.get(job_id)
         if row is None:
             return None
@@ -257,17 +261,17 @@ class MemoryQueue(QueueBackend):
             row.job = _replace(job, cancel_requested=True, version=job.version + 1)
         return row.job
 
-    async def get(self, job_id: str) -> Job | None:
+    async def _get(self, job_id: str) -> Job | None:
         row = self._s.rows.get(job_id)
         return row.job if row else None
 
-    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
-        return [await self.get(i) for i in job_ids]
+    async def _get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        return [await self._get(i) for i in job_ids]
 
-    async def find_by_key(self, key: str) -> Job | None:
+    async def _find_by_key(self, key: str) -> Job | None:
         return self._key_holder(key, self.clock.time())
 
-    async def list_jobs(
+    async def _list_jobs(
         self, where: ListFilter, limit: int, cursor: str | None
     ) -> tuple[list[Job], str | None]:
         jobs: list[Job] = []
@@ -283,7 +287,7 @@ class MemoryQueue(QueueBackend):
         jobs = jobs[:limit]
         return jobs, (jobs[-1].id if more else None)
 
-    async def stats(self) -> list[QueueStats]:
+    async def _stats(self) -> list[QueueStats]:
         now = self.clock.time()
         counts: dict[str, dict[str, int]] = {}
         oldest: dict[str, float] = {}
@@ -302,7 +306,7 @@ class MemoryQueue(QueueBackend):
             for q, per in sorted(counts.items())
         ]
 
-    async def delete(self, job_id: str) -> Job | None:
+    async def _delete(self, job_id: str) -> Job | None:
         row = self._s.rows.get(job_id)
         if row is None:
             return None
@@ -311,7 +315,7 @@ class MemoryQueue(QueueBackend):
             self._free_key(row.job)
         return row.job
 
-    async def redrive(self, plan: Redrive) -> int:
+    async def _redrive(self, plan: Redrive) -> int:
         now = self.clock.time()
         count = 0
         for row in self._s.rows.values():
@@ -333,23 +337,13 @@ class MemoryQueue(QueueBackend):
                 count += 1
         return count
 
-    async def ping(self) -> None:
+    async def _ping(self) -> None:
         return None
 
-    async def save_steps(
-        self, job_id: str, token: str, steps: list[StepState], checkpoint: dict[str, Any]
-    ) -> bool:
-        row = self._held(job_id, token)
-        if row is not None:
-            row.job = _replace(
-                row.job, steps=list(steps), checkpoint=dict(checkpoint), version=row.job.version + 1
-            )
-        return row is not None
-
-    async def get_group(self, group_id: str) -> GroupRecord | None:
+    async def _get_group(self, group_id: str) -> GroupRecord | None:
         return self._s.groups.get(group_id)
 
-    async def sweep_expired(self, limit: int) -> list[Job]:
+    async def _sweep_expired(self, limit: int) -> list[Job]:
         now = self.clock.time()
         doomed = [
             row.job
@@ -363,7 +357,7 @@ class MemoryQueue(QueueBackend):
             self._free_key(job)
         return doomed
 
-    async def drop_results(
+    async def _drop_results(
         self,
         sticky: bool,
         limit: int,
@@ -383,25 +377,25 @@ class MemoryQueue(QueueBackend):
                     self._free_key(job)
         return dropped
 
-    async def register_worker(self, info: WorkerInfo) -> None:
+    async def _register_worker(self, info: WorkerInfo) -> None:
         self._s.workers[info.id] = info
 
-    async def remove_worker(self, worker_id: str) -> None:
+    async def _remove_worker(self, worker_id: str) -> None:
         self._s.workers.pop(worker_id, None)
 
-    async def list_workers(self, seen_since: float) -> list[WorkerInfo]:
+    async def _list_workers(self, seen_since: float) -> list[WorkerInfo]:
         return sorted(
             (w for w in self._s.workers.values() if w.last_seen >= seen_since),
             key=lambda w: w.id,
         )
 
-    async def advance_mark(self, name: str, value: float) -> float | None:
+    async def _advance_mark(self, name: str, value: float) -> float | None:
         previous = self._s.marks.get(name)
         if previous is None or previous < value:
             self._s.marks[name] = value
         return previous
 
-    async def get_mark(self, name: str) -> float | None:
+    async def _get_mark(self, name: str) -> float | None:
         return self._s.marks.get(name)
 
 

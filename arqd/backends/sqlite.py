@@ -42,6 +42,7 @@ from arqd.backends.base import (
     QueueStats,
     Redrive,
     StateCounts,
+    Update,
     WorkerInfo,
     convert_all,
     fifo,
@@ -56,10 +57,8 @@ from arqd.model import (
     GroupRecord,
     Job,
     NewJob,
-    Progress,
     ResultRef,
     State,
-    StepState,
     new_token,
 )
 
@@ -192,12 +191,10 @@ SQL_HEARTBEAT = (
     "UPDATE jobs SET visible_at = ? WHERE id = ? AND lease_token = ? AND state = 'running' "
     "RETURNING cancel_requested"
 )
-SQL_STEPS = (
-    "UPDATE jobs SET steps = ?, checkpoint = ?, version = version + 1 "
-    "WHERE id = ? AND lease_token = ? AND state = 'running'"
-)
-SQL_PROGRESS = (
-    "UPDATE jobs SET progress = ?, version = version + 1 "
+# One lease-fenced partial update: a NULL parameter leaves its column as it is.
+SQL_UPDATE = (
+    "UPDATE jobs SET progress = coalesce(?, progress), steps = coalesce(?, steps), "
+    "checkpoint = coalesce(?, checkpoint), version = version + 1 "
     "WHERE id = ? AND lease_token = ? AND state = 'running'"
 )
 SQL_REQUEUE = (
@@ -452,7 +449,7 @@ class SqliteQueue(QueueBackend):
 
     # --- writes -----------------------------------------------------------------------------------
 
-    async def enqueue(
+    async def _enqueue(
         self, jobs: Sequence[NewJob], group: GroupRecord | None = None
     ) -> list[Enqueued]:
         # Every row (and the record) is converted before the transaction begins; inside it, a
@@ -489,7 +486,7 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body, here=len(jobs) <= HERE_MAX_ROWS)
 
-    async def lease(
+    async def _lease(
         self, queues: Sequence[str], limit: int, lease_for: float, worker: str
     ) -> list[Lease]:
         now = self.clock.time()
@@ -518,7 +515,7 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body, here=limit <= HERE_MAX_ROWS)
 
-    async def heartbeat(
+    async def _heartbeat(
         self, leases: Sequence[tuple[str, str]], lease_for: float
     ) -> list[HeartbeatReply]:
         until = self.clock.time() + lease_for
@@ -534,16 +531,24 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body, here=len(leases) <= HERE_MAX_ROWS)
 
-    async def set_progress(self, updates: Sequence[tuple[str, str, Progress]]) -> list[bool]:
+    async def _update(self, updates: Sequence[Update]) -> list[bool]:
+        params = [
+            (
+                _opt(u.progress),
+                _opt(u.steps),
+                _opt(u.checkpoint if u.steps is not None else None),
+                u.job_id,
+                u.token,
+            )
+            for u in updates
+        ]
+
         def body(conn: sqlite3.Connection, counts: _Counts) -> list[bool]:
-            return [
-                conn.execute(SQL_PROGRESS, (_enc(p), job_id, token)).rowcount == 1
-                for job_id, token, p in updates
-            ]
+            return [conn.execute(SQL_UPDATE, p).rowcount == 1 for p in params]
 
-        return await self._write(body)
+        return await self._write(body, here=len(updates) <= HERE_MAX_ROWS)
 
-    async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
+    async def _finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
         now = self.clock.time()
 
         def one(conn: sqlite3.Connection, counts: _Counts, o: Outcome) -> bool:
@@ -588,7 +593,7 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body, here=len(outcomes) <= HERE_MAX_ROWS)
 
-    async def cancel(self, job_id: str, *, free_key: bool) -> Job | None:
+    async def _cancel(self, job_id: str, *, free_key: bool) -> Job | None:
         now = self.clock.time()
 
         def body(conn: sqlite3.Connection, counts: _Counts) -> Job | None:
@@ -607,7 +612,7 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body)
 
-    async def delete(self, job_id: str) -> Job | None:
+    async def _delete(self, job_id: str) -> Job | None:
         def body(conn: sqlite3.Connection, counts: _Counts) -> Job | None:
             row = conn.execute(SQL_GET, (job_id,)).fetchone()
             if row is None:
@@ -622,7 +627,7 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body)
 
-    async def redrive(self, plan: Redrive) -> int:
+    async def _redrive(self, plan: Redrive) -> int:
         now = self.clock.time()
         params = {"ready": plan.ready_at, "attempts": plan.attempts, "queue": plan.queue}
 
@@ -658,14 +663,14 @@ class SqliteQueue(QueueBackend):
 
     # --- reads ------------------------------------------------------------------------------------
 
-    async def get(self, job_id: str) -> Job | None:
+    async def _get(self, job_id: str) -> Job | None:
         def work(conn: sqlite3.Connection) -> Job | None:
             row = conn.execute(SQL_GET, (job_id,)).fetchone()
             return None if row is None else _row_to_job(row)
 
         return await self._reader.run(work)
 
-    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+    async def _get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         def work(conn: sqlite3.Connection) -> list[Job | None]:
             found: dict[str, Job] = {}
             ids = list(job_ids)
@@ -680,7 +685,7 @@ class SqliteQueue(QueueBackend):
 
         return await self._reader.run(work, here=len(job_ids) <= HERE_MAX_ROWS)
 
-    async def versions(self, job_ids: Sequence[str]) -> dict[str, int]:
+    async def _versions(self, job_ids: Sequence[str]) -> dict[str, int]:
         def work(conn: sqlite3.Connection) -> dict[str, int]:
             marks = ",".join("?" * len(job_ids))
             sql = f"SELECT id, version FROM jobs WHERE id IN ({marks})"
@@ -691,7 +696,7 @@ class SqliteQueue(QueueBackend):
         # rows: ~2.5 ms that long-polls and status polls then do not wait behind).
         return await self._reader.run(work, here=False)
 
-    async def find_by_key(self, key: str) -> Job | None:
+    async def _find_by_key(self, key: str) -> Job | None:
         now = self.clock.time()
 
         def work(conn: sqlite3.Connection) -> Job | None:
@@ -703,7 +708,7 @@ class SqliteQueue(QueueBackend):
 
         return await self._reader.run(work)
 
-    async def list_jobs(
+    async def _list_jobs(
         self, where: ListFilter, limit: int, cursor: str | None
     ) -> tuple[list[Job], str | None]:
         sql, params = list_sql(where, limit, cursor)
@@ -717,7 +722,7 @@ class SqliteQueue(QueueBackend):
         # A filter on a rare value can walk many rows before it finds ``limit``.
         return await self._reader.run(work, here=False)
 
-    async def stats(self) -> list[QueueStats]:
+    async def _stats(self) -> list[QueueStats]:
         now = self.clock.time()
 
         def work(conn: sqlite3.Connection) -> list[QueueStats]:
@@ -735,24 +740,14 @@ class SqliteQueue(QueueBackend):
 
         return await self._reader.run(work)
 
-    async def save_steps(
-        self, job_id: str, token: str, steps: list[StepState], checkpoint: dict[str, Any]
-    ) -> bool:
-        params = (_enc(steps), _enc(checkpoint), job_id, token)
-
-        def body(conn: sqlite3.Connection, counts: _Counts) -> bool:
-            return conn.execute(SQL_STEPS, params).rowcount == 1
-
-        return await self._write(body)
-
-    async def get_group(self, group_id: str) -> GroupRecord | None:
+    async def _get_group(self, group_id: str) -> GroupRecord | None:
         def work(conn: sqlite3.Connection) -> GroupRecord | None:
             row = conn.execute("SELECT record FROM groups WHERE id = ?", (group_id,)).fetchone()
             return None if row is None else _decode_group(row[0])
 
         return await self._reader.run(work)
 
-    async def sweep_expired(self, limit: int) -> list[Job]:
+    async def _sweep_expired(self, limit: int) -> list[Job]:
         now = self.clock.time()
 
         def body(conn: sqlite3.Connection, counts: _Counts) -> list[Job]:
@@ -765,7 +760,7 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body)
 
-    async def drop_results(
+    async def _drop_results(
         self,
         sticky: bool,
         limit: int,
@@ -807,7 +802,7 @@ class SqliteQueue(QueueBackend):
             if jobs:
                 return jobs
 
-    async def register_worker(self, info: WorkerInfo) -> None:
+    async def _register_worker(self, info: WorkerInfo) -> None:
         row = (info.id, info.host, info.started_at, info.last_seen, info.running, info.concurrency)
 
         def body(conn: sqlite3.Connection, counts: _Counts) -> None:
@@ -817,13 +812,13 @@ class SqliteQueue(QueueBackend):
 
         await self._write(body)
 
-    async def remove_worker(self, worker_id: str) -> None:
+    async def _remove_worker(self, worker_id: str) -> None:
         def body(conn: sqlite3.Connection, counts: _Counts) -> None:
             conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
 
         await self._write(body)
 
-    async def list_workers(self, seen_since: float) -> list[WorkerInfo]:
+    async def _list_workers(self, seen_since: float) -> list[WorkerInfo]:
         def work(conn: sqlite3.Connection) -> list[WorkerInfo]:
             rows = conn.execute(
                 "SELECT id, host, started_at, last_seen, running, concurrency FROM workers "
@@ -844,10 +839,10 @@ class SqliteQueue(QueueBackend):
 
         return await self._reader.run(work)
 
-    async def ping(self) -> None:
+    async def _ping(self) -> None:
         await self._reader.run(lambda conn: conn.execute("SELECT 1").fetchone())
 
-    async def advance_mark(self, name: str, value: float) -> float | None:
+    async def _advance_mark(self, name: str, value: float) -> float | None:
         def body(conn: sqlite3.Connection, counts: _Counts) -> float | None:
             row = conn.execute("SELECT value FROM marks WHERE name = ?", (name,)).fetchone()
             if row is None or row[0] < value:
@@ -858,7 +853,7 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body)
 
-    async def get_mark(self, name: str) -> float | None:
+    async def _get_mark(self, name: str) -> float | None:
         def work(conn: sqlite3.Connection) -> float | None:
             row = conn.execute("SELECT value FROM marks WHERE name = ?", (name,)).fetchone()
             return None if row is None else float(row[0])
