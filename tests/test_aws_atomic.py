@@ -18,8 +18,8 @@ from arqd.model import GroupMemberSpec
 from arqd.results.memory import MemoryResults
 
 from .conftest import dynamo_settings
+from .contract import new
 from .faultproxy import FaultProxy, Faults
-from .test_contract_queue import new
 
 pytestmark = pytest.mark.timeout(180)
 ALWAYS = 1.0  # a fault on every request it applies to, retries included

@@ -14,7 +14,7 @@ from arqd.errors import ResultExpired
 from arqd.model import ResultRef, State, blob_name, new_job_id, new_token
 from arqd.results.base import ResultStore
 
-from .test_contract_queue import VT, put
+from .contract import VT, put
 
 BLOB = b"result " * 100
 
