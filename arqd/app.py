@@ -21,7 +21,7 @@ from typing import Self
 import msgspec
 import structlog
 
-from arqd.backends.base import QueueBackend, ResultStore
+from arqd.backends.base import QueueBackend
 from arqd.client import Client
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.config import Config, load_config
@@ -30,6 +30,7 @@ from arqd.errors import ArqdError
 from arqd.handlers import Handler, HandlerDef, Registry
 from arqd.metrics import Metrics
 from arqd.pool import Pool
+from arqd.results.base import ResultStore
 from arqd.schedules import Scheduler
 from arqd.stores import make_queue, make_results
 from arqd.supervise import Supervisor
@@ -151,7 +152,7 @@ class App:
     async def _sweep_partials(self) -> None:
         try:
             files, size = await self._results.sweep_partials()
-        except (ArqdError, OSError) as exc:
+        except ArqdError as exc:  # the store translates its OSErrors
             log.warning("results.partials_sweep_failed", error=str(exc))
             return
         if files:

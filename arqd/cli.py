@@ -98,9 +98,9 @@ def cmd_token_new(args: argparse.Namespace) -> int:
 def cmd_steps_key_new(args: argparse.Namespace) -> int:
     """A fresh Fernet key for ``http_steps.keys``, alone on stdout (so ``$(arqd steps-key
     new)`` works); every daemon sharing a queue needs the same keys."""
-    from cryptography.fernet import Fernet
+    from arqd.steps.keys import new_key
 
-    print(Fernet.generate_key().decode("ascii"))
+    print(new_key().decode("ascii"))
     return 0
 
 

@@ -15,7 +15,7 @@ from typing import Any, Self
 
 import msgspec
 
-from arqd.backends.base import ListFilter, QueueBackend, ResultStore
+from arqd.backends.base import ListFilter, QueueBackend
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.config import Config, load_config
 from arqd.core import JSON, Core, parse_group, parse_spec, spec_of
@@ -23,6 +23,7 @@ from arqd.errors import InvalidRequest
 from arqd.groups import Group, GroupStatus, group_of, status_of
 from arqd.handlers import Registry
 from arqd.model import State
+from arqd.results.base import ResultStore
 from arqd.stores import make_queue, make_results
 from arqd.view import Job, public_job
 

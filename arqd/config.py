@@ -18,7 +18,6 @@ fires, a group every trigger would refuse) is refused like a malformed one, so s
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import tomllib
@@ -45,6 +44,13 @@ from arqd.model import (
     MemberName,
     QueueName,
     member_names,
+)
+from arqd.stepmodel import (
+    STEPS_HANDLER,
+    is_fernet_key,
+    parse_allow_hosts,
+    parse_credentials,
+    parse_steps,
 )
 
 __all__ = [
@@ -323,10 +329,10 @@ class HttpStepsConfig(_Section, frozen=True):
     def __post_init__(self) -> None:
         if self.key is not None and self.key_list:
             raise ValueError("set keys or key, not both")
-        if self.key is not None and not _is_fernet_key(self.key):
+        if self.key is not None and not is_fernet_key(self.key):
             raise ValueError(f"key: {_NOT_A_KEY}")
         for index, key in enumerate(self.key_list):
-            if not _is_fernet_key(key):
+            if not is_fernet_key(key):
                 raise ValueError(f"keys[{index}]: {_NOT_A_KEY}")
 
     @property
@@ -346,13 +352,6 @@ class HttpStepsConfig(_Section, frozen=True):
 
 
 _NOT_A_KEY = "not a Fernet key (44 characters of url-safe base64 encoding 32 bytes)"
-
-
-def _is_fernet_key(text: str) -> bool:
-    try:
-        return len(base64.urlsafe_b64decode(text.encode("ascii"))) == 32
-    except (ValueError, UnicodeEncodeError):  # binascii.Error is a ValueError
-        return False
 
 
 class LogConfig(_Section, frozen=True):
@@ -554,8 +553,6 @@ class _Checker:
 
 # --- checks across settings -----------------------------------------------------------------------
 
-STEPS_HANDLER = "arqd.steps"  # the built-in handler of multi-step jobs (arqd.core names it too)
-
 
 def _check_references(cfg: Config, data: Mapping[str, Any], checker: _Checker) -> None:
     """What no single table can check: handler names, group members, schedules, allow_hosts.
@@ -597,11 +594,9 @@ def _check_group(path: str, group: GroupConfig, handlers: set[str], checker: _Ch
         if job.meta and len(msgspec.json.encode(job.meta)) > META_MAX:
             checker.add(f"{where}.meta", f"at most {META_MAX} bytes of JSON")
         if job.steps is not None:
-            from arqd import steps  # the HTTP machinery loads only when needed
-
             try:
-                steps.parse_steps(job.steps)
-                steps.parse_credentials(job.credentials)
+                parse_steps(job.steps)
+                parse_credentials(job.credentials)
             except InvalidRequest as exc:
                 checker.add(where, str(exc))
 
@@ -656,8 +651,6 @@ def _cron_problems(sched: ScheduleConfig, zone: ZoneInfo) -> list[tuple[str, str
 
 
 def _check_allow_hosts(cfg: Config, checker: _Checker) -> None:
-    from arqd.steps import parse_allow_hosts  # the HTTP machinery loads only when needed
-
     try:
         parse_allow_hosts(cfg.http_steps.allow_hosts)
     except ValueError as exc:

@@ -14,13 +14,19 @@
     ├── ConfigError            a config file that does not validate
     ├── BackendError           a storage backend failed (driver errors become this)
     │   └── BackendUnavailable cannot be reached right now         HTTP 503 unavailable
-    ├── StepFailed             a step of a multi-step job failed it (the job's error)
-    └── CredentialsUnreadable  sealed step data no key of this daemon opens (the job's error)
+    ├── StepFailed             a step failed its multi-step job    error.type StepFailed
+    │   ├── HostNotAllowed     the allow-list refused the host     error.type HostNotAllowed
+    │   └── RedirectRefused    a redirect would resend secrets     error.type RedirectRefused
+    └── CredentialsUnreadable  no key of this daemon opens a job's sealed step data
 
 Handlers raise ``Fail`` to fail a job at once, or ``Retry`` to ask for another attempt later.
+The step errors end a job (their class name becomes ``error.type``); they are never an answer
+to a request, so their ``status`` is no HTTP status a client sees.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class ArqdError(Exception):
@@ -84,33 +90,41 @@ class BackendUnavailable(BackendError):
 
 
 class StepFailed(ArqdError):
-    """A step failed a multi-step job: ``type`` is ``"StepFailed"`` (an unexpected status, or
-    attempts exhausted) or ``"HostNotAllowed"``; ``status`` is the last response's, if any."""
+    """A step of a multi-step HTTP job failed the job: an unexpected status, or its attempts
+    ran out. ``response_status`` is the last response's status, if there was one (``status``
+    stays the HTTP status of the error class, as for every ``ArqdError``); ``attempts`` counts
+    the step's attempts. The message names the step and never holds a secret."""
 
     code = "step_failed"
-    # The step's last HTTP response, not an answer's status: a StepFailed never reaches one.
-    status: int | None  # type: ignore[assignment]
+    type: ClassVar[str] = "StepFailed"  # error.type of the failed job: the class's name
 
     def __init__(
-        self,
-        step: str,
-        message: str,
-        *,
-        status: int | None = None,
-        type: str = "StepFailed",
-        attempts: int = 0,
+        self, step: str, message: str, *, response_status: int | None = None, attempts: int = 0
     ) -> None:
         super().__init__(message)
         self.step = step
-        self.status = status
-        self.type = type
+        self.response_status = response_status
         self.attempts = attempts
 
 
-class CredentialsUnreadable(ArqdError):
-    """Stored step credentials cannot be decrypted (the key changed, or the record is damaged)."""
+class HostNotAllowed(StepFailed):
+    """A step's host (or a redirect's) is refused by ``http_steps.allow_hosts``, or resolves to
+    a non-public address without being listed."""
 
-    code, status = "credentials_unreadable", 500
+    type = "HostNotAllowed"
+
+
+class RedirectRefused(StepFailed):
+    """A redirect to another origin would resend a body holding a secret: not followed."""
+
+    type = "RedirectRefused"
+
+
+class CredentialsUnreadable(ArqdError):
+    """A job's sealed step data (steps, credentials) opens with no key of this daemon (the key
+    changed, or the record is damaged)."""
+
+    code = "credentials_unreadable"
 
 
 class Fail(Exception):

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Literal, Protocol
 
+from arqd.backends.base import BackendObserver
+
 # Where this process found it had lost a lease: a buffered lease checked before its attempt,
 # the heartbeat (or a fenced progress or step write), or an outcome's write refused.
 LostAt = Literal["buffer", "heartbeat", "finish"]
@@ -22,8 +24,9 @@ LostAt = Literal["buffer", "heartbeat", "finish"]
 Ended = Literal["succeeded", "failed", "cancelled", "retry", "released"]
 
 
-class Observer(Protocol):
-    """What the core and the pool report (every method returns at once)."""
+class Observer(BackendObserver, Protocol):
+    """What the core and the pool report (every method returns at once), and what the queue
+    backend reports (``backend_call``: the core hands its observer to the backend)."""
 
     def configured(self, queues: Collection[str], handlers: Collection[str] | None) -> None:
         """The queues and handlers the config names (``None``: every handler name is known);
@@ -47,7 +50,10 @@ class Observer(Protocol):
 
 
 class NoObserver:
-    """An observer that ignores everything."""
+    """An observer that ignores everything (the core does not even hand it to the backend)."""
+
+    def backend_call(self, op: str, seconds: float, failed: bool) -> None:
+        pass
 
     def configured(self, queues: Collection[str], handlers: Collection[str] | None) -> None:
         pass

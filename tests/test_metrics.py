@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 import arqd
-from arqd.backends.memory import MemoryQueue, MemoryResults
+from arqd.backends.memory import MemoryQueue
 from arqd.clock import ManualClock
 from arqd.config import Config
 from arqd.core import STEPS_HANDLER, Core
@@ -22,6 +22,7 @@ from arqd.http.server import make_app
 from arqd.model import JobSpec
 from arqd.observe import Ended, LostAt
 from arqd.pool import Pool
+from arqd.results.memory import MemoryResults
 
 from .util import eventually
 
@@ -124,9 +125,13 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
+        self.backend_ops: set[str] = set()
 
     def configured(self, queues: Collection[str], handlers: Collection[str] | None) -> None:
         self.calls.append(("configured", set(queues), set(handlers or ())))
+
+    def backend_call(self, op: str, seconds: float, failed: bool) -> None:
+        self.backend_ops.add(op)
 
     def job_submitted(self, queue: str, handler: str) -> None:
         self.calls.append(("submitted", queue, handler))
@@ -148,7 +153,8 @@ class Recorder:
 
 async def test_the_core_and_the_pool_report_to_any_observer(tmp_path: Path):
     """A core and a pool given an observer of one's own (no Prometheus) tell it the configured
-    names, each job stored, each attempt started and how each attempt ended."""
+    names, each job stored, each attempt started and how each attempt ended; the backend its
+    calls."""
     recorder = Recorder()
     config = Config.from_dict(
         {
@@ -173,6 +179,7 @@ async def test_the_core_and_the_pool_report_to_any_observer(tmp_path: Path):
     assert calls.count(("started", "default")) == 3
     assert ("ended", "default", "fail", "retry") in calls
     assert len([c for c in calls if c[0] == "ended"]) == 3
+    assert {"enqueue", "lease", "finish"} <= recorder.backend_ops
 
 
 def test_the_core_and_the_pool_do_not_import_prometheus():

@@ -14,14 +14,15 @@ import pytest
 from structlog.testing import capture_logs
 
 import arqd
-from arqd.backends.base import Outcome
-from arqd.backends.memory import MemoryQueue, MemoryResults
+from arqd.backends.base import Outcome, Update
+from arqd.backends.memory import MemoryQueue
 from arqd.clock import ManualClock
 from arqd.config import Config
 from arqd.core import Core
-from arqd.errors import CredentialsUnreadable, StepFailed
+from arqd.errors import CredentialsUnreadable, HostNotAllowed
 from arqd.handlers import Registry
-from arqd.model import Job, Progress, State, blob_name, new_job_id
+from arqd.model import Job, State, blob_name, new_job_id, new_token
+from arqd.results.memory import MemoryResults
 
 from .util import eventually
 
@@ -264,9 +265,9 @@ async def test_progress_writes_are_coalesced(tmp_path: Path):
     writes: list[int] = []
 
     class CountingQueue(MemoryQueue):
-        async def set_progress(self, updates: Sequence[tuple[str, str, Progress]]) -> list[bool]:
+        async def _update(self, updates: Sequence[Update]) -> list[bool]:
             writes.append(len(updates))
-            return await super().set_progress(updates)
+            return await super()._update(updates)
 
     app = arqd.App(make_config("memory", tmp_path), queue=CountingQueue())
     register_test_handlers(app)
@@ -679,13 +680,13 @@ def test_the_core_shapes_failures_by_their_type(core: Core):
     """Fail and step failures end the job with their details; Retry waits as asked; a
     schedule tick's failure keeps its key; anything else retries until the last attempt."""
     step = core.failure(
-        leased(), "t", StepFailed("charge", "HTTP 402", status=402, type="HostNotAllowed")
+        leased(), "t", HostNotAllowed("charge", "api.example is not allowed", response_status=403)
     )
     assert step.state is State.FAILED and step.error is not None
     assert (step.error.type, step.error.step, step.error.status) == (
         "HostNotAllowed",
         "charge",
-        402,
+        403,
     )
     unreadable = core.failure(leased(), "t", CredentialsUnreadable("no key opens it"))
     assert unreadable.state is State.FAILED and unreadable.error is not None
@@ -716,10 +717,11 @@ async def test_the_core_keeps_small_results_inline_and_large_ones_as_blobs(core:
     job = leased()
     assert (await core.store_result(job, "t", 3)).inline == 3
     assert (await core.store_result(job, "t", {"a": [1]})).inline == {"a": [1]}
-    big = await core.store_result(job, "tok1", list(range(1000)))
+    token = new_token()
+    big = await core.store_result(job, token, list(range(1000)))
     assert not big.is_inline and big.content_type == "application/json"
-    assert big.area == "temporary" and big.name == blob_name(job.id, "tok1")
-    raw = await core.store_result(leased(sticky=True), "tok2", b"\x00\x01")
+    assert big.area == "temporary" and big.name == blob_name(job.id, token)
+    raw = await core.store_result(leased(sticky=True), new_token(), b"\x00\x01")
     assert raw.area == "persistent" and raw.content_type == "application/octet-stream"
     assert raw.size == 2
 
@@ -728,6 +730,6 @@ async def test_the_core_keeps_small_results_inline_and_large_ones_as_blobs(core:
         yield b""
         yield b"cd"
 
-    streamed = await core.store_result(job, "tok3", chunks())
+    streamed = await core.store_result(job, new_token(), chunks())
     assert streamed.size == 4
     assert b"".join([c async for c in core.read_result(streamed)]) == b"abcd"

@@ -114,6 +114,11 @@ def test_every_route_is_in_the_reference():
     assert missing(routes, page("http-api.md")) == []
 
 
+# Errors that are never an answer to a request: a config that does not load, and what ends a
+# multi-step job (its error.type, shown in the job JSON).
+NOT_ANSWERS = (errors.ConfigError, errors.StepFailed, errors.CredentialsUnreadable)
+
+
 def error_codes() -> set[str]:
     """Every ``error.code`` the API can answer."""
     codes = set(_HTTP_CODES.values()) | {"invalid_json", "internal"}
@@ -121,7 +126,8 @@ def error_codes() -> set[str]:
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
-        if cls.__module__ == "arqd.errors" and cls not in (errors.ArqdError, errors.ConfigError):
+        answered = cls is not errors.ArqdError and not issubclass(cls, NOT_ANSWERS)
+        if cls.__module__ == "arqd.errors" and answered:
             codes.add(cls.code)
     return codes - {"backend_error", "conflict"}  # answered as `unavailable`; a base class only
 

@@ -4,13 +4,17 @@ recorded. Runs against local aiohttp servers that count what reaches them; no re
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import datetime
 import json
+import os
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,7 +33,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from structlog.testing import capture_logs
 
-from arqd.errors import ConfigError, InvalidRequest
+from arqd import errors
+from arqd import steps as steps_pkg
+from arqd.errors import ConfigError, HostNotAllowed, InvalidRequest, RedirectRefused
 from arqd.model import StepState
 from arqd.steps import (
     BODY_LIMIT,
@@ -46,6 +52,8 @@ from arqd.steps import (
     redact_steps,
     run_steps,
 )
+
+from .daemons import ROOT
 
 # --- local servers that count ---------------------------------------------------------------------
 
@@ -368,7 +376,7 @@ async def test_timeout_is_retried_then_exhausts(api: Server):
     with pytest.raises(StepFailed) as info:
         await run([{"name": "slow", "url": api.url("/hang"), "timeout": 0.05, "max_attempts": 2}])
     assert info.value.step == "slow" and info.value.type == "StepFailed"
-    assert info.value.status is None and info.value.attempts == 2
+    assert info.value.response_status is None and info.value.attempts == 2
     assert "gave up after 2 attempts" in str(info.value) and "no answer" in str(info.value)
     assert run.sleeps == [2] and api.rec.count("/hang") == 2
 
@@ -379,7 +387,7 @@ async def test_400_fails_at_once_naming_step_and_status(api: Server):
     raw = [*steps_for(api, THREE_STEPS[:1]), {"name": "pay", "url": api.url("/status/400")}]
     with pytest.raises(StepFailed) as info:
         await run(raw)
-    assert info.value.step == "pay" and info.value.status == 400
+    assert info.value.step == "pay" and info.value.response_status == 400
     assert info.value.type == "StepFailed" and info.value.attempts == 1
     assert "'pay'" in str(info.value) and "400" in str(info.value)
     assert api.rec.count("/status/400") == 1 and run.sleeps == []
@@ -391,7 +399,9 @@ async def test_attempts_exhausted_fails_naming_step(api: Server):
     run = Run([api.entry])
     with pytest.raises(StepFailed) as info:
         await run([{"name": "pay", "url": api.url("/status/503"), "max_attempts": 3}])
-    assert info.value.step == "pay" and info.value.status == 503 and info.value.attempts == 3
+    assert (
+        info.value.step == "pay" and info.value.response_status == 503 and info.value.attempts == 3
+    )
     assert "'pay'" in str(info.value) and "gave up after 3 attempts" in str(info.value)
     assert run.sleeps == [2, 4] and api.rec.count("/status/503") == 3
     assert run.last_states() == [("pay", "failed", 503, 3)]
@@ -404,7 +414,7 @@ async def test_expect_decides_success(api: Server):
     assert result["steps"]["gone"] == {"status": 404, "body": "nope"}
     with pytest.raises(StepFailed) as info:
         await run([{"name": "made", "url": api.url("/release"), "expect": [201]}])
-    assert info.value.status == 200 and "expected 201" in str(info.value)
+    assert info.value.response_status == 200 and "expected 201" in str(info.value)
 
 
 async def test_long_body_is_truncated(api: Server):
@@ -484,7 +494,8 @@ async def test_refused_hosts_fail_at_once(api: Server, other: Server, template: 
     with pytest.raises(StepFailed) as info:
         await run([{"name": "peek", "url": url}])
     assert info.value.type == "HostNotAllowed" and info.value.step == "peek"
-    assert info.value.status is None and "'peek'" in str(info.value)
+    assert isinstance(info.value, HostNotAllowed)
+    assert info.value.response_status is None and "'peek'" in str(info.value)
     assert other.rec.calls == [] and api.rec.calls == []
     assert run.sleeps == [] and run.last_states() == [("peek", "failed", None, 1)]
 
@@ -586,7 +597,8 @@ async def test_cross_origin_307_with_a_secret_body_is_refused(
         step["secret"] = secret
     with capture_logs() as logs, pytest.raises(StepFailed) as info:
         await run([step])
-    assert info.value.type == "RedirectRefused" and info.value.status == code
+    assert info.value.type == "RedirectRefused" and info.value.response_status == code
+    assert isinstance(info.value, RedirectRefused)
     assert info.value.attempts == 1 and run.sleeps == []
     assert "another origin" in str(info.value)
     assert other.rec.calls == [] and api.rec.count("/redirect") == 1
@@ -616,7 +628,7 @@ async def test_redirect_loop_fails(api: Server):
     """More than 5 redirects fail the step as poison."""
     with pytest.raises(StepFailed) as info:
         await Run([api.entry])([{"name": "loop", "url": api.url("/loop")}])
-    assert info.value.type == "StepFailed" and info.value.status == 302
+    assert info.value.type == "StepFailed" and info.value.response_status == 302
     assert "redirects" in str(info.value) and api.rec.count("/loop") == 6
 
 
@@ -1058,3 +1070,103 @@ def test_load_or_create_key(tmp_path: Path):
     path.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         load_or_create_key(path)
+
+
+# --- where the pieces live ------------------------------------------------------------------------
+
+# Loads a config whose group has steps and whose allow-list has a bad entry, then lists what was
+# imported: the config's step checks must run without the step machinery (HTTP, Fernet) loaded.
+CONFIG_CHECKS = """
+import json, sys
+from arqd.config import validate_config
+_, problems = validate_config(sys.argv[1], {})
+loaded = sorted(m for m in sys.modules if m == "arqd.steps" or m.startswith("arqd.steps.")
+                or m.split(".")[0] == "cryptography")
+print(json.dumps({"problems": [str(p) for p in problems], "loaded": loaded}))
+"""
+
+
+def test_config_checks_steps_without_loading_the_step_machinery(tmp_path: Path):
+    """Loading a config checks its groups' steps and its allow-list (the same 422 reasons as a
+    submit) without importing ``arqd.steps`` or ``cryptography``: config sits below the steps."""
+    path = tmp_path / "arqd.toml"
+    path.write_text(
+        "[http_steps]\nallow_hosts = ['api.example.com', 'bad/path']\n"
+        "[groups.g]\njobs = [{ steps = [{ name = 'a', url = 'ftp://x.example' }] }]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", CONFIG_CHECKS, str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        timeout=60,
+        check=True,
+    )
+    answer = json.loads(done.stdout)
+    assert answer["loaded"] == []
+    problems = "\n".join(answer["problems"])
+    assert "http_steps.allow_hosts: 'bad/path' is not a host or host:port" in problems
+    assert "groups.g.jobs[0]: steps[0] (a): url: must be an absolute http or https URL" in problems
+
+
+# Modules that arqd.config and arqd.model load: none may import the HTTP client, Fernet or the
+# step runner (``arqd.steps`` depends on them, never the reverse).
+MODEL_LEVEL = ("config.py", "model.py", "errors.py", "stepmodel.py", "jsonpointer.py")
+HEAVY = ("aiohttp", "cryptography", "arqd.steps")
+
+
+def test_model_level_modules_import_no_step_machinery():
+    """arqd/config.py, model.py, errors.py, stepmodel.py and jsonpointer.py import neither
+    aiohttp nor cryptography nor arqd.steps, not even inside a function."""
+    wrong = []
+    for name in MODEL_LEVEL:
+        tree = ast.parse((ROOT / "arqd" / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module is not None:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            wrong += [
+                f"{name}:{node.lineno} {t}"
+                for t in targets
+                if any(t == h or t.startswith(f"{h}.") for h in HEAVY)
+            ]
+    assert wrong == []
+
+
+def test_step_errors_are_arqd_errors():
+    """StepFailed (and its HostNotAllowed and RedirectRefused), and CredentialsUnreadable, live in
+    arqd.errors under ArqdError; arqd.steps re-exports the same classes; ``type`` is the name a
+    failed job's ``error.type`` shows, and a StepFailed's HTTP ``status`` stays an int."""
+    assert steps_pkg.StepFailed is errors.StepFailed
+    assert steps_pkg.CredentialsUnreadable is errors.CredentialsUnreadable
+    for cls in (errors.StepFailed, errors.HostNotAllowed, errors.RedirectRefused):
+        assert issubclass(cls, errors.StepFailed) and issubclass(cls, errors.ArqdError)
+        exc = cls("pay", "step 'pay' failed", response_status=502, attempts=3)
+        assert exc.type == cls.__name__ and exc.step == "pay"
+        assert exc.response_status == 502 and exc.attempts == 3 and isinstance(exc.status, int)
+    assert issubclass(errors.CredentialsUnreadable, errors.ArqdError)
+
+
+DUCK_TYPED = {"code", "step", "type", "status", "errno"}
+
+
+def test_no_duck_typed_errors():
+    """No module of arqd reads an error's code, step, type, status or errno with getattr: errors
+    are classes (arqd's under ArqdError), told apart with isinstance."""
+    found = []
+    for path in sorted((ROOT / "arqd").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "getattr"
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value in DUCK_TYPED
+            ):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.args[1].value}")
+    assert found == []

@@ -704,7 +704,7 @@ async def redrive(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if not re.match(NAME_PATTERN, name):
         raise JobNotFound(f"no queue {name!r}")
-    count = await core.queue.redrive(name)
+    count = await core.queue.redrive(core.redriven(name))
     if count:
         core.hub.jobs_ready()
     return json_response({"requeued": count})

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import structlog
 
-from arqd.backends.base import Outcome
+from arqd.backends.base import Outcome, Update
 from arqd.core import STEPS_HANDLER, Core
 from arqd.errors import BackendError
 from arqd.handlers import Handler, JobContext
@@ -151,7 +151,8 @@ class Runner:
         checkpoint = http_steps.Checkpoint(dict(job.checkpoint or {}), list(job.steps or []))
 
         async def save(cp: http_steps.Checkpoint) -> None:
-            if await core.queue.save_steps(job.id, token, cp.states, cp.outcomes):
+            saved = Update(job_id=job.id, token=token, steps=cp.states, checkpoint=cp.outcomes)
+            if (await core.queue.update([saved]))[0]:
                 core.hub.job_changed(job.id)
             else:
                 leases.lost(held)
@@ -194,11 +195,14 @@ class ProgressWriter:
             for a in self._dirty:
                 if a.progress is not None:
                     dirty.append(a)
-                    batch.append((a.held.lease.job.id, a.held.lease.token, a.progress))
+                    lease = a.held.lease
+                    batch.append(
+                        Update(job_id=lease.job.id, token=lease.token, progress=a.progress)
+                    )
             self._dirty.clear()
             if batch:
                 try:
-                    answers = await core.queue.set_progress(batch)
+                    answers = await core.queue.update(batch)
                 except BackendError as exc:
                     log.warning("backend.progress_failed", error=str(exc))
                 else:
