@@ -196,3 +196,22 @@ def test_the_core_and_the_pool_do_not_import_prometheus():
                 continue
             for name in names:
                 assert not name.startswith(("arqd.metrics", "prometheus_client")), (path, name)
+
+
+async def test_an_apps_metrics_time_a_backend_a_client_used_first():
+    """A bare Client used first on a queue does not take the backend's observer: the App that
+    shares the queue afterwards still times its backend calls in /metrics."""
+    config = Config.from_dict({"handlers": {"echo": "arqd.demo:echo"}})
+    queue, results = MemoryQueue(), MemoryResults()
+    async with arqd.Client(queue, results, config=config) as client:
+        first = await client.submit("echo", 1)
+    app = arqd.App(config, queue=queue, results=results)
+    async with app:
+        await app.client.wait(first.id, timeout=10)
+    leases = [
+        s.value
+        for family in text_string_to_metric_families(app.metrics.render().decode())
+        for s in family.samples
+        if s.name == "arqd_backend_request_seconds_count" and s.labels["operation"] == "lease"
+    ]
+    assert leases and leases[0] >= 1
