@@ -442,3 +442,17 @@ async def test_list_filters_are_checked_before_any_backend(queue: Any, tmp_path:
                     assert resp.status == 200 and (await resp.json())["jobs"] == []
         finally:
             await server.close()
+
+
+async def test_refusals_are_worded_alike(client: Any):
+    """An unknown field, a missing one and a bad name are worded the same in a job spec, a group
+    and a step (one formatter: a job spec said ``Object contains unknown field `oops```)."""
+    cases = [
+        (lambda: client.submit_many([{"handler": "echo", "oops": 1}]), r"oops: unknown field$"),
+        (lambda: client.submit_group([{"handler": "echo", "name": "a b"}]), r"\]\.name: Expected"),
+        (lambda: client.submit_many([{"steps": [{"name": "s"}]}]), r"\(s\): url: required$"),
+        (lambda: client.submit("echo", queue="a b"), r"^queue: Expected 1 to 64 letters"),
+    ]
+    for call, message in cases:
+        with pytest.raises(arqd.InvalidRequest, match=message):
+            await call()
