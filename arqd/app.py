@@ -21,13 +21,14 @@ from typing import Self
 import msgspec
 import structlog
 
-from arqd.backends.base import QueueBackend, ResultStore
+from arqd.backends.base import QueueBackend
 from arqd.client import Client
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.config import Config, load_config
 from arqd.core import SWEEP_BATCH, Core
 from arqd.errors import ArqdError
 from arqd.handlers import Handler, HandlerDef, Registry
+from arqd.results.base import ResultStore
 from arqd.schedules import Scheduler
 from arqd.stores import make_queue, make_results
 from arqd.supervise import Supervisor
@@ -148,7 +149,7 @@ class App:
     async def _sweep_partials(self) -> None:
         try:
             files, size = await self._results.sweep_partials()
-        except (ArqdError, OSError) as exc:
+        except ArqdError as exc:  # the store translates its OSErrors
             log.warning("results.partials_sweep_failed", error=str(exc))
             return
         if files:

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any, Self
 import msgspec
 
 from arqd.api import JobsAPI, plain_spec, spec_of
-from arqd.backends.base import QueueBackend, ResultStore
+from arqd.backends.base import QueueBackend
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.config import Config, load_config
 from arqd.core import JSON, Core, parse_group, parse_spec
 from arqd.groups import Group, GroupStatus, group_of, status_of
 from arqd.handlers import Registry
 from arqd.model import State
+from arqd.results.base import ResultStore
 from arqd.stores import make_queue, make_results
 from arqd.view import Job, QueueInfo, WorkerInfo, public_job
 

@@ -8,6 +8,7 @@ outcome (retries, backoff with jitter, final failure), and waiting for a job.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -20,13 +21,12 @@ import msgspec
 import structlog
 
 from arqd.backends.base import (
-    Area,
     Enqueued,
     ListFilter,
     Outcome,
     QueueBackend,
     QueueStats,
-    ResultStore,
+    Redrive,
     group_record,
 )
 from arqd.clock import Clock
@@ -44,7 +44,7 @@ from arqd.errors import (
 )
 from arqd.handlers import Registry, cache_key
 from arqd.hub import Hub, hub_for
-from arqd.metrics import Metrics, instrument
+from arqd.metrics import Metrics
 from arqd.model import (
     AHEAD_MAX,
     BLOB_NAME_RE,
@@ -71,6 +71,7 @@ from arqd.model import (
     new_job_id,
     owned_key,
 )
+from arqd.results.base import Area, ResultStore
 from arqd.stepmodel import SEALED as SEALED  # re-exported: the pool imports them from here
 from arqd.stepmodel import STEPS_HANDLER as STEPS_HANDLER
 from arqd.view import QueueInfo
@@ -159,6 +160,24 @@ def _ready_at(spec: JobSpec, now: float) -> float:
     return max(at, 0.0)
 
 
+def tick_key(name: str, tick: float) -> str:
+    """The dedupe key of schedule ``name``'s tick at ``tick`` (Unix seconds)."""
+    return f"{SCHEDULE_KEY}{name}:{round(tick)}"
+
+
+def parse_tick_key(key: str | None) -> tuple[str, float] | None:
+    """The (schedule, tick) a key made by ``tick_key`` names; ``None`` for any other key."""
+    if key is None or not key.startswith(SCHEDULE_KEY):
+        return None
+    name, _, tick = key.removeprefix(SCHEDULE_KEY).rpartition(":")
+    return (name, float(tick)) if name and tick.isdigit() else None
+
+
+def mark_name(name: str) -> str:
+    """The backend mark holding the latest tick the cluster fired of schedule ``name``."""
+    return f"{SCHEDULE_KEY}{name}"
+
+
 class Core:
     """Job semantics over one queue backend and one result store."""
 
@@ -175,7 +194,7 @@ class Core:
         self.metrics = Metrics()
         self._config, self._registry = config, registry
         self._name_metrics()
-        instrument(queue, self.metrics)
+        queue.observe(self.metrics)  # backend call latencies and errors
         self._steps_keys: tuple[Config, tuple[bytes, ...]] | None = None  # and the config read
 
     @property
@@ -572,7 +591,7 @@ class Core:
         :class:`JobNotFound`, like a queue without failed jobs is 0."""
         if not NAME_RE.match(queue):
             raise JobNotFound(f"no queue {queue!r}")
-        count = await self.queue.redrive(queue)
+        count = await self.queue.redrive(self.redriven(queue))
         if count:
             self.hub.jobs_ready()
         return count
@@ -590,8 +609,8 @@ class Core:
     # --- changing ---------------------------------------------------------------------------------
 
     async def cancel(self, job_id: str, owner: str | None = None) -> Job:
-        await self.get(job_id, owner)
-        job = await self.queue.cancel(job_id)
+        found = await self.get(job_id, owner)
+        job = await self.queue.cancel(job_id, free_key=self.frees_key(found))
         if job is None:
             raise JobNotFound(f"no job {job_id}")
         self.hub.job_changed(job_id, job)
@@ -607,6 +626,7 @@ class Core:
             raise JobNotFound(f"no job {job_id}")
         if not deleted.state.terminal:  # it changed under us: it cannot have, but never delete live
             return deleted
+        await self._retire_ticks([deleted])
         await self._delete_blob(deleted.result)
         self.hub.job_changed(job_id, None)
         return None
@@ -617,6 +637,7 @@ class Core:
         """Delete up to ``limit`` expired job records and their result blobs; answers how many.
         Bounded, and safe with every daemon running it (the backend hands each job to one)."""
         jobs = await self.queue.sweep_expired(limit)
+        await self._retire_ticks(jobs)
         for job in jobs:
             await self._delete_blob(job.result)
             self.hub.job_changed(job.id, None)
@@ -631,7 +652,8 @@ class Core:
         began = self.clock.time()
         sticky = area == "persistent"
         total = 0
-        while batch := await self.queue.drop_results(sticky, PURGE_BATCH, before=began):
+        drop = functools.partial(self.queue.drop_results, frees_key=self.frees_key)
+        while batch := await drop(sticky, PURGE_BATCH, before=began):
             for job in batch:
                 await self._delete_blob(job.result)
                 self.hub.job_changed(job.id, None)
@@ -662,6 +684,22 @@ class Core:
                         deleted += 1
         return deleted
 
+    async def _retire_ticks(self, gone: Sequence[Job]) -> None:
+        """Raise the mark of each schedule tick among the deleted ``gone`` to its tick: with its
+        record went its key, and the mark alone now says the cluster fired it (its daemon may
+        have died before raising the mark itself)."""
+        for job in gone:
+            tick = parse_tick_key(job.key)
+            if tick is not None:
+                await self.queue.advance_mark(mark_name(tick[0]), tick[1])
+
+    # --- redrive ----------------------------------------------------------------------------------
+
+    def redriven(self, queue: str) -> Redrive:
+        """What a redrive makes of ``queue``'s failed jobs: queued and ready now, no attempt
+        counted, each holding its key again unless another live job took it meanwhile."""
+        return Redrive(queue=queue, ready_at=self.clock.time(), attempts=0, take_keys=True)
+
     async def _delete_blob(self, ref: ResultRef | None) -> None:
         if ref is not None and ref.name is not None and ref.area in ("temporary", "persistent"):
             await self.results.delete(_area(ref.area), ref.name)
@@ -675,6 +713,21 @@ class Core:
 
     def result_expiry(self, job: Job, now: float) -> float | None:
         return None if job.sticky else now + self.config.results.temporary_ttl
+
+    def succeeded(
+        self, job: Job, token: str, result: ResultRef, started_at: float | None
+    ) -> Outcome:
+        """The job succeeded: its result expires (unless sticky), and its key with it, but a
+        schedule tick's key, held until its record is deleted."""
+        return Outcome(
+            job=job,
+            token=token,
+            state=State.SUCCEEDED,
+            result=result,
+            expires_at=self.result_expiry(job, self.clock.time()),
+            keep_key=not self.frees_key(job),
+            started_at=started_at,
+        )
 
     def failed_attempt(
         self, job: Job, token: str, error: ErrorInfo, delay: float | None = None
@@ -692,8 +745,9 @@ class Core:
 
     @staticmethod
     def frees_key(job: Job) -> bool:
-        """A failed or cancelled job frees its key (docs/jobs.md), except a schedule tick's:
-        a late daemon must not run a failed tick again."""
+        """Whether a failure, a cancel or a purge frees the job's key (docs/jobs.md): yes,
+        except a schedule tick's, which is held until its record is deleted, so a late daemon
+        cannot fire the tick again. The one rule for every backend (they are told, per job)."""
         return job.key is None or not job.key.startswith(SCHEDULE_KEY)
 
     def cancelled(self, job: Job, token: str) -> Outcome:

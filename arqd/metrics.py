@@ -2,8 +2,9 @@
 
 Each ``App`` owns one registry (so several apps in one process, as in tests, do not collide).
 Counters and histograms are fed where things happen (submits in the core, outcomes and leases in
-the pool, backend calls by ``instrument``); queue depth, oldest ready age, in-flight jobs and
-concurrency are read when scraped. ``docs/operations.md`` explains each and suggests alerts.
+the pool, backend calls by the backend's base, whose ``BackendObserver`` this is); queue depth,
+oldest ready age, in-flight jobs and concurrency are read when scraped. ``docs/operations.md``
+explains each and suggests alerts.
 
 Label values come from configuration, never from clients: a series per queue only for the queues
 the config names (``Metrics.name``: the workers' queues, handlers', schedules' and groups' queues
@@ -16,41 +17,15 @@ lived.
 from __future__ import annotations
 
 import bisect
-import functools
-import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from arqd.backends.base import QueueBackend, QueueStats
-from arqd.errors import BackendError
+from arqd.backends.base import QueueStats
 
-# Backend operations timed by ``instrument`` (every primitive a daemon calls in steady state).
-OPERATIONS = (
-    "enqueue",
-    "lease",
-    "heartbeat",
-    "set_progress",
-    "finish",
-    "cancel",
-    "get",
-    "get_many",
-    "find_by_key",
-    "list_jobs",
-    "stats",
-    "delete",
-    "redrive",
-    "ping",
-    "sweep_expired",
-    "drop_results",
-    "get_group",
-    "save_steps",
-    "register_worker",
-    "list_workers",
-)
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 BACKEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 OTHER = "other"  # the label value of every queue or handler the config does not name
@@ -214,6 +189,7 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self._backend_ops: dict[str, tuple[Any, Any]] = {}  # label children, bound once
         self.in_flight = Gauge(
             "arqd_jobs_in_flight", "Attempts running in this process.", registry=r
         )
@@ -285,33 +261,15 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-
-def instrument(queue: QueueBackend, metrics: Metrics) -> None:
-    """Time every backend primitive of ``queue`` (once, however many cores share it)."""
-    if getattr(queue, "_arqd_instrumented", False):
-        return
-    for name in OPERATIONS:
-        method = getattr(queue, name, None)
-        if method is not None:
-            setattr(queue, name, _timed(name, method, metrics))
-    queue._arqd_instrumented = True  # type: ignore[attr-defined]  # marker, see above
-
-
-def _timed(
-    name: str, method: Callable[..., Awaitable[Any]], metrics: Metrics
-) -> Callable[..., Awaitable[Any]]:
-    latency = metrics.backend_seconds.labels(name)
-    errors = metrics.backend_errors.labels(name)
-
-    @functools.wraps(method)
-    async def timed(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return await method(*args, **kwargs)
-        except (BackendError, OSError):
-            errors.inc()
-            raise
-        finally:
-            latency.observe(time.perf_counter() - start)
-
-    return timed
+    def backend_call(self, op: str, seconds: float, failed: bool) -> None:
+        """A queue backend call (``arqd.backends.base.BackendObserver``): its latency, and
+        whether it failed. ``op`` is a method name of the backend contract, never a client's."""
+        children = self._backend_ops.get(op)
+        if children is None:
+            children = self._backend_ops[op] = (
+                self.backend_seconds.labels(op),
+                self.backend_errors.labels(op),
+            )
+        children[0].observe(seconds)
+        if failed:
+            children[1].inc()

@@ -7,7 +7,9 @@ per schedule (``advance_mark``, named ``schedule:<name>``): the latest tick fire
 tick only while the mark is below it, submits it with the deterministic dedupe key
 ``schedule:<name>:<tick seconds>`` (so daemons firing at the same moment still store one job,
 the others getting ``created=False``), then raises the mark. A tick at or below the mark is never
-fired again, even once its job was cancelled, purged or expired (each of which frees its key).
+fired again. Its key is never freed by a failure, cancel or purge, nor expires with its result
+(``Core.frees_key``); once its record is deleted, the core raises the mark to the tick
+(``Core._retire_ticks``), for a daemon that died between its submit and its mark.
 The job's ``ready_at`` is the tick time and its ``meta`` is ``{"schedule": name}``.
 
 Ticks missed while no daemon ran are skipped (``catch_up = "none"``, the default; docs/jobs.md,
@@ -31,23 +33,16 @@ import structlog
 from croniter import croniter
 
 from arqd.config import Config, ScheduleConfig
-from arqd.core import Core
+from arqd.core import Core, mark_name, tick_key
 from arqd.errors import ArqdError, ConfigError, InvalidRequest
-from arqd.model import SCHEDULE_KEY, JobSpec
+from arqd.model import JobSpec
+
+__all__ = ["Schedule", "Scheduler", "mark_name", "tick_key"]
 
 log = structlog.get_logger("arqd.schedules")
 
 
 MAX_SLEEP = 1.0  # the loop wakes at least this often, so a reload takes effect quickly
-
-
-def tick_key(name: str, tick: float) -> str:
-    return f"{SCHEDULE_KEY}{name}:{round(tick)}"
-
-
-def mark_name(name: str) -> str:
-    """The backend mark holding the latest tick the cluster fired of schedule ``name``."""
-    return f"{SCHEDULE_KEY}{name}"
 
 
 @dataclass

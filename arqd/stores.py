@@ -1,21 +1,24 @@
-"""Where config picks concrete backends by name; the only core module that imports them.
+"""Where config picks the queue backend and the result store by name; the only core module that
+imports them.
 
-Each backend module is imported only when config names it, so optional drivers (aioboto3 for
-``dynamodb`` and ``s3``, extra ``arqd[aws]``) are needed only by those who use them.
+Each backend's or store's module is imported only when config names it, so optional drivers
+(aioboto3 for ``dynamodb`` and ``s3``, extra ``arqd[aws]``) are needed only by those who use
+them; ``tests/test_stores.py`` pins it for the result stores.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from arqd.backends.base import QueueBackend, ResultStore
+from arqd.backends.base import QueueBackend
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.config import QueueConfig, ResultsConfig
 from arqd.errors import ConfigError
+from arqd.results.base import ResultStore
 
 if TYPE_CHECKING:  # the AWS backends are imported only when config names them
     from arqd.backends.dynamodb import DynamoSettings
-    from arqd.backends.s3 import S3Settings
+    from arqd.results.s3 import S3Settings
 
 
 def make_queue(cfg: QueueConfig, clock: Clock = SYSTEM_CLOCK) -> QueueBackend:
@@ -53,16 +56,17 @@ def queue_class(backend: str) -> type[QueueBackend]:
 
 
 def make_results(cfg: ResultsConfig, clock: Clock = SYSTEM_CLOCK) -> ResultStore:
+    """The store ``results.backend`` names, from its own module (``arqd/results/``)."""
     if cfg.backend == "memory":
-        from arqd.backends.memory import MemoryResults
+        from arqd.results.memory import MemoryResults
 
         return MemoryResults(clock=clock)
     if cfg.backend == "files":
-        from arqd.backends.files import FileResults
+        from arqd.results.files import FileResults
 
         return FileResults(cfg.path, clock=clock)
     if cfg.backend == "s3":
-        from arqd.backends.s3 import S3Results
+        from arqd.results.s3 import S3Results
 
         return S3Results(s3_settings(cfg), clock=clock)
     raise ConfigError(f"results.backend: {cfg.backend!r} is not available in this build")
@@ -77,7 +81,7 @@ def dynamo_settings(cfg: QueueConfig) -> DynamoSettings:
 
 
 def s3_settings(cfg: ResultsConfig) -> S3Settings:
-    from arqd.backends.s3 import S3Settings
+    from arqd.results.s3 import S3Settings
 
     return S3Settings(
         bucket=cfg.bucket, prefix=cfg.prefix, region=cfg.region, endpoint_url=cfg.endpoint_url
@@ -94,7 +98,7 @@ async def init_aws(queue: QueueConfig, results: ResultsConfig) -> list[str]:
 
         done += await init_table(dynamo_settings(queue))
     if results.backend == "s3":
-        from arqd.backends.s3 import init_bucket
+        from arqd.results.s3 import init_bucket
 
         done += await init_bucket(s3_settings(results), temporary_ttl=results.temporary_ttl)
     return done

@@ -42,11 +42,12 @@ import msgspec
 import structlog
 
 from arqd import logs
-from arqd.backends.base import Area, Lease, Outcome, WorkerInfo
+from arqd.backends.base import Lease, Outcome, Update, WorkerInfo
 from arqd.core import JSON, SEALED, STEPS_HANDLER, Core
 from arqd.errors import BackendError, CredentialsUnreadable, Fail, Retry, StepFailed
 from arqd.handlers import Handler, JobContext
 from arqd.model import ErrorInfo, Job, Progress, ResultRef, State, blob_name, new_token
+from arqd.results.base import Area
 from arqd.supervise import LoopWatch, Supervisor
 
 log = structlog.get_logger("arqd.worker")
@@ -411,15 +412,7 @@ class Pool:
             task.uncancel()
         if r.reason == "lost":
             return None
-        expires = core.result_expiry(job, core.clock.time())
-        return Outcome(
-            job=job,
-            token=token,
-            state=State.SUCCEEDED,
-            result=ref,
-            expires_at=expires,
-            started_at=r.started,
-        )
+        return core.succeeded(job, token, ref, r.started)
 
     def _handler_for(self, r: _Running) -> Handler | None:
         if r.lease.job.handler == STEPS_HANDLER:
@@ -440,7 +433,8 @@ class Pool:
         checkpoint = http_steps.Checkpoint(dict(job.checkpoint or {}), list(job.steps or []))
 
         async def save(cp: http_steps.Checkpoint) -> None:
-            if await self.core.queue.save_steps(job.id, token, cp.states, cp.outcomes):
+            saved = Update(job_id=job.id, token=token, steps=cp.states, checkpoint=cp.outcomes)
+            if (await self.core.queue.update([saved]))[0]:
                 self.core.hub.job_changed(job.id)
             else:
                 self._lost(job.id, token)
@@ -731,19 +725,19 @@ class Pool:
             for job_id in self._dirty:
                 r = self._running.get(job_id)
                 if r is not None and r.progress is not None:
-                    batch.append((job_id, r.lease.token, r.progress))
+                    batch.append(Update(job_id=job_id, token=r.lease.token, progress=r.progress))
             self._dirty.clear()
             if batch:
                 try:
-                    answers = await self.core.queue.set_progress(batch)
+                    answers = await self.core.queue.update(batch)
                 except BackendError as exc:
                     log.warning("backend.progress_failed", error=str(exc))
                 else:
-                    for (job_id, token, _), ok in zip(batch, answers, strict=True):
+                    for u, ok in zip(batch, answers, strict=True):
                         if ok:
-                            self.core.hub.job_changed(job_id)
+                            self.core.hub.job_changed(u.job_id)
                         else:
-                            self._lost(job_id, token)
+                            self._lost(u.job_id, u.token)
             await asyncio.sleep(PROGRESS_INTERVAL)
 
 

@@ -71,7 +71,7 @@ METERED = (
     "enqueue",
     "lease",
     "heartbeat",
-    "set_progress",
+    "update",
     "finish",
     "cancel",
     "get",

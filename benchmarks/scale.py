@@ -78,8 +78,9 @@ import msgspec
 
 import arqd
 from arqd import logs
-from arqd.backends.base import QueueBackend, ResultStore
+from arqd.backends.base import QueueBackend
 from arqd.config import Config
+from arqd.results.base import ResultStore
 from arqd.stores import make_queue, make_results
 from benchmarks.http_api import WRK_SCRIPT, hammer
 from benchmarks.throughput import percentile

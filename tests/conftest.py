@@ -18,17 +18,19 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from arqd.backends.base import QueueBackend, ResultStore
-from arqd.backends.files import FileResults
-from arqd.backends.memory import MemoryQueue, MemoryResults
+from arqd.backends.base import QueueBackend
+from arqd.backends.memory import MemoryQueue
 from arqd.backends.sqlite import SqliteQueue
 from arqd.clock import ManualClock
+from arqd.results.base import ResultStore
+from arqd.results.files import FileResults
+from arqd.results.memory import MemoryResults
 
 from .daemons import Daemons
 
 if TYPE_CHECKING:
     from arqd.backends.dynamodb import DynamoSettings
-    from arqd.backends.s3 import S3Settings
+    from arqd.results.s3 import S3Settings
 
 QueueFactory = Callable[[ManualClock], QueueBackend]
 
@@ -115,7 +117,7 @@ def dynamo_settings(endpoint: str, **overrides: object) -> DynamoSettings:
 
 def s3_settings(endpoint: str, **overrides: object) -> S3Settings:
     """Settings for a fresh bucket on ``endpoint``."""
-    from arqd.backends.s3 import S3Settings
+    from arqd.results.s3 import S3Settings
 
     fields: dict[str, object] = {
         "bucket": f"arqd-{uuid.uuid4().hex[:12]}",
@@ -177,7 +179,7 @@ async def results(
     if request.param == "memory":
         store = MemoryResults(clock=clock)
     elif request.param == "s3":
-        from arqd.backends.s3 import S3Results
+        from arqd.results.s3 import S3Results
 
         store = S3Results(s3_settings(request.getfixturevalue("moto_url")), clock=clock)
     else:

@@ -10,16 +10,16 @@ import pytest
 
 from arqd.backends.base import ListFilter
 from arqd.backends.dynamodb import DynamoQueue
-from arqd.backends.memory import MemoryResults
 from arqd.clock import ManualClock
 from arqd.config import Config
 from arqd.core import Core
 from arqd.errors import BackendError, Unstorable
 from arqd.model import GroupMemberSpec
+from arqd.results.memory import MemoryResults
 
 from .conftest import dynamo_settings
+from .contract import new
 from .faultproxy import FaultProxy, Faults
-from .test_contract_queue import new
 
 pytestmark = pytest.mark.timeout(180)
 ALWAYS = 1.0  # a fault on every request it applies to, retries included

@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from arqd.backends.base import Outcome
+from arqd.backends.base import Outcome, Update
 from arqd.backends.dynamodb import GSIS, DynamoQueue, _Grant
-from arqd.backends.s3 import S3Results
 from arqd.clock import ManualClock
 from arqd.config import QueueConfig, ResultsConfig
 from arqd.model import (
@@ -27,10 +26,11 @@ from arqd.model import (
     new_job_id,
     new_token,
 )
+from arqd.results.s3 import S3Results
 from arqd.stores import init_aws, make_queue, make_results
 
 from .conftest import AWS_FAKE_KEY, AWS_REGION, dynamo_settings
-from .test_contract_queue import new
+from .contract import new
 
 VT = 30.0
 
@@ -156,7 +156,9 @@ async def test_a_fresh_lease_is_not_rewritten_by_every_heartbeat(table: DynamoQu
     (beat,) = await table.heartbeat([(lease.job.id, lease.token)], VT)
     assert beat.held and not beat.cancel_requested
     assert seen["UpdateItem"] == 0
-    await table.cancel(lease.job.id)  # tries queued → cancelled, then sets cancel_requested
+    await table.cancel(
+        lease.job.id, free_key=True
+    )  # tries queued → cancelled, then sets cancel_requested
     (beat,) = await table.heartbeat([(lease.job.id, lease.token)], VT)
     assert beat.held and beat.cancel_requested
     assert seen["UpdateItem"] == 2
@@ -268,11 +270,11 @@ async def test_drop_results_walks_one_area_and_frees_keys(table: DynamoQueue):
         table, clock, 7, state=State.SUCCEEDED, result=ref, expires_at=clock.time() + 99
     )
     dropped: list[str] = []
-    while batch := await table.drop_results(False, 3):
+    while batch := await table.drop_results(False, 3, frees_key=lambda job: True):
         assert len(batch) <= 3
         dropped += [j.id for j in batch]
     assert sorted(dropped) == sorted(temporary)
-    assert await table.drop_results(True, 10) == []
+    assert await table.drop_results(True, 10, frees_key=lambda job: True) == []
     jobs = await table.get_many(temporary)
     assert all(j is not None and j.result == ResultRef(area=DROPPED) for j in jobs)
     for job in jobs:
@@ -281,7 +283,7 @@ async def test_drop_results_walks_one_area_and_frees_keys(table: DynamoQueue):
 
 
 async def test_steps_groups_and_recovered_leases(table: DynamoQueue):
-    """save_steps is fenced by the lease; a group record round-trips; a lease taken over from an
+    """A steps update is fenced by the lease; a group record round-trips; a lease taken over from an
     expired one says so."""
     clock = table.clock
     assert isinstance(clock, ManualClock)
@@ -289,12 +291,15 @@ async def test_steps_groups_and_recovered_leases(table: DynamoQueue):
     (first,) = await table.lease(["default"], 1, VT, "w1")
     assert not first.recovered and first.job.name == "first"
     steps = [StepState(name="reserve", state="succeeded", status=201, attempts=1)]
-    assert await table.save_steps(job.id, first.token, steps, {"reserve": {"status": 201}})
+    cp = {"reserve": {"status": 201}}
+    saved = Update(job_id=job.id, token=first.token, steps=steps, checkpoint=cp)
+    assert await table.update([saved]) == [True]
     clock.advance(VT + 1)
     (second,) = await table.lease(["default"], 1, VT, "w2")
     assert second.recovered and second.job.steps == steps
     assert second.job.checkpoint == {"reserve": {"status": 201}}
-    assert not await table.save_steps(job.id, first.token, [], {})
+    late = Update(job_id=job.id, token=first.token, steps=[], checkpoint={})
+    assert await table.update([late]) == [False]
     gid = new_job_id()
     member = new(clock, group_id=gid, name="a")
     record = GroupRecord(

@@ -13,14 +13,14 @@ import pytest
 
 from arqd.backends.base import Lease, ListFilter, Outcome
 from arqd.backends.dynamodb import DynamoQueue
-from arqd.backends.s3 import S3Results
 from arqd.clock import ManualClock
 from arqd.errors import BackendError, BackendUnavailable
 from arqd.model import NewJob, State, blob_name, new_job_id, new_token
+from arqd.results.s3 import S3Results
 
 from .conftest import dynamo_settings, free_port, s3_settings
+from .contract import new
 from .faultproxy import FaultProxy, Faults
-from .test_contract_queue import new
 
 T = TypeVar("T")
 VT = 30.0

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from arqd.backends.s3 import (
+from arqd.errors import BackendUnavailable, ConfigError
+from arqd.model import blob_name, new_job_id, new_token
+from arqd.results.s3 import (
     LIFECYCLE_ABORT,
     LIFECYCLE_TEMPORARY,
     MIN_PART,
@@ -17,8 +19,6 @@ from arqd.backends.s3 import (
     S3Writer,
     init_bucket,
 )
-from arqd.errors import BackendUnavailable, ConfigError
-from arqd.model import blob_name, new_job_id, new_token
 
 from .conftest import s3_settings
 from .faultproxy import FaultProxy, Faults

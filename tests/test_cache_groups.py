@@ -12,13 +12,15 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 import arqd
-from arqd.backends.base import QueueBackend, ResultStore
-from arqd.backends.files import FileResults
-from arqd.backends.memory import MemoryQueue, MemoryResults
+from arqd.backends.base import QueueBackend
+from arqd.backends.memory import MemoryQueue
 from arqd.backends.sqlite import SqliteQueue
 from arqd.clock import ManualClock
 from arqd.config import Config
 from arqd.http.server import make_app
+from arqd.results.base import ResultStore
+from arqd.results.files import FileResults
+from arqd.results.memory import MemoryResults
 
 from .util import eventually
 
@@ -78,7 +80,7 @@ def _backends(
             FileResults(str(tmp_path / "results"), clock=clock),
         )
     from arqd.backends.dynamodb import DynamoQueue
-    from arqd.backends.s3 import S3Results
+    from arqd.results.s3 import S3Results
 
     from .conftest import dynamo_settings, s3_settings
 

@@ -19,9 +19,9 @@ from aiohttp.test_utils import TestServer
 
 import arqd
 from arqd.api import JobsAPI
-from arqd.backends.memory import MemoryResults
 from arqd.config import Config
 from arqd.http.server import make_app
+from arqd.results.memory import MemoryResults
 
 from .daemons import Daemons, sqlite_config
 from .util import eventually

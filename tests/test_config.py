@@ -13,10 +13,11 @@ import msgspec
 import pytest
 
 import arqd
-from arqd.backends.memory import MemoryQueue, MemoryResults
+from arqd.backends.memory import MemoryQueue
 from arqd.config import Config, load_config, parse_duration, parse_size
 from arqd.errors import ConfigError
 from arqd.handlers import Registry
+from arqd.results.memory import MemoryResults
 
 from .daemons import Daemons, sqlite_config
 

@@ -62,7 +62,7 @@ OpenPage = Callable[[Daemon], Awaitable[Page]]
 @pytest.fixture
 def chromium() -> Path:
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: install it with scripts/ci-system-deps")
+        pytest.fail(f"{CHROMIUM} is missing: install it with scripts/ci-system-deps")
     return CHROMIUM
 
 

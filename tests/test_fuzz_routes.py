@@ -37,9 +37,10 @@ from hypothesis import strategies as st
 
 import arqd
 from arqd.backends.base import ListFilter
-from arqd.backends.memory import MemoryQueue, MemoryResults
+from arqd.backends.memory import MemoryQueue
 from arqd.config import Config
 from arqd.http.server import ROUTES, make_app
+from arqd.results.memory import MemoryResults
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,10 +11,11 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 import arqd
-from arqd.backends.memory import MemoryQueue, MemoryResults
+from arqd.backends.memory import MemoryQueue
 from arqd.clock import ManualClock
 from arqd.config import Config
 from arqd.http.server import make_app
+from arqd.results.memory import MemoryResults
 
 from .util import eventually
 

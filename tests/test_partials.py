@@ -1,5 +1,5 @@
 """Partial results of writers that died are swept; a live writer's never is (the files store,
-``arqd/backends/files.py``): in one process, across processes, and with a daemon killed -9
+``arqd/results/files.py``): in one process, across processes, and with a daemon killed -9
 in the middle of streaming a large result."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from arqd.backends.files import FileResults
 from arqd.model import blob_name, new_job_id, new_token
+from arqd.results.files import FileResults
 
 from .daemons import ROOT, Daemons, sqlite_config
 from .util import eventually
@@ -46,7 +46,7 @@ async def test_a_sweep_removes_dead_partials_and_never_a_live_writers(tmp_path: 
 HOLDER = textwrap.dedent(
     """
     import asyncio, sys
-    from arqd.backends.files import FileResults
+    from arqd.results.files import FileResults
     from arqd.model import blob_name, new_job_id, new_token
 
     async def main():

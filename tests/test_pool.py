@@ -14,11 +14,11 @@ import pytest
 from structlog.testing import capture_logs
 
 import arqd
-from arqd.backends.base import Outcome
-from arqd.backends.memory import MemoryQueue, MemoryResults
+from arqd.backends.base import Outcome, Update
+from arqd.backends.memory import MemoryQueue
 from arqd.clock import ManualClock
 from arqd.config import Config
-from arqd.model import Progress
+from arqd.results.memory import MemoryResults
 
 from .util import eventually
 
@@ -261,9 +261,9 @@ async def test_progress_writes_are_coalesced(tmp_path: Path):
     writes: list[int] = []
 
     class CountingQueue(MemoryQueue):
-        async def set_progress(self, updates: Sequence[tuple[str, str, Progress]]) -> list[bool]:
+        async def _update(self, updates: Sequence[Update]) -> list[bool]:
             writes.append(len(updates))
-            return await super().set_progress(updates)
+            return await super()._update(updates)
 
     app = arqd.App(make_config("memory", tmp_path), queue=CountingQueue())
     register_test_handlers(app)

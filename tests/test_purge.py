@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from arqd.backends.base import Outcome, QueueBackend, ResultStore
+from arqd.backends.base import Outcome, QueueBackend
 from arqd.clock import ManualClock
 from arqd.config import Config
 from arqd.core import Core
 from arqd.errors import ResultExpired
 from arqd.model import ResultRef, State, blob_name, new_job_id, new_token
+from arqd.results.base import ResultStore
 
-from .test_contract_queue import VT, put
+from .contract import VT, put
 
 BLOB = b"result " * 100
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from arqd.backends.sqlite import SqliteQueue
 from arqd.clock import ManualClock
 from arqd.model import State
-from tests.test_contract_queue import new, put
+from tests.contract import new, put
 
 
 async def test_a_held_write_lock_moves_the_call_off_the_loop(tmp_path: Path):

@@ -8,13 +8,13 @@ import sqlite3
 
 import pytest
 
-from arqd.backends import sqlite as sq
+from arqd.backends import sqlite_queries as sq
 from arqd.backends.base import ListFilter
 from arqd.model import State
 
 HOT = {
     "lease": (
-        sq.SQL_LEASE,
+        sq.LEASE,
         {
             "now": 1,
             "token": "t",
@@ -25,16 +25,16 @@ HOT = {
             "limit": 100,
         },
     ),
-    "lease probe": (sq.SQL_ANY_VISIBLE, ("q", "queued", 1)),
-    "droppable": (sq.SQL_DROPPABLE, ("", 0, 1e18, 1000)),
-    "drop take": (sq.SQL_DROP_TAKE, ("id",)),
-    "heartbeat": (sq.SQL_HEARTBEAT, (1, "id", "t")),
-    "progress": (sq.SQL_PROGRESS, (b"{}", "id", "t")),
-    "requeue": (sq.SQL_REQUEUE, (0, 1, 1, 1, None, "id", "t")),
-    "end": (sq.SQL_END, ("succeeded", 0, 1, 1, None, None, None, "id", "t")),
-    "get": (sq.SQL_GET, ("id",)),
-    "oldest": (sq.SQL_OLDEST, ("q", 1)),
-    "key holder": (sq.SQL_KEY_HOLDER, ("k", 1)),
+    "lease probe": (sq.ANY_VISIBLE, ("q", "queued", 1)),
+    "droppable": (sq.DROPPABLE, ("", 0, 1e18, 1000)),
+    "drop take": (sq.DROP_TAKE, ("id",)),
+    "heartbeat": (sq.HEARTBEAT, (1, "id", "t")),
+    "update": (sq.UPDATE, ("{}", None, None, "id", "t")),
+    "requeue": (sq.REQUEUE, (0, 1, 1, 1, None, "id", "t")),
+    "end": (sq.END, ("succeeded", 0, 1, 1, None, None, None, "id", "t")),
+    "get": (sq.GET, ("id",)),
+    "oldest": (sq.OLDEST, ("q", 1)),
+    "key holder": (sq.KEY_HOLDER, ("k", 1)),
 }
 
 
@@ -81,6 +81,6 @@ def test_listing_dead_jobs_uses_the_partial_index(state: str):
 def test_redrive_uses_the_partial_index():
     conn = sqlite3.connect(":memory:")
     conn.executescript(sq.SCHEMA)
-    params = {"now": 1, "queue": "q"}
-    plan = " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sq.SQL_REDRIVE, params))
+    params = {"ready": 1, "attempts": 0, "queue": "q"}
+    plan = " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sq.REDRIVE, params))
     assert "jobs_dead" in plan and "SCAN" not in plan, plan

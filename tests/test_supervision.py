@@ -66,8 +66,10 @@ async def test_nan_timer_does_not_stop_heartbeats_or_timeouts(tmp_path: Path, da
     assert hung.state == "failed" and hung.error is not None
     assert hung.error.type == "TimeoutError"
     assert d.events("job.lease_lost") == []
-    repaired = d.wait_log("loop.timers_repaired")
-    assert repaired["level"] == "error" and repaired["dropped"] == 32
+    # The watchdog may find the 32 NaN timers over more than one pass (a loaded machine).
+    d.wait_log("loop.timers_repaired")
+    await eventually(lambda: sum(e["dropped"] for e in d.events("loop.timers_repaired")) == 32)
+    assert {e["level"] for e in d.events("loop.timers_repaired")} == {"error"}
 
 
 async def test_a_blocked_event_loop_is_reported_with_how_late(tmp_path: Path, daemons: Daemons):

@@ -61,8 +61,13 @@ from arqd.backends.base import (
     Outcome,
     QueueBackend,
     QueueStats,
+    Redrive,
+    StateCounts,
+    Update,
     WorkerInfo,
     convert_all,
+    droppable,
+    fifo,
     group_record,
     storable_group,
     storable_job,
@@ -74,10 +79,8 @@ from arqd.model import (
     GroupRecord,
     Job,
     NewJob,
-    Progress,
     ResultRef,
     State,
-    StepState,
     new_token,
 )
 
@@ -192,7 +195,6 @@ LEASE_SET = (
     "#va = :expires, #v = #v + :one"
 )
 HEARTBEAT_SET = "SET #va = :until"
-PROGRESS_SET = "SET #pg = :pg, #v = #v + :one"
 REQUEUE_SET = (
     "SET #st = :queued, #at = #at - :give, #ra = :ready, #va = :ready, #ft = :ft, "
     "#v = #v + :one{sets} REMOVE #lt, #lw{removes}"
@@ -200,16 +202,16 @@ REQUEUE_SET = (
 END_SET = "SET #st = :state, #at = #at - :give, #fa = :now, #ft = :ft, #v = #v + :one"
 END_REMOVE = "REMOVE #va, #vq, #lt, #lw"  # out of the visibility index
 CANCEL_QUEUED_SET = (
-    "SET #st = :cancelled, #fa = :now, #dq = #lq, #kf = :true, #v = #v + :one REMOVE #va, #vq"
+    "SET #st = :cancelled, #fa = :now, #dq = #lq, #v = #v + :one{sets} REMOVE #va, #vq"
 )
 CANCEL_RUNNING_SET = "SET #cr = :true, #v = #v + :one"
 CANCEL_RUNNING_IF = "#st = :running AND #cr = :false"
 REDRIVE_SET = (
-    "SET #st = :queued, #at = :zero, #ra = :now, #va = :now, #vq = #lq, #v = #v + :one "
-    "REMOVE #fa, #er, #dq, #xp, #ttl"
+    "SET #st = :queued, #at = :attempts, #ra = :ready, #va = :ready, #vq = #lq, "
+    "#v = #v + :one REMOVE #fa, #er, #dq, #xp, #ttl"
 )
-STEPS_SET = "SET #sp = :sp, #cp = :cp, #v = #v + :one"
-DROP_SET = "SET #rs = :dropped, #kf = :true, #v = #v + :one"
+DROP_SET = "SET #rs = :dropped, #v = #v + :one"
+FREE_KEY_SET = "#kf = :true"  # joins a SET: the job no longer holds its key
 DROP_IF = "#st = :succeeded AND #v = :seen_v"
 SWEEP_IF = "attribute_exists(#xp) AND #x <= :now"
 KEY_STALE = "#j = :stale"
@@ -377,9 +379,12 @@ def _state(item: Item) -> str:
 
 
 def _holds_key(item: Item | None, now: float) -> bool:
-    """Whether a job item still holds its dedupe key (the rule of the memory backend)."""
+    """Whether a job item still holds its dedupe key (the rule of the memory backend): not
+    freed (``kf``), and kept (``kp``: an outcome's ``keep_key``) or not expired (``x``)."""
     if item is None or item.get("kf", FALSE)["BOOL"]:
         return False
+    if item.get("kp", FALSE)["BOOL"]:
+        return True
     expires = item.get("x")
     return expires is None or float(expires["N"]) > now
 
@@ -780,25 +785,12 @@ class _ListPlan:
     state: State | None = None
 
 
-class _Counts:
+class _Counts(StateCounts):
     """Per-(queue, state) changes made by this process and not yet written to the ``Q`` items."""
 
-    def __init__(self) -> None:
-        self.pending: dict[tuple[str, str], int] = {}
-
-    def add(self, queue: str, state: str, n: int = 1) -> None:
-        self.pending[queue, state] = self.pending.get((queue, state), 0) + n
-
-    def move(self, queue: str, old: str, new: str) -> None:
-        self.add(queue, old, -1)
-        self.add(queue, new, 1)
-
     def take(self) -> dict[str, dict[str, int]]:
-        by_queue: dict[str, dict[str, int]] = {}
-        for (queue, state), n in self.pending.items():
-            if n:
-                by_queue.setdefault(queue, {})[state] = n
-        self.pending.clear()
+        by_queue = self.by_queue()
+        self.clear()
         return by_queue
 
     def give_back(self, by_queue: dict[str, dict[str, int]]) -> None:
@@ -807,28 +799,8 @@ class _Counts:
                 self.add(queue, state, n)
 
 
-def _fifo(lease: Lease) -> tuple[datetime, str]:
-    return lease.job.ready_at, lease.job.id
-
-
-def _matches(job: Job, where: ListFilter) -> bool:
-    return (
-        (where.queue is None or job.queue == where.queue)
-        and (where.state is None or job.state is where.state)
-        and (where.handler is None or job.handler == where.handler)
-        and (where.group_id is None or job.group_id == where.group_id)
-        and (where.owner is None or job.owner == where.owner)
-    )
-
-
-def _droppable(result: ResultRef | None) -> bool:
-    return result is not None and result.area != DROPPED
-
-
-def _finished_before(job: Job, before: float | None) -> bool:
-    if before is None:
-        return True
-    return job.finished_at is not None and job.finished_at.timestamp() <= before
+def _lease_fifo(lease: Lease) -> tuple[datetime, str]:
+    return fifo(lease.job)
 
 
 def _ttl(expires_at: float) -> dict[str, str]:
@@ -909,7 +881,7 @@ class DynamoQueue(QueueBackend):
         except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
             raise _translate(op, exc) from exc
 
-    async def _update(self, key: Item, **kw: Any) -> Item:
+    async def _update_item(self, key: Item, **kw: Any) -> Item:
         """A conditional UpdateItem answering the new item; refusals carry the old one."""
         out = await self._call(
             "update_item",
@@ -1037,7 +1009,7 @@ class DynamoQueue(QueueBackend):
 
     # --- submit -----------------------------------------------------------------------------------
 
-    async def enqueue(
+    async def _enqueue(
         self, jobs: Sequence[NewJob], group: GroupRecord | None = None
     ) -> list[Enqueued]:
         """Every item is converted and checked against DynamoDB's limits before the first
@@ -1270,7 +1242,7 @@ class DynamoQueue(QueueBackend):
 
     # --- leasing ----------------------------------------------------------------------------------
 
-    async def lease(
+    async def _lease(
         self, queues: Sequence[str], limit: int, lease_for: float, worker: str
     ) -> list[Lease]:
         now = self.clock.time()
@@ -1304,7 +1276,7 @@ class DynamoQueue(QueueBackend):
         except BackendError:
             if not got:
                 raise
-        return sorted(got, key=_fifo)
+        return sorted(got, key=_lease_fifo)
 
     async def _lease_wave(
         self, queue: str, shards: list[int], want: int, grant: _Grant, got: list[Lease]
@@ -1401,7 +1373,9 @@ class DynamoQueue(QueueBackend):
             "expires": _n(grant.expires),
         }
         try:
-            item = await self._update(_job_key(cand.job_id), **_expr(LEASE_SET, LEASE_IF, **values))
+            item = await self._update_item(
+                _job_key(cand.job_id), **_expr(LEASE_SET, LEASE_IF, **values)
+            )
         except _ConditionFailed as exc:
             if exc.item is None or exc.item.get("lt") != _s(grant.token):
                 return None  # another consumer was first, or the index was stale
@@ -1411,7 +1385,7 @@ class DynamoQueue(QueueBackend):
 
     # --- while running ----------------------------------------------------------------------------
 
-    async def heartbeat(
+    async def _heartbeat(
         self, leases: Sequence[tuple[str, str]], lease_for: float
     ) -> list[HeartbeatReply]:
         now = self.clock.time()
@@ -1436,7 +1410,7 @@ class DynamoQueue(QueueBackend):
     async def _extend(self, job_id: str, token: str, until: float) -> HeartbeatReply:
         values = {"until": _n(until), "running": _s(State.RUNNING.value), "token": _s(token)}
         try:
-            item = await self._update(_job_key(job_id), **_expr(HEARTBEAT_SET, HELD, **values))
+            item = await self._update_item(_job_key(job_id), **_expr(HEARTBEAT_SET, HELD, **values))
         except _ConditionFailed:
             self._extended.pop((job_id, token), None)
             return HeartbeatReply(held=False, cancel_requested=False)
@@ -1462,25 +1436,30 @@ class DynamoQueue(QueueBackend):
             replies.append(HeartbeatReply(held=held, cancel_requested=cancel))
         return replies
 
-    async def set_progress(self, updates: Sequence[tuple[str, str, Progress]]) -> list[bool]:
-        async def one(job_id: str, token: str, progress: Progress) -> bool:
-            values = {
-                "pg": _j(progress),
+    async def _update(self, updates: Sequence[Update]) -> list[bool]:
+        async def one(u: Update) -> bool:
+            values: dict[str, Any] = {
                 "one": ONE,
                 "running": _s(State.RUNNING.value),
-                "token": _s(token),
+                "token": _s(u.token),
             }
+            sets = ["#v = #v + :one"]
+            if u.progress is not None:
+                sets.append("#pg = :pg")
+                values["pg"] = _j(u.progress)
+            if u.steps is not None:
+                sets += ["#sp = :sp", "#cp = :cp"]
+                values.update(sp=_j(u.steps), cp=_j(u.checkpoint or {}))
+            update = "SET " + ", ".join(sets)
             try:
-                await self._update(_job_key(job_id), **_expr(PROGRESS_SET, HELD, **values))
+                await self._update_item(_job_key(u.job_id), **_expr(update, HELD, **values))
             except _ConditionFailed:
                 return False
             return True
 
-        return await self._all(one(*u) for u in updates)
+        return await self._all(one(u) for u in updates)
 
-    # --- the end of an attempt --------------------------------------------------------------------
-
-    async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
+    async def _finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
         now = self.clock.time()
         return await self._all(self._finish_one(o, now) for o in outcomes)
 
@@ -1491,7 +1470,7 @@ class DynamoQueue(QueueBackend):
         values.update(running=_s(State.RUNNING.value), token=_s(o.token), ft=mark)
         fresh = True
         try:
-            await self._update(_job_key(job.id), **_expr(update, HELD, **values))
+            await self._update_item(_job_key(job.id), **_expr(update, HELD, **values))
         except _ConditionFailed as exc:
             if exc.item is None or exc.item.get("ft") != mark:
                 return False  # fenced: this lease no longer holds the job
@@ -1519,24 +1498,26 @@ class DynamoQueue(QueueBackend):
                 kw = _expr("SET #ttl = :ttl", KEY_OURS, ttl=_ttl(expires_at), id=_s(job_id))
                 await self._call("update_item", TableName=self.table, Key=_key_key(key), **kw)
 
-    async def cancel(self, job_id: str) -> Job | None:
-        values = {
+    async def _cancel(self, job_id: str, *, free_key: bool) -> Job | None:
+        values: dict[str, Any] = {
             "cancelled": _s(State.CANCELLED.value),
             "queued": _s(State.QUEUED.value),
             "now": _n(self.clock.time()),
-            "true": TRUE,
             "one": ONE,
         }
+        sets = ""
+        if free_key:
+            sets, values["true"] = f", {FREE_KEY_SET}", TRUE
         try:
-            kw = _expr(CANCEL_QUEUED_SET, "#st = :queued", **values)
-            item = await self._update(_job_key(job_id), **kw)
+            kw = _expr(CANCEL_QUEUED_SET.format(sets=sets), "#st = :queued", **values)
+            item = await self._update_item(_job_key(job_id), **kw)
         except _ConditionFailed as exc:
             if exc.item is None:
                 return None
             return await self._cancel_running(job_id, exc.item)
         job = _decode_job(item)
         self._counts.move(job.queue, State.QUEUED.value, State.CANCELLED.value)
-        if job.key is not None:
+        if free_key and job.key is not None:
             await self._tidy_key(job.key, job.id, free=True, expires_at=None)
         return job
 
@@ -1546,11 +1527,11 @@ class DynamoQueue(QueueBackend):
         values = {"true": TRUE, "false": FALSE, "running": _s(State.RUNNING.value), "one": ONE}
         try:
             kw = _expr(CANCEL_RUNNING_SET, CANCEL_RUNNING_IF, **values)
-            return _decode_job(await self._update(_job_key(job_id), **kw))
+            return _decode_job(await self._update_item(_job_key(job_id), **kw))
         except _ConditionFailed as exc:  # it ended (or was asked to) meanwhile
             return _decode_job(exc.item) if exc.item else _decode_job(item)
 
-    async def delete(self, job_id: str) -> Job | None:
+    async def _delete(self, job_id: str) -> Job | None:
         item = await self._get_item(_job_key(job_id))
         if item is None:
             return None
@@ -1572,25 +1553,25 @@ class DynamoQueue(QueueBackend):
             await self._tidy_key(job.key, job.id, free=True, expires_at=None)
         return job
 
-    async def redrive(self, queue: str) -> int:
-        now = self.clock.time()
+    async def _redrive(self, plan: Redrive) -> int:
+        now, queue = self.clock.time(), plan.queue
         failed = await self._dead_ids(queue, State.FAILED)
 
         async def one(job_id: str) -> bool:
             values = {
                 "queued": _s(State.QUEUED.value),
                 "failed": _s(State.FAILED.value),
-                "zero": ZERO,
-                "now": _n(now),
+                "attempts": _n(plan.attempts),
+                "ready": _n(plan.ready_at),
                 "one": ONE,
             }
             try:
                 kw = _expr(REDRIVE_SET, "#st = :failed", **values)
-                item = await self._update(_job_key(job_id), **kw)
+                item = await self._update_item(_job_key(job_id), **kw)
             except _ConditionFailed:
                 return False  # deleted or redriven by someone else meanwhile
             self._counts.move(queue, State.FAILED.value, State.QUEUED.value)
-            key = item.get("k")
+            key = item.get("k") if plan.take_keys else None
             if key is not None and await self._take_key(key["S"], job_id, now):
                 kw = _expr("REMOVE #kf")
                 await self._call("update_item", TableName=self.table, Key=_job_key(job_id), **kw)
@@ -1616,17 +1597,17 @@ class DynamoQueue(QueueBackend):
 
     # --- reads ------------------------------------------------------------------------------------
 
-    async def get(self, job_id: str) -> Job | None:
+    async def _get(self, job_id: str) -> Job | None:
         item = await self._get_item(_job_key(job_id))
         return None if item is None else _decode_job(item)
 
-    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+    async def _get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         items = await self._batch_get(
             [_job_key(i) for i in dict.fromkeys(job_ids)], consistent=True
         )
         return [_decode_job(items[f"J#{i}"]) if f"J#{i}" in items else None for i in job_ids]
 
-    async def find_by_key(self, key: str) -> Job | None:
+    async def _find_by_key(self, key: str) -> Job | None:
         pointer = await self._get_item(_key_key(key))
         if pointer is None:
             return None
@@ -1636,7 +1617,7 @@ class DynamoQueue(QueueBackend):
         assert item is not None
         return _decode_job(item)
 
-    async def list_jobs(
+    async def _list_jobs(
         self, where: ListFilter, limit: int, cursor: str | None
     ) -> tuple[list[Job], str | None]:
         """Newest first, merged from the partitions of one key-only index and filtered on the
@@ -1652,7 +1633,7 @@ class DynamoQueue(QueueBackend):
             for job_id in ids:
                 item = items.get(f"J#{job_id}")
                 job = None if item is None else _decode_job(item)
-                if job is not None and _matches(job, where):
+                if job is not None and where.matches(job):
                     matches.append(job)
                     if len(matches) > limit:
                         return matches[:limit], matches[limit - 1].id
@@ -1705,7 +1686,7 @@ class DynamoQueue(QueueBackend):
         ids = sorted({i for got, _, _ in pages for i in got if floor is None or i >= floor})
         return ids[::-1], floor, sum(scanned for _, _, scanned in pages)
 
-    async def stats(self) -> list[QueueStats]:
+    async def _stats(self) -> list[QueueStats]:
         await self._flush_counts()
         now = self.clock.time()
         items = await self._query_all(
@@ -1756,27 +1737,11 @@ class DynamoQueue(QueueBackend):
 
     # --- multi-step jobs, groups, the result cache ------------------------------------------------
 
-    async def save_steps(
-        self, job_id: str, token: str, steps: list[StepState], checkpoint: dict[str, Any]
-    ) -> bool:
-        values = {
-            "sp": _j(steps),
-            "cp": _j(checkpoint),
-            "one": ONE,
-            "running": _s(State.RUNNING.value),
-            "token": _s(token),
-        }
-        try:
-            await self._update(_job_key(job_id), **_expr(STEPS_SET, HELD, **values))
-        except _ConditionFailed:
-            return False
-        return True
-
-    async def get_group(self, group_id: str) -> GroupRecord | None:
+    async def _get_group(self, group_id: str) -> GroupRecord | None:
         item = await self._get_item({"pk": _s(f"G#{group_id}"), "sk": _s(GROUP_SK)})
         return None if item is None else msgspec.json.decode(item["rec"]["S"], type=GroupRecord)
 
-    async def sweep_expired(self, limit: int) -> list[Job]:
+    async def _sweep_expired(self, limit: int) -> list[Job]:
         """Expired ended jobs (from ``exp``), each deleted by a conditional DeleteItem: of many
         sweepers racing for a job, one deletes it and answers it. Each call visits the
         partitions in random order, ``LEASE_FANOUT`` at a time, until it has ``limit``
@@ -1825,8 +1790,13 @@ class DynamoQueue(QueueBackend):
             await self._tidy_key(job.key, job.id, free=True, expires_at=None)
         return job
 
-    async def drop_results(
-        self, sticky: bool, limit: int, before: float | None = None
+    async def _drop_results(
+        self,
+        sticky: bool,
+        limit: int,
+        before: float | None = None,
+        *,
+        frees_key: Callable[[Job], bool],
     ) -> list[Job]:
         """Walk the succeeded jobs (through ``list``: a purge is an operator's rare act) and drop
         the results of those with this ``sticky`` flag, each by an update conditional on the
@@ -1836,16 +1806,12 @@ class DynamoQueue(QueueBackend):
         cursor = self._drop_cursor.pop(sticky, None)
         where = ListFilter(state=State.SUCCEEDED)
         while len(dropped) < limit:
-            page, after = await self.list_jobs(where, 100, cursor)
-            doomed = [
-                j
-                for j in page
-                if j.sticky is sticky and _droppable(j.result) and _finished_before(j, before)
-            ]
+            page, after = await self._list_jobs(where, 100, cursor)
+            doomed = [j for j in page if droppable(j, sticky, before)]
             doomed = doomed[: limit - len(dropped)]
             if doomed and doomed[-1] is not page[-1]:
                 after = doomed[-1].id  # the batch is full: go on just below its last job
-            won = await self._all(self._drop_one(j) for j in doomed)
+            won = await self._all(self._drop_one(j, frees_key(j)) for j in doomed)
             dropped += [j for j, ok in zip(doomed, won, strict=True) if ok]
             cursor = after
             if cursor is None:
@@ -1854,23 +1820,25 @@ class DynamoQueue(QueueBackend):
             self._drop_cursor[sticky] = cursor
         return dropped
 
-    async def _drop_one(self, job: Job) -> bool:
-        values = {
+    async def _drop_one(self, job: Job, free_key: bool) -> bool:
+        values: dict[str, Any] = {
             "dropped": _j(ResultRef(area=DROPPED)),
-            "true": TRUE,
             "one": ONE,
             "succeeded": _s(State.SUCCEEDED.value),
             "seen_v": _n(job.version),
         }
+        update = DROP_SET
+        if free_key:
+            update, values["true"] = f"{DROP_SET}, {FREE_KEY_SET}", TRUE
         try:
-            await self._update(_job_key(job.id), **_expr(DROP_SET, DROP_IF, **values))
+            await self._update_item(_job_key(job.id), **_expr(update, DROP_IF, **values))
         except _ConditionFailed:
             return False  # changed (or dropped by another purge) since the walk read it
-        if job.key is not None:
+        if job.key is not None and free_key:
             await self._tidy_key(job.key, job.id, free=True, expires_at=None)
         return True
 
-    async def ping(self) -> None:
+    async def _ping(self) -> None:
         await self._call(
             "get_item",
             client=self._ping_client,
@@ -1880,7 +1848,7 @@ class DynamoQueue(QueueBackend):
 
     # --- the worker registry ----------------------------------------------------------------------
 
-    async def register_worker(self, info: WorkerInfo) -> None:
+    async def _register_worker(self, info: WorkerInfo) -> None:
         item = {
             "pk": _s(WORKERS_PK),
             "sk": _s(info.id),
@@ -1893,11 +1861,11 @@ class DynamoQueue(QueueBackend):
         }
         await self._call("put_item", TableName=self.table, Item=item)
 
-    async def remove_worker(self, worker_id: str) -> None:
+    async def _remove_worker(self, worker_id: str) -> None:
         key = {"pk": _s(WORKERS_PK), "sk": _s(worker_id)}
         await self._call("delete_item", TableName=self.table, Key=key)
 
-    async def list_workers(self, seen_since: float) -> list[WorkerInfo]:
+    async def _list_workers(self, seen_since: float) -> list[WorkerInfo]:
         values = _pk_values(WORKERS_PK)
         values["ExpressionAttributeNames"]["#ls"] = "ls"
         values["ExpressionAttributeValues"][":since"] = _n(seen_since)
@@ -1921,7 +1889,7 @@ class DynamoQueue(QueueBackend):
 
     # --- marks ------------------------------------------------------------------------------------
 
-    async def advance_mark(self, name: str, value: float) -> float | None:
+    async def _advance_mark(self, name: str, value: float) -> float | None:
         """One conditional UpdateItem on ``pk = "M#<name>"``: it raises the mark or, refused,
         answers the mark that stood (a retried request whose first try landed answers
         ``value`` itself, as if another process had set it)."""
@@ -1939,7 +1907,7 @@ class DynamoQueue(QueueBackend):
         old = out.get("Attributes", {}).get("mv")
         return None if old is None else float(old["N"])
 
-    async def get_mark(self, name: str) -> float | None:
+    async def _get_mark(self, name: str) -> float | None:
         item = await self._get_item(_mark_key(name))
         return None if item is None or "mv" not in item else float(item["mv"]["N"])
 
@@ -1994,8 +1962,13 @@ def _finish_update(o: Outcome, now: float) -> tuple[str, dict[str, Any]]:
     else:
         removes.append("#xp")
     if o.free_key and o.job.key is not None:
-        sets.append("#kf = :true")
+        sets.append(FREE_KEY_SET)
         values["true"] = TRUE
+    if o.keep_key and o.job.key is not None:
+        sets.append("#kp = :true")  # held past ``x``, until the item is deleted
+        values["true"] = TRUE
+    else:
+        removes.append("#kp")
     if o.state in (State.FAILED, State.CANCELLED):
         sets.append("#dq = #lq")  # into the dead-letter index, in the job's own shard
     return f"{', '.join(sets)} {', '.join(removes)}", values

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgspec
 
 from arqd.backends.base import (
-    Area,
     Enqueued,
     HeartbeatReply,
     Lease,
@@ -25,31 +23,28 @@ from arqd.backends.base import (
     Outcome,
     QueueBackend,
     QueueStats,
-    ResultStore,
-    ResultWriter,
+    Redrive,
+    Update,
     WorkerInfo,
     convert_all,
+    droppable,
     group_record,
     storable_group,
     storable_job,
 )
 from arqd.clock import SYSTEM_CLOCK, Clock
-from arqd.errors import ResultExpired
 from arqd.model import (
     DROPPED,
     GroupRecord,
     Job,
     NewJob,
-    Progress,
     ResultRef,
     State,
-    StepState,
     from_ts,
     new_token,
 )
 
 _ids = itertools.count()
-NAMES_PAGE = 1000  # result names answered per page by ``MemoryResults.names``
 
 
 @dataclass(slots=True)
@@ -117,7 +112,7 @@ class MemoryQueue(QueueBackend):
 
     # --- the contract -----------------------------------------------------------------------------
 
-    async def enqueue(
+    async def _enqueue(
         self, jobs: Sequence[NewJob], group: GroupRecord | None = None
     ) -> list[Enqueued]:
         # Everything is converted first; from there on nothing can fail, and nothing awaits.
@@ -141,7 +136,7 @@ class MemoryQueue(QueueBackend):
             self._s.groups[group.id] = group_record(group, [e.job.id for e in out])
         return out
 
-    async def lease(
+    async def _lease(
         self, queues: Sequence[str], limit: int, lease_for: float, worker: str
     ) -> list[Lease]:
         now = self.clock.time()
@@ -169,7 +164,7 @@ class MemoryQueue(QueueBackend):
                 out.append(Lease(row.job, token, expires, recovered))
         return out
 
-    async def heartbeat(
+    async def _heartbeat(
         self, leases: Sequence[tuple[str, str]], lease_for: float
     ) -> list[HeartbeatReply]:
         until = self.clock.time() + lease_for
@@ -183,16 +178,22 @@ class MemoryQueue(QueueBackend):
             replies.append(HeartbeatReply(held=True, cancel_requested=row.job.cancel_requested))
         return replies
 
-    async def set_progress(self, updates: Sequence[tuple[str, str, Progress]]) -> list[bool]:
+    async def _update(self, updates: Sequence[Update]) -> list[bool]:
         answers = []
-        for job_id, token, progress in updates:
-            row = self._held(job_id, token)
+        for u in updates:
+            row = self._held(u.job_id, u.token)
             if row is not None:
-                row.job = _replace(row.job, progress=progress, version=row.job.version + 1)
+                changes: dict[str, object] = {"version": row.job.version + 1}
+                if u.progress is not None:
+                    changes["progress"] = u.progress
+                if u.steps is not None:
+                    changes["steps"] = list(u.steps)
+                    changes["checkpoint"] = dict(u.checkpoint or {})
+                row.job = _replace(row.job, **changes)
             answers.append(row is not None)
         return answers
 
-    async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
+    async def _finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
         now = self.clock.time()
         out: list[bool] = []
         for o in outcomes:
@@ -232,11 +233,11 @@ class MemoryQueue(QueueBackend):
                 elif job.key is not None:
                     entry = self._s.keys.get(job.key)
                     if entry is not None and entry.job_id == job.id:
-                        entry.expires_at = o.expires_at
+                        entry.expires_at = None if o.keep_key else o.expires_at
             out.append(True)
         return out
 
-    async def cancel(self, job_id: str) -> Job | None:
+    async def _cancel(self, job_id: str, *, free_key: bool) -> Job | None:
         row = self._s.rows.get(job_id)
         if row is None:
             return None
@@ -249,22 +250,23 @@ class MemoryQueue(QueueBackend):
                 version=job.version + 1,
             )
             self._set_visible(row, None)
-            self._free_key(job)
+            if free_key:
+                self._free_key(job)
         elif job.state is State.RUNNING and not job.cancel_requested:
             row.job = _replace(job, cancel_requested=True, version=job.version + 1)
         return row.job
 
-    async def get(self, job_id: str) -> Job | None:
+    async def _get(self, job_id: str) -> Job | None:
         row = self._s.rows.get(job_id)
         return row.job if row else None
 
-    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
-        return [await self.get(i) for i in job_ids]
+    async def _get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        return [await self._get(i) for i in job_ids]
 
-    async def find_by_key(self, key: str) -> Job | None:
+    async def _find_by_key(self, key: str) -> Job | None:
         return self._key_holder(key, self.clock.time())
 
-    async def list_jobs(
+    async def _list_jobs(
         self, where: ListFilter, limit: int, cursor: str | None
     ) -> tuple[list[Job], str | None]:
         jobs: list[Job] = []
@@ -272,7 +274,7 @@ class MemoryQueue(QueueBackend):
             if cursor is not None and job_id >= cursor:
                 continue
             job = self._s.rows[job_id].job
-            if _matches(job, where):
+            if where.matches(job):
                 jobs.append(job)
                 if len(jobs) > limit:
                     break
@@ -280,7 +282,7 @@ class MemoryQueue(QueueBackend):
         jobs = jobs[:limit]
         return jobs, (jobs[-1].id if more else None)
 
-    async def stats(self) -> list[QueueStats]:
+    async def _stats(self) -> list[QueueStats]:
         now = self.clock.time()
         counts: dict[str, dict[str, int]] = {}
         oldest: dict[str, float] = {}
@@ -299,7 +301,7 @@ class MemoryQueue(QueueBackend):
             for q, per in sorted(counts.items())
         ]
 
-    async def delete(self, job_id: str) -> Job | None:
+    async def _delete(self, job_id: str) -> Job | None:
         row = self._s.rows.get(job_id)
         if row is None:
             return None
@@ -308,44 +310,35 @@ class MemoryQueue(QueueBackend):
             self._free_key(row.job)
         return row.job
 
-    async def redrive(self, queue: str) -> int:
+    async def _redrive(self, plan: Redrive) -> int:
         now = self.clock.time()
         count = 0
         for row in self._s.rows.values():
             job = row.job
-            if job.queue == queue and job.state is State.FAILED:
+            if job.queue == plan.queue and job.state is State.FAILED:
                 row.job = _replace(
                     job,
                     state=State.QUEUED,
-                    attempts=0,
-                    ready_at=from_ts(now),
+                    attempts=plan.attempts,
+                    ready_at=from_ts(plan.ready_at),
                     finished_at=None,
                     error=None,
                     version=job.version + 1,
                 )
-                self._set_visible(row, now)
-                if job.key is not None and self._key_holder(job.key, now) is None:
-                    self._s.keys[job.key] = _Key(job.id)
+                self._set_visible(row, plan.ready_at)
+                key = job.key if plan.take_keys else None
+                if key is not None and self._key_holder(key, now) is None:
+                    self._s.keys[key] = _Key(job.id)
                 count += 1
         return count
 
-    async def ping(self) -> None:
+    async def _ping(self) -> None:
         return None
 
-    async def save_steps(
-        self, job_id: str, token: str, steps: list[StepState], checkpoint: dict[str, Any]
-    ) -> bool:
-        row = self._held(job_id, token)
-        if row is not None:
-            row.job = _replace(
-                row.job, steps=list(steps), checkpoint=dict(checkpoint), version=row.job.version + 1
-            )
-        return row is not None
-
-    async def get_group(self, group_id: str) -> GroupRecord | None:
+    async def _get_group(self, group_id: str) -> GroupRecord | None:
         return self._s.groups.get(group_id)
 
-    async def sweep_expired(self, limit: int) -> list[Job]:
+    async def _sweep_expired(self, limit: int) -> list[Job]:
         now = self.clock.time()
         doomed = [
             row.job
@@ -359,45 +352,45 @@ class MemoryQueue(QueueBackend):
             self._free_key(job)
         return doomed
 
-    async def drop_results(
-        self, sticky: bool, limit: int, before: float | None = None
+    async def _drop_results(
+        self,
+        sticky: bool,
+        limit: int,
+        before: float | None = None,
+        *,
+        frees_key: Callable[[Job], bool],
     ) -> list[Job]:
         dropped: list[Job] = []
         for row in self._s.rows.values():
             job = row.job
             if len(dropped) >= limit:
                 break
-            if (
-                job.state is State.SUCCEEDED
-                and job.sticky is sticky
-                and job.result is not None
-                and job.result.area != DROPPED
-                and (before is None or _finished_before(job, before))
-            ):
+            if droppable(job, sticky, before):
                 dropped.append(job)
                 row.job = _replace(job, result=ResultRef(area=DROPPED), version=job.version + 1)
-                self._free_key(job)
+                if frees_key(job):
+                    self._free_key(job)
         return dropped
 
-    async def register_worker(self, info: WorkerInfo) -> None:
+    async def _register_worker(self, info: WorkerInfo) -> None:
         self._s.workers[info.id] = info
 
-    async def remove_worker(self, worker_id: str) -> None:
+    async def _remove_worker(self, worker_id: str) -> None:
         self._s.workers.pop(worker_id, None)
 
-    async def list_workers(self, seen_since: float) -> list[WorkerInfo]:
+    async def _list_workers(self, seen_since: float) -> list[WorkerInfo]:
         return sorted(
             (w for w in self._s.workers.values() if w.last_seen >= seen_since),
             key=lambda w: w.id,
         )
 
-    async def advance_mark(self, name: str, value: float) -> float | None:
+    async def _advance_mark(self, name: str, value: float) -> float | None:
         previous = self._s.marks.get(name)
         if previous is None or previous < value:
             self._s.marks[name] = value
         return previous
 
-    async def get_mark(self, name: str) -> float | None:
+    async def _get_mark(self, name: str) -> float | None:
         return self._s.marks.get(name)
 
 
@@ -408,76 +401,5 @@ def _convert(new: NewJob) -> Job:
     return storable_job(new)
 
 
-def _finished_before(job: Job, before: float) -> bool:
-    return job.finished_at is not None and job.finished_at.timestamp() <= before
-
-
 def _replace(job: Job, **changes: object) -> Job:
     return msgspec.structs.replace(job, **changes)
-
-
-def _matches(job: Job, where: ListFilter) -> bool:
-    return (
-        (where.queue is None or job.queue == where.queue)
-        and (where.state is None or job.state is where.state)
-        and (where.handler is None or job.handler == where.handler)
-        and (where.group_id is None or job.group_id == where.group_id)
-        and (where.owner is None or job.owner == where.owner)
-    )
-
-
-# --- results --------------------------------------------------------------------------------------
-
-
-class _MemoryWriter(ResultWriter):
-    def __init__(self, store: MemoryResults, area: Area, name: str) -> None:
-        self._store, self._area, self._name = store, area, name
-        self._parts: list[bytes] = []
-        self._done = False
-
-    async def write(self, data: bytes) -> None:
-        self._parts.append(bytes(data))
-
-    async def commit(self) -> int:
-        blob = b"".join(self._parts)
-        self._store._blobs[(self._area, self._name)] = blob
-        self._done = True
-        return len(blob)
-
-    async def abort(self) -> None:
-        self._parts.clear()
-
-
-class MemoryResults(ResultStore):
-    """Result blobs in a dict; for tests and throwaway runs."""
-
-    name = "memory"
-
-    def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
-        super().__init__(clock=clock)
-        self._blobs: dict[tuple[Area, str], bytes] = {}
-
-    async def writer(self, area: Area, name: str) -> ResultWriter:
-        return _MemoryWriter(self, area, name)
-
-    async def read(
-        self, area: Area, name: str, start: int = 0, end: int | None = None
-    ) -> AsyncIterator[bytes]:
-        entry = self._blobs.get((area, name))
-        if entry is None:
-            raise ResultExpired(f"the result of job {name} is no longer stored")
-        blob = entry[start:end]
-        for i in range(0, len(blob), 65536):
-            yield blob[i : i + 65536]
-
-    async def size(self, area: Area, name: str) -> int | None:
-        entry = self._blobs.get((area, name))
-        return None if entry is None else len(entry)
-
-    async def delete(self, area: Area, name: str) -> None:
-        self._blobs.pop((area, name), None)
-
-    async def names(self, area: Area) -> AsyncIterator[list[str]]:
-        found = [name for a, name in self._blobs if a == area]
-        for i in range(0, len(found), NAMES_PAGE):
-            yield found[i : i + NAMES_PAGE]

@@ -28,11 +28,11 @@ import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from typing import Any, TypeVar
 
 import msgspec
 
+from arqd.backends import sqlite_queries as queries
 from arqd.backends.base import (
     Enqueued,
     HeartbeatReply,
@@ -41,8 +41,12 @@ from arqd.backends.base import (
     Outcome,
     QueueBackend,
     QueueStats,
+    Redrive,
+    StateCounts,
+    Update,
     WorkerInfo,
     convert_all,
+    fifo,
     group_record,
     storable_group,
     storable_job,
@@ -54,217 +58,13 @@ from arqd.model import (
     GroupRecord,
     Job,
     NewJob,
-    Progress,
     ResultRef,
     State,
-    StepState,
     new_token,
 )
 
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id               TEXT PRIMARY KEY,
-    queue            TEXT NOT NULL,
-    handler          TEXT NOT NULL,
-    state            TEXT NOT NULL,
-    payload          TEXT,
-    key              TEXT,
-    sticky           INTEGER NOT NULL DEFAULT 0,
-    meta             TEXT,
-    attempts         INTEGER NOT NULL DEFAULT 0,
-    max_attempts     INTEGER NOT NULL,
-    timeout          REAL NOT NULL,
-    created_at       REAL NOT NULL,
-    ready_at         REAL NOT NULL,
-    started_at       REAL,
-    finished_at      REAL,
-    progress         TEXT,
-    error            TEXT,
-    result           TEXT,
-    steps            TEXT,
-    group_id         TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    owner            TEXT,
-    version          INTEGER NOT NULL DEFAULT 1,
-    expires_at       REAL,
-    visible_at       REAL,
-    lease_token      TEXT,
-    worker           TEXT,
-    name             TEXT,
-    checkpoint       TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_visible ON jobs (queue, state, visible_at)
-    WHERE visible_at IS NOT NULL;
--- Only the rare states: hot transitions (queued → running → succeeded) never touch it.
-CREATE INDEX IF NOT EXISTS jobs_dead ON jobs (state, id) WHERE state IN ('failed', 'cancelled');
-CREATE INDEX IF NOT EXISTS jobs_group ON jobs (group_id) WHERE group_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires_at) WHERE expires_at IS NOT NULL;
-
-CREATE TABLE IF NOT EXISTS dedupe (
-    key        TEXT PRIMARY KEY,
-    job_id     TEXT NOT NULL,
-    expires_at REAL
-) WITHOUT ROWID;
-
-CREATE TABLE IF NOT EXISTS groups (
-    id         TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
-    record     TEXT NOT NULL
-) WITHOUT ROWID;
-
-CREATE TABLE IF NOT EXISTS workers (
-    id          TEXT PRIMARY KEY,
-    host        TEXT NOT NULL,
-    started_at  REAL NOT NULL,
-    last_seen   REAL NOT NULL,
-    running     INTEGER NOT NULL,
-    concurrency INTEGER NOT NULL
-) WITHOUT ROWID;
-
-CREATE TABLE IF NOT EXISTS queue_counts (
-    queue TEXT NOT NULL,
-    state TEXT NOT NULL,
-    n     INTEGER NOT NULL,
-    PRIMARY KEY (queue, state)
-) WITHOUT ROWID;
-
--- Named high-water marks (advance_mark): the latest tick the cluster fired of each schedule.
-CREATE TABLE IF NOT EXISTS marks (
-    name  TEXT PRIMARY KEY,
-    value REAL NOT NULL
-) WITHOUT ROWID;
-
-"""
-
-# Rows leave SQLite as one JSON object each, decoded by msgspec straight into a Job (about five
-# times cheaper than building it field by field in Python, which matters on the writer thread).
-# JSON columns hold JSON text; timestamps are REAL Unix seconds, which msgspec's non-strict
-# decoder turns into datetimes.
-COLUMNS = (
-    "json_object('id', id, 'queue', queue, 'handler', handler, 'state', state, "
-    "'payload', json(payload), 'key', key, 'sticky', sticky, 'meta', json(coalesce(meta, '{}')), "
-    "'attempts', attempts, 'max_attempts', max_attempts, 'timeout', timeout, "
-    "'created_at', created_at, 'ready_at', ready_at, 'started_at', started_at, "
-    "'finished_at', finished_at, 'progress', json(progress), 'error', json(error), "
-    "'result', json(result), 'steps', json(steps), 'group_id', group_id, "
-    "'cancel_requested', cancel_requested, 'owner', owner, 'version', version, "
-    "'expires_at', expires_at, 'name', name, 'checkpoint', json(checkpoint))"
-)
-
-SQL_INSERT = (
-    "INSERT INTO jobs (id, queue, handler, state, payload, key, sticky, meta, max_attempts, "
-    "timeout, created_at, ready_at, steps, group_id, owner, visible_at, name) "
-    "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-SQL_KEY_HOLDER = (
-    "SELECT job_id FROM dedupe WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)"
-)
-SQL_KEY_TAKE = "INSERT OR REPLACE INTO dedupe (key, job_id, expires_at) VALUES (?, ?, NULL)"
-SQL_KEY_FREE = "DELETE FROM dedupe WHERE key = ? AND job_id = ?"
-SQL_KEY_EXPIRES = "UPDATE dedupe SET expires_at = ? WHERE key = ? AND job_id = ?"
-SQL_GROUP_INSERT = "INSERT INTO groups (id, created_at, record) VALUES (?, ?, ?)"
-
-# The inner SELECT walks jobs_visible from the oldest entry of one (queue, state): O(log n) to
-# start, then one step per job leased. Expired leases (state 'running') and ready jobs (state
-# 'queued') are leased by two statements, which also keeps the per-state counts exact.
-SQL_LEASE = (
-    "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = :now, "
-    "lease_token = :token, visible_at = :expires, worker = :worker, version = version + 1 "
-    "WHERE rowid IN (SELECT rowid FROM jobs WHERE queue = :queue AND visible_at <= :now "
-    "AND state = :state ORDER BY visible_at LIMIT :limit) "
-    f"RETURNING {COLUMNS}"
-)
-# Whether SQL_LEASE would find anything: an UPDATE that finds nothing costs ~25 us, this ~5 us,
-# and most lease calls look for expired leases that are not there.
-SQL_ANY_VISIBLE = (
-    "SELECT 1 FROM jobs WHERE queue = ? AND state = ? AND visible_at <= ? "
-    "AND visible_at IS NOT NULL LIMIT 1"
-)
-SQL_COUNT = (
-    "INSERT INTO queue_counts (queue, state, n) VALUES (?, ?, ?) "
-    "ON CONFLICT (queue, state) DO UPDATE SET n = n + excluded.n"
-)
-SQL_HEARTBEAT = (
-    "UPDATE jobs SET visible_at = ? WHERE id = ? AND lease_token = ? AND state = 'running' "
-    "RETURNING cancel_requested"
-)
-SQL_STEPS = (
-    "UPDATE jobs SET steps = ?, checkpoint = ?, version = version + 1 "
-    "WHERE id = ? AND lease_token = ? AND state = 'running'"
-)
-SQL_PROGRESS = (
-    "UPDATE jobs SET progress = ?, version = version + 1 "
-    "WHERE id = ? AND lease_token = ? AND state = 'running'"
-)
-SQL_REQUEUE = (
-    "UPDATE jobs SET state = 'queued', attempts = attempts - ?, ready_at = ?, visible_at = ?, "
-    "started_at = ?, error = coalesce(?, error), lease_token = NULL, worker = NULL, "
-    "version = version + 1 "
-    "WHERE id = ? AND lease_token = ? AND state = 'running'"
-)
-SQL_END = (
-    "UPDATE jobs SET state = ?, attempts = attempts - ?, started_at = ?, finished_at = ?, "
-    "result = ?, error = ?, expires_at = ?, "
-    "visible_at = NULL, lease_token = NULL, worker = NULL, version = version + 1 "
-    "WHERE id = ? AND lease_token = ? AND state = 'running'"
-)
-SQL_CANCEL_QUEUED = (
-    "UPDATE jobs SET state = 'cancelled', finished_at = ?, visible_at = NULL, "
-    f"version = version + 1 WHERE id = ? AND state = 'queued' RETURNING {COLUMNS}"
-)
-SQL_CANCEL_RUNNING = (
-    "UPDATE jobs SET cancel_requested = 1, version = version + 1 "
-    f"WHERE id = ? AND state = 'running' AND cancel_requested = 0 RETURNING {COLUMNS}"
-)
-SQL_GET = f"SELECT {COLUMNS} FROM jobs WHERE id = ?"
-DEAD_STATES = ("failed", "cancelled")  # jobs_dead's partial index covers exactly these
-DEAD_CLAUSE = "state IN ('failed', 'cancelled')"
-SQL_REDRIVE = (
-    "UPDATE jobs SET state = 'queued', attempts = 0, ready_at = :now, visible_at = :now, "
-    "finished_at = NULL, error = NULL, version = version + 1 "
-    "WHERE queue = :queue AND state = 'failed' AND state IN ('failed', 'cancelled') "
-    "RETURNING id, key"  # the IN term lets SQLite use jobs_dead (see list_jobs)
-)
-SQL_DELETE = "DELETE FROM jobs WHERE id = ?"
-# Expired terminal jobs, found through jobs_expires; bounded per call.
-SQL_SWEEP = (
-    "DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs WHERE expires_at <= ? "
-    "AND state IN ('succeeded', 'cancelled', 'failed') ORDER BY expires_at LIMIT ?) "
-    f"RETURNING {COLUMNS}"
-)
-# A purge (DELETE /v1/cache) is an operator's rare act: it walks the succeeded jobs in batches.
-# Droppable results, walked in id order from a cursor (the primary key's index), so a purge of a
-# million results reads each row once, and outside the write lock.
-SQL_DROPPABLE = (
-    "SELECT id FROM jobs WHERE id > ? AND state = 'succeeded' AND sticky = ? "
-    "AND result IS NOT NULL AND result ->> 'area' IS NOT 'dropped' AND finished_at <= ? "
-    "ORDER BY id LIMIT ?"
-)
-SQL_DROP_TAKE = (
-    f"SELECT {COLUMNS} FROM jobs WHERE id = ? AND state = 'succeeded' "
-    "AND result IS NOT NULL AND result ->> 'area' IS NOT 'dropped'"
-)
-SQL_DROP = "UPDATE jobs SET result = ?, version = version + 1 WHERE id = ?"
-SQL_STATS = "SELECT queue, state, n FROM queue_counts WHERE n > 0"
-SQL_OLDEST = (
-    "SELECT min(visible_at) FROM jobs WHERE queue = ? AND visible_at <= ? AND state = 'queued'"
-)
-
-PRAGMAS = (
-    "PRAGMA busy_timeout = 10000",  # another process holding the write lock: wait, then fail
-    "PRAGMA journal_mode = WAL",
-    "PRAGMA synchronous = NORMAL",  # durable across process crashes; see docs/design.md
-    # 16 MiB of page cache per connection (five of them), no mmap: a mapped file counts in the
-    # daemon's RSS once touched (measured: 373 MB after a million jobs went through, against
-    # 74 MB with these settings and the same throughput; benchmarks/scale.py).
-    "PRAGMA cache_size = -16384",
-    "PRAGMA mmap_size = 0",
-    # Checkpoints run on their own thread (see SqliteQueue._checkpoint_loop); this only bounds
-    # the WAL (~160 MiB) should that thread fall behind.
-    "PRAGMA wal_autocheckpoint = 40000",
-)
 CHECKPOINT_INTERVAL = 1.0  # seconds between passive checkpoints
 # Calls touching more rows than this take the hop to the connection's thread even when the lock
 # is free: a 1,000-job insert would hold the event loop for ~25 ms.
@@ -285,34 +85,6 @@ def _opt(value: Any) -> str | None:
 
 def _row_to_job(row: Sequence[Any]) -> Job:
     return _decode_job(row[0])
-
-
-def list_sql(where: ListFilter, limit: int, cursor: str | None) -> tuple[str, list[Any]]:
-    """The listing query, newest first, one row more than ``limit`` (to know if more follow)."""
-    clauses: list[str] = []
-    params: list[Any] = []
-    for column in ("queue", "handler", "group_id", "owner"):
-        value = getattr(where, column)
-        if value is not None:
-            clauses.append(f"{column} = ?")
-            params.append(value)
-    if where.state is not None:
-        clauses.append("state = ?")
-        params.append(where.state.value)
-        if where.state.value in DEAD_STATES:
-            # SQLite uses a partial index only when the query's own text implies its WHERE; a
-            # bound parameter never does, so say it literally (jobs_dead: 0.2 ms, not a 0.7 s
-            # scan of a million rows).
-            clauses.append(DEAD_CLAUSE)
-    if cursor is not None:
-        clauses.append("id < ?")
-        params.append(cursor)
-    sql = f"SELECT {COLUMNS} FROM jobs"
-    if clauses:
-        sql += " WHERE " + " AND ".join(clauses)
-    sql += " ORDER BY id DESC LIMIT ?"
-    params.append(limit + 1)
-    return sql, params
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -340,9 +112,9 @@ class _Thread:
 
     def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        for pragma in PRAGMAS:
+        for pragma in queries.PRAGMAS:
             conn.execute(pragma)
-        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute(queries.synchronous(self._synchronous))
         return conn
 
     async def run(self, fn: Callable[[sqlite3.Connection], T], *, here: bool = True) -> T:
@@ -365,7 +137,7 @@ class _Thread:
 
     def _open_here(self) -> sqlite3.Connection:
         conn = self._here = self._open()
-        conn.execute("PRAGMA busy_timeout = 0")
+        conn.execute(queries.HERE_PRAGMA)
         return conn
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -390,14 +162,8 @@ class _Thread:
             self._here = None
 
 
-class _Counts(dict[tuple[str, str], int]):
-    """Changes to ``queue_counts`` made by one transaction, written once at its end."""
-
-    def add(self, queue: str, state: str, n: int) -> None:
-        self[queue, state] = self.get((queue, state), 0) + n
-
-    def rows(self) -> list[tuple[str, str, int]]:
-        return [(q, st, n) for (q, st), n in self.items() if n]
+# Changes to ``queue_counts`` made by one transaction, written once at its end.
+_Counts = StateCounts
 
 
 class SqliteQueue(QueueBackend):
@@ -429,7 +195,7 @@ class SqliteQueue(QueueBackend):
             raise BackendError(f"unknown sqlite synchronous mode {sync!r}")
 
         def setup(conn: sqlite3.Connection) -> None:
-            conn.executescript(SCHEMA)
+            conn.executescript(queries.SCHEMA)
 
         await self._writer.run(setup, here=False)
         self._checkpoints = asyncio.create_task(self._checkpoint_loop(), name="arqd-checkpoint")
@@ -448,14 +214,14 @@ class SqliteQueue(QueueBackend):
             await asyncio.sleep(CHECKPOINT_INTERVAL)
             try:
                 await self._checkpointer.run(
-                    lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    lambda conn: conn.execute(queries.CHECKPOINT).fetchone()
                 )
             except BackendError:
                 continue
 
     # --- writes -----------------------------------------------------------------------------------
 
-    async def enqueue(
+    async def _enqueue(
         self, jobs: Sequence[NewJob], group: GroupRecord | None = None
     ) -> list[Enqueued]:
         # Every row (and the record) is converted before the transaction begins; inside it, a
@@ -469,30 +235,30 @@ class SqliteQueue(QueueBackend):
             plain: list[tuple[Any, ...]] = []
             for new, (params, job) in zip(jobs, rows, strict=True):
                 if new.key is not None:
-                    holder = conn.execute(SQL_KEY_HOLDER, (new.key, now)).fetchone()
+                    holder = conn.execute(queries.KEY_HOLDER, (new.key, now)).fetchone()
                     if holder is not None:
-                        row = conn.execute(SQL_GET, (holder[0],)).fetchone()
+                        row = conn.execute(queries.GET, (holder[0],)).fetchone()
                         if row is not None:
                             out.append(Enqueued(_row_to_job(row), created=False))
                             continue
-                    conn.execute(SQL_KEY_TAKE, (new.key, new.id))
-                    conn.execute(SQL_INSERT, params)
+                    conn.execute(queries.KEY_TAKE, (new.key, new.id))
+                    conn.execute(queries.INSERT, params)
                 else:
                     plain.append(params)
                 counts.add(new.queue, "queued", 1)
                 out.append(Enqueued(job, created=True))
             if plain:
-                conn.executemany(SQL_INSERT, plain)
+                conn.executemany(queries.INSERT, plain)
             if group is not None and checked is not None:
                 record = checked
                 if any(not e.created for e in out):  # name the jobs that answer instead
                     record = _enc(group_record(group, [e.job.id for e in out]))
-                conn.execute(SQL_GROUP_INSERT, (group.id, group.created_at, record))
+                conn.execute(queries.GROUP_INSERT, (group.id, group.created_at, record))
             return out
 
         return await self._write(body, here=len(jobs) <= HERE_MAX_ROWS)
 
-    async def lease(
+    async def _lease(
         self, queues: Sequence[str], limit: int, lease_for: float, worker: str
     ) -> list[Lease]:
         now = self.clock.time()
@@ -507,11 +273,11 @@ class SqliteQueue(QueueBackend):
                 for state in ("running", "queued"):
                     if len(leases) >= limit:
                         return leases
-                    if conn.execute(SQL_ANY_VISIBLE, (queue, state, now)).fetchone() is None:
+                    if conn.execute(queries.ANY_VISIBLE, (queue, state, now)).fetchone() is None:
                         continue
                     params.update(queue=queue, state=state, limit=limit - len(leases))
-                    rows = conn.execute(SQL_LEASE, params).fetchall()
-                    jobs = sorted(map(_row_to_job, rows), key=_fifo)
+                    rows = conn.execute(queries.LEASE, params).fetchall()
+                    jobs = sorted(map(_row_to_job, rows), key=fifo)
                     recovered = state == "running"
                     leases.extend(Lease(job, token, expires, recovered) for job in jobs)
                     if state == "queued" and rows:
@@ -521,7 +287,7 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body, here=limit <= HERE_MAX_ROWS)
 
-    async def heartbeat(
+    async def _heartbeat(
         self, leases: Sequence[tuple[str, str]], lease_for: float
     ) -> list[HeartbeatReply]:
         until = self.clock.time() + lease_for
@@ -529,7 +295,7 @@ class SqliteQueue(QueueBackend):
         def body(conn: sqlite3.Connection, counts: _Counts) -> list[HeartbeatReply]:
             replies = []
             for job_id, token in leases:
-                row = conn.execute(SQL_HEARTBEAT, (until, job_id, token)).fetchone()
+                row = conn.execute(queries.HEARTBEAT, (until, job_id, token)).fetchone()
                 replies.append(
                     HeartbeatReply(held=row is not None, cancel_requested=bool(row and row[0]))
                 )
@@ -537,16 +303,24 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body, here=len(leases) <= HERE_MAX_ROWS)
 
-    async def set_progress(self, updates: Sequence[tuple[str, str, Progress]]) -> list[bool]:
+    async def _update(self, updates: Sequence[Update]) -> list[bool]:
+        params = [
+            (
+                _opt(u.progress),
+                _opt(u.steps),
+                _opt(u.checkpoint if u.steps is not None else None),
+                u.job_id,
+                u.token,
+            )
+            for u in updates
+        ]
+
         def body(conn: sqlite3.Connection, counts: _Counts) -> list[bool]:
-            return [
-                conn.execute(SQL_PROGRESS, (_enc(p), job_id, token)).rowcount == 1
-                for job_id, token, p in updates
-            ]
+            return [conn.execute(queries.UPDATE, p).rowcount == 1 for p in params]
 
-        return await self._write(body)
+        return await self._write(body, here=len(updates) <= HERE_MAX_ROWS)
 
-    async def finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
+    async def _finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
         now = self.clock.time()
 
         def one(conn: sqlite3.Connection, counts: _Counts, o: Outcome) -> bool:
@@ -562,7 +336,7 @@ class SqliteQueue(QueueBackend):
                     job.id,
                     o.token,
                 )
-                applied = conn.execute(SQL_REQUEUE, params).rowcount == 1
+                applied = conn.execute(queries.REQUEUE, params).rowcount == 1
             else:
                 params = (
                     o.state.value,
@@ -575,12 +349,12 @@ class SqliteQueue(QueueBackend):
                     job.id,
                     o.token,
                 )
-                applied = conn.execute(SQL_END, params).rowcount == 1
+                applied = conn.execute(queries.END, params).rowcount == 1
                 if applied and job.key is not None:
                     if o.free_key:
-                        conn.execute(SQL_KEY_FREE, (job.key, job.id))
-                    else:
-                        conn.execute(SQL_KEY_EXPIRES, (o.expires_at, job.key, job.id))
+                        conn.execute(queries.KEY_FREE, (job.key, job.id))
+                    elif not o.keep_key:
+                        conn.execute(queries.KEY_EXPIRES, (o.expires_at, job.key, job.id))
             if applied:
                 counts.add(job.queue, "running", -1)
                 counts.add(job.queue, o.state.value, 1)
@@ -591,50 +365,50 @@ class SqliteQueue(QueueBackend):
 
         return await self._write(body, here=len(outcomes) <= HERE_MAX_ROWS)
 
-    async def cancel(self, job_id: str) -> Job | None:
+    async def _cancel(self, job_id: str, *, free_key: bool) -> Job | None:
         now = self.clock.time()
 
         def body(conn: sqlite3.Connection, counts: _Counts) -> Job | None:
-            row = conn.execute(SQL_CANCEL_QUEUED, (now, job_id)).fetchone()
+            row = conn.execute(queries.CANCEL_QUEUED, (now, job_id)).fetchone()
             if row is not None:
                 job = _row_to_job(row)
                 counts.add(job.queue, "queued", -1)
                 counts.add(job.queue, "cancelled", 1)
-                if job.key is not None:
-                    conn.execute(SQL_KEY_FREE, (job.key, job.id))
+                if free_key and job.key is not None:
+                    conn.execute(queries.KEY_FREE, (job.key, job.id))
                 return job
-            row = conn.execute(SQL_CANCEL_RUNNING, (job_id,)).fetchone()
+            row = conn.execute(queries.CANCEL_RUNNING, (job_id,)).fetchone()
             if row is None:
-                row = conn.execute(SQL_GET, (job_id,)).fetchone()
+                row = conn.execute(queries.GET, (job_id,)).fetchone()
             return None if row is None else _row_to_job(row)
 
         return await self._write(body)
 
-    async def delete(self, job_id: str) -> Job | None:
+    async def _delete(self, job_id: str) -> Job | None:
         def body(conn: sqlite3.Connection, counts: _Counts) -> Job | None:
-            row = conn.execute(SQL_GET, (job_id,)).fetchone()
+            row = conn.execute(queries.GET, (job_id,)).fetchone()
             if row is None:
                 return None
             job = _row_to_job(row)
             if job.state.terminal:
-                conn.execute(SQL_DELETE, (job_id,))
+                conn.execute(queries.DELETE, (job_id,))
                 counts.add(job.queue, job.state.value, -1)
                 if job.key is not None:
-                    conn.execute(SQL_KEY_FREE, (job.key, job.id))
+                    conn.execute(queries.KEY_FREE, (job.key, job.id))
             return job
 
         return await self._write(body)
 
-    async def redrive(self, queue: str) -> int:
+    async def _redrive(self, plan: Redrive) -> int:
         now = self.clock.time()
+        params = {"ready": plan.ready_at, "attempts": plan.attempts, "queue": plan.queue}
 
         def body(conn: sqlite3.Connection, counts: _Counts) -> int:
-            rows = conn.execute(SQL_REDRIVE, {"now": now, "queue": queue}).fetchall()
-            for job_id, key in rows:
-                if key is not None and not conn.execute(SQL_KEY_HOLDER, (key, now)).fetchone():
-                    conn.execute(SQL_KEY_TAKE, (key, job_id))
-            counts.add(queue, "failed", -len(rows))
-            counts.add(queue, "queued", len(rows))
+            rows = conn.execute(queries.REDRIVE, params).fetchall()
+            for job_id, key in rows if plan.take_keys else ():
+                if key is not None and not conn.execute(queries.KEY_HOLDER, (key, now)).fetchone():
+                    conn.execute(queries.KEY_TAKE, (key, job_id))
+            counts.move(plan.queue, "failed", "queued", len(rows))
             return len(rows)
 
         return await self._write(body, here=False)  # every failed job of a queue
@@ -645,37 +419,36 @@ class SqliteQueue(QueueBackend):
         """Run ``body`` in one write transaction, with the count changes it made."""
 
         def work(conn: sqlite3.Connection) -> T:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(queries.BEGIN)
             try:
                 counts = _Counts()
                 out = body(conn, counts)
                 if counts:
-                    conn.executemany(SQL_COUNT, counts.rows())
+                    conn.executemany(queries.COUNT, counts.rows())
             except BaseException:
-                conn.execute("ROLLBACK")
+                conn.execute(queries.ROLLBACK)
                 raise
-            conn.execute("COMMIT")
+            conn.execute(queries.COMMIT)
             return out
 
         return await self._writer.run(work, here=here)
 
     # --- reads ------------------------------------------------------------------------------------
 
-    async def get(self, job_id: str) -> Job | None:
+    async def _get(self, job_id: str) -> Job | None:
         def work(conn: sqlite3.Connection) -> Job | None:
-            row = conn.execute(SQL_GET, (job_id,)).fetchone()
+            row = conn.execute(queries.GET, (job_id,)).fetchone()
             return None if row is None else _row_to_job(row)
 
         return await self._reader.run(work)
 
-    async def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+    async def _get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         def work(conn: sqlite3.Connection) -> list[Job | None]:
             found: dict[str, Job] = {}
             ids = list(job_ids)
             for i in range(0, len(ids), 500):
                 chunk = ids[i : i + 500]
-                marks = ",".join("?" * len(chunk))
-                sql = f"SELECT {COLUMNS} FROM jobs WHERE id IN ({marks})"
+                sql = queries.in_list(queries.GET_MANY, len(chunk))
                 for row in conn.execute(sql, chunk):
                     job = _row_to_job(row)
                     found[job.id] = job
@@ -683,10 +456,9 @@ class SqliteQueue(QueueBackend):
 
         return await self._reader.run(work, here=len(job_ids) <= HERE_MAX_ROWS)
 
-    async def versions(self, job_ids: Sequence[str]) -> dict[str, int]:
+    async def _versions(self, job_ids: Sequence[str]) -> dict[str, int]:
         def work(conn: sqlite3.Connection) -> dict[str, int]:
-            marks = ",".join("?" * len(job_ids))
-            sql = f"SELECT id, version FROM jobs WHERE id IN ({marks})"
+            sql = queries.in_list(queries.VERSIONS, len(job_ids))
             return dict(conn.execute(sql, list(job_ids)).fetchall())
 
         # Always on the reader's thread: the follower asks for thousands a second, in the
@@ -694,22 +466,22 @@ class SqliteQueue(QueueBackend):
         # rows: ~2.5 ms that long-polls and status polls then do not wait behind).
         return await self._reader.run(work, here=False)
 
-    async def find_by_key(self, key: str) -> Job | None:
+    async def _find_by_key(self, key: str) -> Job | None:
         now = self.clock.time()
 
         def work(conn: sqlite3.Connection) -> Job | None:
-            holder = conn.execute(SQL_KEY_HOLDER, (key, now)).fetchone()
+            holder = conn.execute(queries.KEY_HOLDER, (key, now)).fetchone()
             if holder is None:
                 return None
-            row = conn.execute(SQL_GET, (holder[0],)).fetchone()
+            row = conn.execute(queries.GET, (holder[0],)).fetchone()
             return None if row is None else _row_to_job(row)
 
         return await self._reader.run(work)
 
-    async def list_jobs(
+    async def _list_jobs(
         self, where: ListFilter, limit: int, cursor: str | None
     ) -> tuple[list[Job], str | None]:
-        sql, params = list_sql(where, limit, cursor)
+        sql, params = queries.list_sql(where, limit, cursor)
 
         def work(conn: sqlite3.Connection) -> tuple[list[Job], str | None]:
             jobs = [_row_to_job(r) for r in conn.execute(sql, params)]
@@ -720,56 +492,51 @@ class SqliteQueue(QueueBackend):
         # A filter on a rare value can walk many rows before it finds ``limit``.
         return await self._reader.run(work, here=False)
 
-    async def stats(self) -> list[QueueStats]:
+    async def _stats(self) -> list[QueueStats]:
         now = self.clock.time()
 
         def work(conn: sqlite3.Connection) -> list[QueueStats]:
             counts: dict[str, dict[str, int]] = {}
-            for queue, state, n in conn.execute(SQL_STATS):
+            for queue, state, n in conn.execute(queries.STATS):
                 counts.setdefault(queue, {})[state] = n
             out = []
             for queue, per in sorted(counts.items()):
                 oldest = None
                 if per.get("queued"):
-                    (first,) = conn.execute(SQL_OLDEST, (queue, now)).fetchone()
+                    (first,) = conn.execute(queries.OLDEST, (queue, now)).fetchone()
                     oldest = None if first is None else now - first
                 out.append(QueueStats(name=queue, **per, oldest_queued_seconds=oldest))
             return out
 
         return await self._reader.run(work)
 
-    async def save_steps(
-        self, job_id: str, token: str, steps: list[StepState], checkpoint: dict[str, Any]
-    ) -> bool:
-        params = (_enc(steps), _enc(checkpoint), job_id, token)
-
-        def body(conn: sqlite3.Connection, counts: _Counts) -> bool:
-            return conn.execute(SQL_STEPS, params).rowcount == 1
-
-        return await self._write(body)
-
-    async def get_group(self, group_id: str) -> GroupRecord | None:
+    async def _get_group(self, group_id: str) -> GroupRecord | None:
         def work(conn: sqlite3.Connection) -> GroupRecord | None:
-            row = conn.execute("SELECT record FROM groups WHERE id = ?", (group_id,)).fetchone()
+            row = conn.execute(queries.GROUP_GET, (group_id,)).fetchone()
             return None if row is None else _decode_group(row[0])
 
         return await self._reader.run(work)
 
-    async def sweep_expired(self, limit: int) -> list[Job]:
+    async def _sweep_expired(self, limit: int) -> list[Job]:
         now = self.clock.time()
 
         def body(conn: sqlite3.Connection, counts: _Counts) -> list[Job]:
-            jobs = [_row_to_job(r) for r in conn.execute(SQL_SWEEP, (now, limit))]
+            jobs = [_row_to_job(r) for r in conn.execute(queries.SWEEP, (now, limit))]
             for job in jobs:
                 counts.add(job.queue, job.state.value, -1)
                 if job.key is not None:
-                    conn.execute(SQL_KEY_FREE, (job.key, job.id))
+                    conn.execute(queries.KEY_FREE, (job.key, job.id))
             return jobs
 
         return await self._write(body)
 
-    async def drop_results(
-        self, sticky: bool, limit: int, before: float | None = None
+    async def _drop_results(
+        self,
+        sticky: bool,
+        limit: int,
+        before: float | None = None,
+        *,
+        frees_key: Callable[[Job], bool],
     ) -> list[Job]:
         """Walk the droppable results from where the previous call stopped (an empty answer
         ends the walk and resets it), finding them on the reader, then drop each one in a short
@@ -780,7 +547,7 @@ class SqliteQueue(QueueBackend):
             params = (self._drop_cursor.get(sticky, ""), int(sticky), until, limit)
 
             def find(conn: sqlite3.Connection, p: tuple[Any, ...] = params) -> list[str]:
-                return [r[0] for r in conn.execute(SQL_DROPPABLE, p)]
+                return [r[0] for r in conn.execute(queries.DROPPABLE, p)]
 
             ids = await self._reader.run(find, here=False)
             if not ids:
@@ -791,13 +558,13 @@ class SqliteQueue(QueueBackend):
             def body(conn: sqlite3.Connection, counts: _Counts, ids: list[str] = ids) -> list[Job]:
                 jobs = []
                 for job_id in ids:
-                    row = conn.execute(SQL_DROP_TAKE, (job_id,)).fetchone()
+                    row = conn.execute(queries.DROP_TAKE, (job_id,)).fetchone()
                     if row is None:
                         continue  # dropped or deleted meanwhile
                     job = _row_to_job(row)
-                    conn.execute(SQL_DROP, (dropped, job.id))
-                    if job.key is not None:
-                        conn.execute(SQL_KEY_FREE, (job.key, job.id))
+                    conn.execute(queries.DROP, (dropped, job.id))
+                    if job.key is not None and frees_key(job):
+                        conn.execute(queries.KEY_FREE, (job.key, job.id))
                     jobs.append(job)
                 return jobs
 
@@ -805,29 +572,25 @@ class SqliteQueue(QueueBackend):
             if jobs:
                 return jobs
 
-    async def register_worker(self, info: WorkerInfo) -> None:
+    async def _register_worker(self, info: WorkerInfo) -> None:
         row = (info.id, info.host, info.started_at, info.last_seen, info.running, info.concurrency)
 
         def body(conn: sqlite3.Connection, counts: _Counts) -> None:
-            conn.execute("INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?, ?, ?)", row)
+            conn.execute(queries.WORKER_PUT, row)
             # Rows of workers gone for a day are dropped by whoever registers next.
-            conn.execute("DELETE FROM workers WHERE last_seen < ?", (info.last_seen - 86400,))
+            conn.execute(queries.WORKERS_FORGET, (info.last_seen - 86400,))
 
         await self._write(body)
 
-    async def remove_worker(self, worker_id: str) -> None:
+    async def _remove_worker(self, worker_id: str) -> None:
         def body(conn: sqlite3.Connection, counts: _Counts) -> None:
-            conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+            conn.execute(queries.WORKER_REMOVE, (worker_id,))
 
         await self._write(body)
 
-    async def list_workers(self, seen_since: float) -> list[WorkerInfo]:
+    async def _list_workers(self, seen_since: float) -> list[WorkerInfo]:
         def work(conn: sqlite3.Connection) -> list[WorkerInfo]:
-            rows = conn.execute(
-                "SELECT id, host, started_at, last_seen, running, concurrency FROM workers "
-                "WHERE last_seen >= ? ORDER BY id",
-                (seen_since,),
-            )
+            rows = conn.execute(queries.WORKERS_SEEN, (seen_since,))
             return [
                 WorkerInfo(
                     id=r[0],
@@ -842,30 +605,24 @@ class SqliteQueue(QueueBackend):
 
         return await self._reader.run(work)
 
-    async def ping(self) -> None:
-        await self._reader.run(lambda conn: conn.execute("SELECT 1").fetchone())
+    async def _ping(self) -> None:
+        await self._reader.run(lambda conn: conn.execute(queries.PING).fetchone())
 
-    async def advance_mark(self, name: str, value: float) -> float | None:
+    async def _advance_mark(self, name: str, value: float) -> float | None:
         def body(conn: sqlite3.Connection, counts: _Counts) -> float | None:
-            row = conn.execute("SELECT value FROM marks WHERE name = ?", (name,)).fetchone()
+            row = conn.execute(queries.MARK_GET, (name,)).fetchone()
             if row is None or row[0] < value:
-                conn.execute(
-                    "INSERT OR REPLACE INTO marks (name, value) VALUES (?, ?)", (name, value)
-                )
+                conn.execute(queries.MARK_SET, (name, value))
             return None if row is None else float(row[0])
 
         return await self._write(body)
 
-    async def get_mark(self, name: str) -> float | None:
+    async def _get_mark(self, name: str) -> float | None:
         def work(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute("SELECT value FROM marks WHERE name = ?", (name,)).fetchone()
+            row = conn.execute(queries.MARK_GET, (name,)).fetchone()
             return None if row is None else float(row[0])
 
         return await self._reader.run(work)
-
-
-def _fifo(job: Job) -> tuple[datetime, str]:
-    return job.ready_at, job.id
 
 
 def _convert(new: NewJob) -> tuple[tuple[Any, ...], Job]:

@@ -20,8 +20,9 @@ import aiohttp
 from cryptography.fernet import Fernet
 
 import arqd
-from arqd.backends.base import ListFilter, QueueBackend, ResultStore
+from arqd.backends.base import ListFilter, QueueBackend
 from arqd.model import Job
+from arqd.results.base import ResultStore
 
 from .analysis import Disruption, Report, Run, analyse, read_executions, read_lines, read_stalls
 from .cluster import AWS_KEY, AWS_REGION, Backend, Chaos, Cluster
@@ -253,7 +254,7 @@ def _print(report: Report, log: list[str]) -> None:
 
 async def _init_aws(backend: Backend) -> None:
     from arqd.backends.dynamodb import init_table
-    from arqd.backends.s3 import init_bucket
+    from arqd.results.s3 import init_bucket
 
     await init_table(_dynamo_settings(backend))
     await init_bucket(_s3_settings(backend), temporary_ttl=24 * 3600)
@@ -273,7 +274,7 @@ def _dynamo_settings(backend: Backend) -> Any:
 
 
 def _s3_settings(backend: Backend) -> Any:
-    from arqd.backends.s3 import S3Settings
+    from arqd.results.s3 import S3Settings
 
     return S3Settings(
         bucket=backend.name,
@@ -290,14 +291,14 @@ async def _verifier(backend: Backend) -> AsyncIterator[arqd.Client]:
     queue: QueueBackend
     results: ResultStore
     if backend.kind == "sqlite":
-        from arqd.backends.files import FileResults
         from arqd.backends.sqlite import SqliteQueue
+        from arqd.results.files import FileResults
 
         queue = SqliteQueue(str(backend.workdir / "q.sqlite3"))
         results = FileResults(str(backend.workdir / "results"))
     else:
         from arqd.backends.dynamodb import DynamoQueue
-        from arqd.backends.s3 import S3Results
+        from arqd.results.s3 import S3Results
 
         queue = DynamoQueue(_dynamo_settings(backend))
         results = S3Results(_s3_settings(backend))

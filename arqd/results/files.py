@@ -17,25 +17,34 @@ renames it to its ``.part`` name, so a sweep never sees a partial before its loc
 ``.new`` file left by a process that died in those microseconds is removed once it is a minute
 old. (Locks do not reach across hosts: share a results
 directory between hosts only on a file system whose ``flock`` does, such as NFSv4 on Linux.)
+
+Every ``OSError`` is translated here, as the other stores translate their drivers' errors: a
+result that is not there (``ENOENT``) is the contract's "missing" (:class:`ResultExpired` on
+``read``, ``None`` on ``size``, nothing to do on ``delete``); anything else (a full disk, a
+directory the daemon may not write, a file where a directory should be, an I/O error) is a
+:class:`BackendError` naming what was being done, the path and the error. A write or commit that
+fails leaves no partial behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
+import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiofiles
 import aiofiles.os
 
-from arqd.backends.base import AREAS, Area, ResultStore, ResultWriter
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import BackendError, ResultExpired
-from arqd.model import BLOB_NAME_RE, new_token
+from arqd.model import new_token
+from arqd.results.base import AREAS, Area, ResultStore, ResultWriter, checked
 
 CHUNK = 64 * 1024
 PARTIAL = ".partial"
@@ -43,6 +52,21 @@ PARTIAL_SUFFIX = ".part"
 CREATING_SUFFIX = ".new"  # a partial before its lock is held: the sweep leaves it alone
 CREATING_STALE = 60.0  # seconds after which a ``.new`` file is a dead process's leftover
 NAMES_PAGE = 1000  # result names answered per page by ``names``
+
+
+@contextlib.contextmanager
+def _translated(doing: str, path: Path) -> Iterator[None]:
+    """``OSError`` becomes :class:`BackendError`: what was being done, where, and why."""
+    try:
+        yield
+    except OSError as exc:
+        raise _error(doing, path, exc) from exc
+
+
+def _error(doing: str, path: Path, exc: OSError) -> BackendError:
+    name = errno.errorcode.get(exc.errno or 0)
+    why = f"{exc.strerror} ({name})" if exc.strerror and name else str(exc)
+    return BackendError(f"results: cannot {doing} {path}: {why}")
 
 
 class _FileWriter(ResultWriter):
@@ -58,28 +82,37 @@ class _FileWriter(ResultWriter):
 
     async def write(self, data: bytes) -> None:
         assert not self._closed, "writer already finished"
-        await self._handle.write(data)
+        try:
+            await self._handle.write(data)
+        except OSError as exc:
+            raise _error("write", self._partial, exc) from exc
         self._size += len(data)
 
     async def commit(self) -> int:
         assert not self._closed, "writer already finished"
-        self._closed = True
         try:
-            await self._handle.flush()
-            await asyncio.to_thread(os.fsync, self._handle.fileno())
-            # Renamed while still locked: a sweep never sees this partial without its lock.
-            await asyncio.to_thread(_publish, self._partial, self._final)
-        finally:
-            await self._handle.close()
+            with _translated("publish", self._final):
+                await self._handle.flush()
+                await asyncio.to_thread(os.fsync, self._handle.fileno())
+                # Renamed while still locked: a sweep never sees this partial without its lock.
+                await asyncio.to_thread(_publish, self._partial, self._final)
+        except BaseException:
+            await self.abort()
+            raise
+        self._closed = True
+        await self._handle.close()
         return self._size
 
     async def abort(self) -> None:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(FileNotFoundError):
+        # Best effort, and never raising over the error that led here: a partial left behind is
+        # unlocked once its handle is closed, and the next sweep removes it.
+        with contextlib.suppress(OSError):
             await aiofiles.os.remove(self._partial)  # removed before the lock is let go
-        await self._handle.close()
+        with contextlib.suppress(OSError):  # unwritten bytes may fail again; the fd is closed
+            await self._handle.close()
 
 
 def _publish(partial: Path, final: Path) -> None:
@@ -180,16 +213,16 @@ class FileResults(ResultStore):
 
     async def open(self) -> None:
         for sub in (*AREAS, PARTIAL):
-            await asyncio.to_thread((self.root / sub).mkdir, parents=True, exist_ok=True)
+            with _translated("create the directory", self.root / sub):
+                await asyncio.to_thread((self.root / sub).mkdir, parents=True, exist_ok=True)
 
     def _path(self, area: Area, name: str) -> Path:
-        if area not in AREAS or not BLOB_NAME_RE.match(name):
-            raise BackendError(f"refusing result path for area={area!r} id={name!r}")
-        return self.root / area / name[-11:-9] / name
+        return self.root / area / checked(area, name)[-11:-9] / name
 
     async def writer(self, area: Area, name: str) -> ResultWriter:
         final = self._path(area, name)
-        partial, fd = await asyncio.to_thread(_create_locked, self.root / PARTIAL, name)
+        with _translated("create a partial result in", self.root / PARTIAL):
+            partial, fd = await asyncio.to_thread(_create_locked, self.root / PARTIAL, name)
         try:
             handle = await aiofiles.open(fd, "wb")
         except BaseException:
@@ -200,7 +233,8 @@ class FileResults(ResultStore):
         return _FileWriter(partial, final, handle)
 
     async def sweep_partials(self) -> tuple[int, int]:
-        return await asyncio.to_thread(sweep_partials, self.root / PARTIAL)
+        with _translated("sweep partial results in", self.root / PARTIAL):
+            return await asyncio.to_thread(sweep_partials, self.root / PARTIAL)
 
     async def read(
         self, area: Area, name: str, start: int = 0, end: int | None = None
@@ -210,11 +244,19 @@ class FileResults(ResultStore):
             f = await aiofiles.open(path, "rb")
         except FileNotFoundError:
             raise ResultExpired(f"the result of job {name} is no longer stored") from None
+        except OSError as exc:
+            raise _error("read", path, exc) from exc
         try:
-            await f.seek(start)
             left = None if end is None else max(0, end - start)
+            try:
+                await f.seek(start)
+            except OSError as exc:
+                raise _error("read", path, exc) from exc
             while left is None or left > 0:
-                chunk = await f.read(CHUNK if left is None else min(CHUNK, left))
+                try:
+                    chunk = await f.read(CHUNK if left is None else min(CHUNK, left))
+                except OSError as exc:
+                    raise _error("read", path, exc) from exc
                 if not chunk:
                     break
                 if left is not None:
@@ -224,22 +266,35 @@ class FileResults(ResultStore):
             await f.close()
 
     async def size(self, area: Area, name: str) -> int | None:
+        path = self._path(area, name)
         try:
-            return (await aiofiles.os.stat(self._path(area, name))).st_size
+            st = await aiofiles.os.stat(path)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise _error("read", path, exc) from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise BackendError(f"results: cannot read {path}: not a regular file")
+        return st.st_size
 
     async def delete(self, area: Area, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            await aiofiles.os.remove(self._path(area, name))
+        path = self._path(area, name)
+        try:
+            await aiofiles.os.remove(path)
+        except FileNotFoundError:
+            pass  # already gone: what a delete asks for
+        except OSError as exc:
+            raise _error("delete", path, exc) from exc
 
     async def names(self, area: Area) -> AsyncIterator[list[str]]:
         if area not in AREAS:
             raise BackendError(f"unknown result area {area!r}")
         top = self.root / area
-        fans = await asyncio.to_thread(_listing, top)
+        with _translated("list", top):
+            fans = await asyncio.to_thread(_fans, top)
         for fan in fans:  # read one fan-out directory (1/256 of the area) at a time
-            found = await asyncio.to_thread(_listing, top / fan)
+            with _translated("list", top / fan):
+                found = await asyncio.to_thread(_listing, top / fan)
             for i in range(0, len(found), NAMES_PAGE):
                 yield found[i : i + NAMES_PAGE]
 
@@ -251,5 +306,14 @@ class FileResults(ResultStore):
 def _listing(directory: Path) -> list[str]:
     try:
         return sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+
+
+def _fans(area: Path) -> list[str]:
+    """The fan-out directories of ``area``; anything else there (a stray file) holds no result."""
+    try:
+        with os.scandir(area) as entries:
+            return sorted(e.name for e in entries if e.is_dir())
     except FileNotFoundError:
         return []

@@ -25,10 +25,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from arqd.backends.base import AREAS, Area, ResultStore, ResultWriter
+from arqd.backends import aws
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.errors import BackendError, BackendUnavailable, ConfigError, ResultExpired
-from arqd.model import BLOB_NAME_RE
+from arqd.results.base import AREAS, Area, ResultStore, ResultWriter, checked
 
 MIN_PART = 5 * 1024 * 1024  # S3 refuses smaller parts (except the last)
 CHUNK = 64 * 1024  # bytes per chunk handed to readers
@@ -68,27 +68,18 @@ class _Missing(Exception):
     """The object (or bucket) is not there."""
 
 
-def _translate(op: str, exc: Exception) -> Exception:
-    from arqd.backends.dynamodb import NO_CREDENTIALS, credentials_missing
+def _missing(op: str, answer: aws.Refusal) -> Exception | None:
+    return _Missing(answer.code) if answer.code in MISSING_CODES or answer.status == 404 else None
 
-    response = getattr(exc, "response", None)
-    if response is None:
-        return BackendUnavailable(f"s3 {op}: {NO_CREDENTIALS if credentials_missing(exc) else exc}")
-    code = str(response.get("Error", {}).get("Code", ""))
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    if code in MISSING_CODES or status == 404:
-        return _Missing(code)
-    if code in UNAVAILABLE_CODES or status >= 500:
-        return BackendUnavailable(f"s3 {op}: {code or status}: {exc}")
-    return BackendError(f"s3 {op}: {code}: {exc}")
+
+def _translate(op: str, exc: BaseException) -> Exception:
+    return aws.translate("s3", op, exc, unavailable=UNAVAILABLE_CODES, refine=_missing)
 
 
 def _client_config(s: S3Settings, *, attempts: int | None = None, timeout: float = 0) -> Any:
-    from arqd.backends.dynamodb import aws_client_config
-
     # A custom endpoint (moto, MinIO) rarely resolves bucket subdomains.
     style = {"addressing_style": "path" if s.endpoint_url else "auto"}
-    return aws_client_config(s, attempts=attempts, timeout=timeout, s3=style)
+    return aws.client_config(s, attempts=attempts, timeout=timeout, s3=style)
 
 
 class S3Writer(ResultWriter):
@@ -212,11 +203,8 @@ class S3Results(ResultStore):
 
     async def open(self) -> None:
         s = self.settings
-        # Shared sessions with the dynamodb backend (and their model cache).
-        from arqd.backends.dynamodb import open_aws_clients, remembering_open_failure
-
-        with remembering_open_failure(self._where):
-            clients = await open_aws_clients(self._stack, "s3", s, _client_config)
+        with aws.remembering_open_failure(self._where):
+            clients = await aws.open_clients(self._stack, "s3", s, _client_config)
             self._client, self._ping_client = clients
             create = (
                 s.create_missing if s.create_missing is not None else s.endpoint_url is not None
@@ -229,22 +217,16 @@ class S3Results(ResultStore):
         self._client = self._ping_client = None
 
     async def _call(self, op: str, client: Any = None, **kw: Any) -> dict[str, Any]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         if self._client is None:
-            from arqd.backends.dynamodb import not_open
-
-            raise not_open("the s3 result store", self._where)
+            raise aws.not_open("the s3 result store", self._where)
         try:
             result: dict[str, Any] = await getattr(client or self._client, op)(**kw)
             return result
-        except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
+        except aws.driver_errors() as exc:
             raise _translate(op, exc) from exc
 
     def _key(self, area: Area, name: str) -> str:
-        if area not in AREAS or not BLOB_NAME_RE.match(name):
-            raise BackendError(f"refusing result key for area={area!r} name={name!r}")
-        return f"{self.settings.prefix}{area}/{name}"
+        return f"{self.settings.prefix}{area}/{checked(area, name)}"
 
     async def writer(self, area: Area, name: str) -> ResultWriter:
         return S3Writer(self, self._key(area, name))
@@ -354,14 +336,12 @@ async def ensure_bucket(
 ) -> list[str]:
     """Create the bucket when missing and (given ``temporary_ttl``) set our lifecycle rules,
     keeping any others the bucket has. Idempotent; answers what was done."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     try:
         done = await _create_bucket(client, s)
         if temporary_ttl is not None:
             done += await _set_lifecycle(client, s, temporary_ttl)
         return done
-    except (ClientError, BotoCoreError, OSError) as exc:
+    except aws.driver_errors() as exc:
         error = _translate("init", exc)
         raise (BackendError(f"s3 init: {exc}") if isinstance(error, _Missing) else error) from exc
 
@@ -412,8 +392,6 @@ async def _set_lifecycle(client: Any, s: S3Settings, temporary_ttl: float) -> li
 async def init_bucket(settings: S3Settings, *, temporary_ttl: float) -> list[str]:
     """``arqd init-aws`` for results: bucket and lifecycle rules; answers what was done."""
     async with contextlib.AsyncExitStack() as stack:
-        from arqd.backends.dynamodb import open_aws_client
-
-        client = await open_aws_client(stack, "s3", settings, _client_config(settings))
+        client = await aws.open_client(stack, "s3", settings, _client_config(settings))
         done = await ensure_bucket(client, settings, temporary_ttl)
     return done or [f"bucket {settings.bucket} is ready (nothing to do)"]

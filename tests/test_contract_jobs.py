@@ -1,66 +1,39 @@
-"""The queue backend contract, run against every backend (see ``conftest.QUEUE_BACKENDS``)."""
+"""The jobs-and-leases contract (``JobStore``), run against every backend
+(``conftest.QUEUE_BACKENDS``)."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable
-from typing import Any
 
 import msgspec
 import pytest
 
-from arqd.backends.base import ListFilter, Outcome, QueueBackend
+from arqd.backends.base import Lease, QueueBackend, QueueStats, Redrive, Update
+from arqd.backends.memory import MemoryQueue
 from arqd.clock import ManualClock
-from arqd.errors import InvalidRequest
+from arqd.errors import BackendUnavailable, InvalidRequest
 from arqd.model import (
     ErrorInfo,
-    GroupMember,
-    GroupRecord,
-    Job,
-    NewJob,
     Progress,
     ResultRef,
     State,
+    StepState,
     new_job_id,
 )
 
-VT = 30.0
-
-
-def new(
-    clock: ManualClock,
-    *,
-    queue: str = "default",
-    key: str | None = None,
-    delay: float = 0.0,
-    **extra: Any,
-) -> NewJob:
-    now = clock.time()
-    fields: dict[str, Any] = {
-        "id": new_job_id(),
-        "queue": queue,
-        "handler": "h",
-        "payload": {"n": 1},
-        "key": key,
-        "sticky": False,
-        "meta": {},
-        "max_attempts": 3,
-        "timeout": 10.0,
-        "created_at": now,
-        "ready_at": now + delay,
-    }
-    fields.update(extra)
-    return NewJob(**fields)
-
-
-async def put(backend: QueueBackend, clock: ManualClock, n: int = 1, **kw: Any) -> list[Job]:
-    stored = await backend.enqueue([new(clock, **kw) for _ in range(n)])
-    return [e.job for e in stored]
-
-
-def done(lease_job: Job, token: str, state: State = State.SUCCEEDED, **kw: Any) -> Outcome:
-    return Outcome(job=lease_job, token=token, state=state, **kw)
+from .contract import (
+    UNSTORABLE,
+    VT,
+    assert_only,
+    done,
+    group_of,
+    new,
+    progress,
+    put,
+    redrive_now,
+    stored_group,
+)
 
 
 async def test_enqueue_then_get_round_trips_the_record(queue: QueueBackend, clock: ManualClock):
@@ -155,7 +128,7 @@ async def test_late_finish_after_expiry_is_refused(queue: QueueBackend, clock: M
     clock.advance(VT + 1)
     (second,) = await queue.lease(["default"], 1, VT, "w2")
     assert await queue.finish([done(first.job, first.token)]) == [False]
-    assert await queue.set_progress([(first.job.id, first.token, Progress(0.5))]) == [False]
+    assert await queue.update([progress(first, Progress(0.5))]) == [False]
     replies = await queue.heartbeat([(first.job.id, first.token)], VT)
     assert replies[0].held is False
     assert await queue.finish([done(second.job, second.token)]) == [True]
@@ -263,7 +236,7 @@ async def test_final_failure_is_terminal(queue: QueueBackend, clock: ManualClock
 async def test_cancel_queued_job(queue: QueueBackend, clock: ManualClock):
     """Cancelling a queued job makes it cancelled at once and never leased."""
     (job,) = await put(queue, clock)
-    cancelled = await queue.cancel(job.id)
+    cancelled = await queue.cancel(job.id, free_key=True)
     assert cancelled is not None and cancelled.state is State.CANCELLED
     assert await queue.lease(["default"], 1, VT, "w") == []
 
@@ -275,7 +248,7 @@ async def test_cancel_running_job_is_requested_through_heartbeat(
     and may then finish the job as cancelled."""
     await put(queue, clock)
     (lease,) = await queue.lease(["default"], 1, VT, "w")
-    job = await queue.cancel(lease.job.id)
+    job = await queue.cancel(lease.job.id, free_key=True)
     assert job is not None and job.state is State.RUNNING and job.cancel_requested
     (reply,) = await queue.heartbeat([(lease.job.id, lease.token)], VT)
     assert reply.held and reply.cancel_requested
@@ -290,19 +263,20 @@ async def test_cancel_terminal_job_changes_nothing(queue: QueueBackend, clock: M
     (lease,) = await queue.lease(["default"], 1, VT, "w")
     await queue.finish([done(lease.job, lease.token)])
     before = await queue.get(lease.job.id)
-    assert await queue.cancel(lease.job.id) == before
-    assert await queue.cancel(new_job_id()) is None
+    assert await queue.cancel(lease.job.id, free_key=True) == before
+    assert await queue.cancel(new_job_id(), free_key=True) is None
 
 
 async def test_progress_is_conditional_and_bumps_version(queue: QueueBackend, clock: ManualClock):
     """Progress from the lease holder is stored and changes the version (and so the ETag)."""
     await put(queue, clock)
     (lease,) = await queue.lease(["default"], 1, VT, "w")
-    assert await queue.set_progress([(lease.job.id, lease.token, Progress(0.5, "half"))]) == [True]
+    assert await queue.update([progress(lease, Progress(0.5, "half"))]) == [True]
     job = await queue.get(lease.job.id)
     assert job is not None and job.progress == Progress(0.5, "half")
     assert job.version > lease.job.version
-    assert await queue.set_progress([(lease.job.id, "not-the-token", Progress(1.0))]) == [False]
+    stolen = Lease(lease.job, "not-the-token", lease.expires)
+    assert await queue.update([progress(stolen, Progress(1.0))]) == [False]
 
 
 async def test_dedupe_key_returns_the_live_job(queue: QueueBackend, clock: ManualClock):
@@ -326,7 +300,7 @@ async def test_dedupe_key_returns_the_live_job(queue: QueueBackend, clock: Manua
 async def test_failed_or_cancelled_job_frees_its_key(queue: QueueBackend, clock: ManualClock):
     """A failed or cancelled job no longer holds its key."""
     (job,) = await put(queue, clock, key="k1")
-    await queue.cancel(job.id)
+    await queue.cancel(job.id, free_key=True)
     assert (await queue.enqueue([new(clock, key="k1")]))[0].created is True
     await put(queue, clock, key="k2", queue="other")
     (lease,) = await queue.lease(["other"], 1, VT, "w")
@@ -338,38 +312,6 @@ async def test_same_key_twice_in_one_batch(queue: QueueBackend, clock: ManualClo
     """Within one batch, a repeated key answers the job stored for its first occurrence."""
     out = await queue.enqueue([new(clock, key="dup"), new(clock, key="dup")])
     assert out[0].created and not out[1].created and out[1].job.id == out[0].job.id
-
-
-async def test_stats_count_every_state(queue: QueueBackend, clock: ManualClock):
-    """Queue stats count jobs per state and age the oldest ready job."""
-    await put(queue, clock, 4)
-    await put(queue, clock, 1, queue="other")
-    clock.advance(10)
-    leases = await queue.lease(["default"], 3, VT, "w")
-    await queue.finish([done(leases[0].job, leases[0].token)])
-    await queue.finish([done(leases[1].job, leases[1].token, State.FAILED)])
-    stats = {s.name: s for s in await queue.stats()}
-    d = stats["default"]
-    assert (d.queued, d.running, d.succeeded, d.failed, d.cancelled) == (1, 1, 1, 1, 0)
-    assert d.oldest_queued_seconds == pytest.approx(10)
-    assert stats["other"].queued == 1
-
-
-async def test_list_newest_first_with_cursor_and_filters(queue: QueueBackend, clock: ManualClock):
-    """Listing pages newest first through a cursor and filters by queue, state and handler."""
-    jobs = await put(queue, clock, 5)
-    other = await put(queue, clock, 2, queue="other")
-    page, cursor = await queue.list_jobs(ListFilter(queue="default"), 3, None)
-    assert [j.id for j in page] == [j.id for j in reversed(jobs)][:3] and cursor
-    page2, cursor2 = await queue.list_jobs(ListFilter(queue="default"), 3, cursor)
-    assert [j.id for j in page2] == [j.id for j in reversed(jobs)][3:] and cursor2 is None
-    everything, _ = await queue.list_jobs(ListFilter(), 100, None)
-    assert len(everything) == 7 and everything[0].id == other[-1].id
-    (lease,) = await queue.lease(["other"], 1, VT, "w")
-    await queue.finish([done(lease.job, lease.token, State.FAILED)])
-    failed, _ = await queue.list_jobs(ListFilter(state=State.FAILED), 100, None)
-    assert [j.id for j in failed] == [lease.job.id]
-    assert (await queue.list_jobs(ListFilter(handler="nope"), 10, None))[0] == []
 
 
 async def test_delete_only_terminal_jobs(queue: QueueBackend, clock: ManualClock):
@@ -391,8 +333,8 @@ async def test_redrive_requeues_failed_jobs(queue: QueueBackend, clock: ManualCl
     leases = await queue.lease(["default"], 2, VT, "w")
     for lease in leases:
         await queue.finish([done(lease.job, lease.token, State.FAILED)])
-    assert await queue.redrive("default") == 2
-    assert await queue.redrive("default") == 0
+    assert await queue.redrive(redrive_now(clock)) == 2
+    assert await queue.redrive(redrive_now(clock)) == 0
     again = await queue.lease(["default"], 5, VT, "w")
     assert len(again) == 2 and all(lease.job.attempts == 1 for lease in again)
 
@@ -403,153 +345,6 @@ async def test_get_many_keeps_order_and_gaps(queue: QueueBackend, clock: ManualC
     missing = new_job_id()
     got = await queue.get_many([b.id, missing, a.id])
     assert [j.id if j else None for j in got] == [b.id, None, a.id]
-
-
-async def test_ping_answers(queue: QueueBackend):
-    """A healthy backend answers ping."""
-    await queue.ping()
-
-
-async def test_worker_registry(queue: QueueBackend, clock: ManualClock):
-    """Workers register and refresh their rows; stale and removed ones are not listed."""
-    from arqd.backends.base import WorkerInfo
-
-    now = clock.time()
-    a = WorkerInfo(id="a", host="h1", started_at=now, last_seen=now, running=1, concurrency=4)
-    b = WorkerInfo(id="b", host="h2", started_at=now, last_seen=now - 60, running=0, concurrency=8)
-    await queue.register_worker(a)
-    await queue.register_worker(b)
-    assert [w.id for w in await queue.list_workers(now - 10)] == ["a"]
-    assert [w.id for w in await queue.list_workers(now - 100)] == ["a", "b"]
-    await queue.register_worker(
-        WorkerInfo(id="a", host="h1", started_at=now, last_seen=now + 5, running=3, concurrency=4)
-    )
-    (fresh,) = await queue.list_workers(now + 1)
-    assert fresh.running == 3
-    await queue.remove_worker("a")
-    assert [w.id for w in await queue.list_workers(now - 100)] == ["b"]
-
-
-async def test_drop_results_walks_one_area_in_batches(queue: QueueBackend, clock: ManualClock):
-    """drop_results drops the results of succeeded jobs of one stickiness, in batches, each job
-    once, frees their keys, leaves the other area alone, and answers [] once none are left; a
-    later purge walks again from the start."""
-
-    async def finished(n: int, sticky: bool, ids: tuple[str, ...] = ()) -> list[str]:
-        made = [new(clock, key=f"k-{sticky}-{i}-{n}", sticky=sticky) for i in range(n)]
-        for i, job_id in enumerate(ids):
-            made[i] = msgspec.structs.replace(made[i], id=job_id)
-        stored = await queue.enqueue(made)
-        leases = await queue.lease(["default"], n, VT, "w")
-        area = "persistent" if sticky else "temporary"
-        ref = ResultRef(area=area, name="x", size=1)
-        outcomes = [done(le.job, le.token, result=ref) for le in leases]
-        assert await queue.finish(outcomes) == [True] * n
-        return [e.job.id for e in stored]
-
-    temporary = await finished(7, sticky=False)
-    persistent = await finished(2, sticky=True)
-    dropped: list[str] = []
-    while batch := await queue.drop_results(False, 3):
-        assert len(batch) <= 3
-        assert all(j.result is not None and j.result.area == "temporary" for j in batch)
-        dropped += [j.id for j in batch]
-    assert sorted(dropped) == sorted(temporary)
-    for job in await queue.get_many(temporary):
-        assert job is not None and job.result == ResultRef(area="dropped")
-        assert job.key is not None and await queue.find_by_key(job.key) is None
-    for job in await queue.get_many(persistent):
-        assert job is not None and job.result is not None and job.result.area == "persistent"
-    # A new purge walks everything again, on either side of where the last one ended.
-    more = await finished(2, sticky=False, ids=("0" * 31 + "1", "f" * 32))
-    again = [j.id for j in await queue.drop_results(False, 10)]
-    assert sorted(again) == sorted(more) and await queue.drop_results(False, 10) == []
-
-
-async def test_versions_track_changes_and_omit_missing_jobs(
-    queue: QueueBackend, clock: ManualClock
-):
-    """versions() answers each existing job's current version (what wakes long-polls)."""
-    a, b = await put(queue, clock, n=2)
-    before = await queue.versions([a.id, b.id, new_job_id()])
-    assert before == {a.id: a.version, b.id: b.version}
-    leases = await queue.lease(["default"], 1, VT, "w")
-    after = await queue.versions([a.id, b.id])
-    leased = leases[0].job.id
-    assert after[leased] > before[leased]
-    other = b.id if leased == a.id else a.id
-    assert after[other] == before[other]
-
-
-async def test_a_mark_only_rises_and_answers_what_it_was(queue: QueueBackend):
-    """advance_mark sets an absent or lower mark and answers the previous value (None when
-    absent); a lower or equal value changes nothing and answers the mark as it stands."""
-    assert await queue.get_mark("schedule:a") is None
-    assert await queue.advance_mark("schedule:a", 1_800_000_060.0) is None
-    assert await queue.get_mark("schedule:a") == 1_800_000_060.0
-    assert await queue.advance_mark("schedule:a", 1_800_000_120.5) == 1_800_000_060.0
-    assert await queue.advance_mark("schedule:a", 1_800_000_060.0) == 1_800_000_120.5
-    assert await queue.advance_mark("schedule:a", 1_800_000_120.5) == 1_800_000_120.5
-    assert await queue.get_mark("schedule:a") == 1_800_000_120.5
-    assert await queue.get_mark("schedule:b") is None
-
-
-async def test_one_of_many_racing_advances_wins(
-    queue: QueueBackend, clock: ManualClock, queue_factory: Callable[[ManualClock], QueueBackend]
-):
-    """Processes raising one mark to the same value at once: exactly one of them sees it lower
-    (it set it), every other sees the value already there; handles see each other's marks.
-    Racing different values leave the highest."""
-    handles = [queue_factory(clock) for _ in range(4)]
-    for h in handles:
-        if h is not queue:
-            await h.open()
-    try:
-        answers = await asyncio.gather(
-            *(h.advance_mark("m", 60.0) for _ in range(5) for h in handles)
-        )
-        seen = [await h.get_mark("m") for h in handles]
-        values = [float(v) for v in range(20)]
-        random.shuffle(values)
-        await asyncio.gather(*(handles[i % 4].advance_mark("n", v) for i, v in enumerate(values)))
-        highest = await queue.get_mark("n")
-    finally:
-        for h in handles:
-            if h is not queue:
-                await h.aclose()
-    assert sorted(answers, key=lambda a: a is not None) == [None] + [60.0] * 19
-    assert seen == [60.0] * 4
-    assert highest == 19.0
-
-
-# --- all or nothing: batches and groups ---------------------------------------------------------
-
-
-def nested(depth: int) -> Any:
-    """A JSON value nested ``depth`` levels deep (deeper than any encoder recurses)."""
-    value: Any = []
-    for _ in range(depth):
-        value = [value]
-    return value
-
-
-# Values no backend can store: each breaks the conversion of a job into what the store keeps
-# (a datetime, JSON text, a DynamoDB item), so each must be refused before anything is written.
-UNSTORABLE: dict[str, dict[str, Any]] = {
-    "a time out of range": {"ready_at": 1e308},
-    "a time that is not a number": {"created_at": float("nan")},
-    "a payload that is not JSON": {"payload": {"x": object()}},
-    "a payload nested too deep": {"payload": nested(100_000)},
-}
-
-
-async def assert_only(queue: QueueBackend, ids: list[str], ended: int = 0) -> None:
-    """The backend holds exactly the jobs ``ids`` (all queued but ``ended`` of them), and its
-    counts agree."""
-    listed, _ = await queue.list_jobs(ListFilter(), 1000, None)
-    assert sorted(j.id for j in listed) == sorted(ids)
-    queued = sum(s.queued for s in await queue.stats())
-    assert queued == len(ids) - ended
 
 
 @pytest.mark.parametrize("size", [4, 150])
@@ -569,19 +364,6 @@ async def test_a_batch_whose_last_job_cannot_be_stored_leaves_nothing(
     holder = await queue.find_by_key("held")
     assert holder is not None and holder.id == live.id
     await assert_only(queue, [live.id])
-
-
-def group_of(clock: ManualClock, *keys: str | None, created_at: float | None = None) -> Any:
-    """Jobs of one group (member ``m<i>`` keyed ``keys[i]``) and the record the core makes."""
-    gid = new_job_id()
-    jobs = [new(clock, key=k, group_id=gid, name=f"m{i}") for i, k in enumerate(keys)]
-    record = GroupRecord(
-        id=gid,
-        name="g",
-        created_at=clock.time() if created_at is None else created_at,
-        members=[GroupMember(j.name or "", j.id) for j in jobs],
-    )
-    return jobs, record
 
 
 async def test_a_group_whose_record_cannot_be_stored_leaves_no_job(
@@ -618,7 +400,7 @@ async def test_a_batch_mixing_live_and_new_keys_answers_each_job(
     and a new key store new jobs, and a key repeated in the batch answers its first job."""
     (live,) = await put(queue, clock, key="live")
     (gone,) = await put(queue, clock, key="gone")
-    await queue.cancel(gone.id)  # frees "gone"
+    await queue.cancel(gone.id, free_key=True)  # frees "gone"
     filler = [new(clock) for _ in range(size - 5)]
     batch = [*filler, new(clock, key="live"), new(clock, key="gone"), new(clock, key="new")]
     batch += [new(clock, key="new"), new(clock, key="live")]
@@ -653,11 +435,6 @@ async def test_a_group_is_stored_with_its_record_naming_each_members_job(
     await assert_only(queue, [live.id] + [j.id for j in jobs[1:]])
 
 
-def stored_group(stored: GroupRecord, record: GroupRecord) -> bool:
-    """The stored record is the core's, but for the member ids."""
-    return msgspec.structs.replace(stored, members=record.members) == record
-
-
 async def test_a_group_of_only_live_keys_still_stores_its_record(
     queue: QueueBackend, clock: ManualClock
 ):
@@ -671,19 +448,107 @@ async def test_a_group_of_only_live_keys_still_stores_its_record(
     await assert_only(queue, [live.id])
 
 
-async def test_drop_results_keeps_results_finished_after_the_purge_began(
-    queue: QueueBackend, clock: ManualClock
-):
-    """drop_results(before=t) drops only results of jobs finished before t: a result published
-    while a purge runs is kept."""
+async def test_cancel_frees_the_key_only_when_told(queue: QueueBackend, clock: ManualClock):
+    """Cancelling a queued job frees its key with free_key=True; with free_key=False (a schedule
+    tick's) the cancelled job keeps holding it and answers a new job with the same key."""
+    (kept,) = await put(queue, clock, key="kept")
+    (freed,) = await put(queue, clock, key="freed")
+    await queue.cancel(kept.id, free_key=False)
+    await queue.cancel(freed.id, free_key=True)
+    again = await queue.enqueue([new(clock, key="kept"), new(clock, key="freed")])
+    assert [(e.created, e.job.id == kept.id) for e in again] == [(False, True), (True, False)]
+    holder = await queue.find_by_key("kept")
+    assert holder is not None and holder.id == kept.id and holder.state is State.CANCELLED
+
+
+async def test_redrive_applies_the_plan_it_is_given(queue: QueueBackend, clock: ManualClock):
+    """Redrive makes each failed job of the queue what the plan says: queued, visible from its
+    ready_at, with its attempts; take_keys=False leaves a freed key free."""
+    await put(queue, clock, key="k")
+    (lease,) = await queue.lease(["default"], 1, VT, "w")
+    await queue.finish([done(lease.job, lease.token, State.FAILED, free_key=True)])
+    plan = Redrive(queue="default", ready_at=clock.time() + 5, attempts=1, take_keys=False)
+    assert await queue.redrive(plan) == 1
+    job = await queue.get(lease.job.id)
+    assert job is not None and job.state is State.QUEUED and job.attempts == 1
+    assert job.ready_at.timestamp() == pytest.approx(clock.time() + 5)
+    assert job.error is None and job.finished_at is None
+    assert await queue.find_by_key("k") is None
+    assert await queue.lease(["default"], 1, VT, "w") == []
+    clock.advance(5)
+    (again,) = await queue.lease(["default"], 1, VT, "w")
+    assert again.job.id == job.id and again.job.attempts == 2
+
+
+async def test_update_saves_steps_and_progress_fenced(queue: QueueBackend, clock: ManualClock):
+    """One partial update writes a multi-step job's steps with their checkpoint, or progress, or
+    both, leaving the other fields as they were, one version step each; a token that no longer
+    holds the job writes nothing."""
+    await put(queue, clock)
+    (lease,) = await queue.lease(["default"], 1, VT, "w")
+    steps = [StepState(name="reserve", state="succeeded", attempts=1)]
+    saved = Update(
+        job_id=lease.job.id, token=lease.token, steps=steps, checkpoint={"reserve": {"s": 201}}
+    )
+    assert await queue.update([saved]) == [True]
+    assert await queue.update([progress(lease, Progress(0.5))]) == [True]
+    job = await queue.get(lease.job.id)
+    assert job is not None and job.steps == steps and job.checkpoint == {"reserve": {"s": 201}}
+    assert job.progress == Progress(0.5) and job.version == lease.job.version + 2
+    clock.advance(VT + 1)
+    (taken,) = await queue.lease(["default"], 1, VT, "thief")
+    late = Update(job_id=lease.job.id, token=lease.token, steps=[], checkpoint={})
+    assert await queue.update([late, progress(lease, Progress(0.9))]) == [False, False]
+    after = await queue.get(lease.job.id)
+    assert after is not None and after.steps == steps and after.version == taken.job.version
+
+
+async def test_an_update_that_changes_nothing_is_refused(queue: QueueBackend):
+    """An update naming no field, or steps without their checkpoint, is the caller's error."""
+    with pytest.raises(ValueError, match="changes nothing"):
+        await queue.update([Update(job_id=new_job_id(), token="t")])
+    with pytest.raises(ValueError, match="together"):
+        await queue.update([Update(job_id=new_job_id(), token="t", steps=[])])
+
+
+class Seen:
+    """A ``BackendObserver`` keeping what it was told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+
+    def backend_call(self, op: str, seconds: float, failed: bool) -> None:
+        assert seconds >= 0
+        self.calls.append((op, failed))
+
+
+async def test_every_call_is_reported_to_the_observer(queue: QueueBackend, clock: ManualClock):
+    """The base reports each public call of the contract to the backend's observer, by name,
+    once (a backend calling its own hooks is not reported again); the first observer stays."""
+    seen = Seen()
+    queue.observe(seen)
+    queue.observe(Seen())  # a second core on the same backend: the first observer stays
     await put(queue, clock, 2)
-    early, late = await queue.lease(["default"], 2, VT, "w")
-    ref = ResultRef(area="temporary", name="x", size=1)
-    assert await queue.finish([done(early.job, early.token, result=ref)]) == [True]
-    began = clock.time() + 1
-    clock.advance(2)
-    assert await queue.finish([done(late.job, late.token, result=ref)]) == [True]
-    dropped = [j.id for j in await queue.drop_results(False, 10, before=began)]
-    assert dropped == [early.job.id] and await queue.drop_results(False, 10, before=began) == []
-    kept = await queue.get(late.job.id)
-    assert kept is not None and kept.result == ref
+    await queue.lease(["default"], 2, VT, "w")
+    await queue.get_many([new_job_id()])
+    await queue.stats()
+    await queue.sweep_expired(10)
+    ops = [op for op, _ in seen.calls]
+    assert ops == ["enqueue", "lease", "get_many", "stats", "sweep_expired"]
+    assert not any(failed for _, failed in seen.calls)
+
+
+async def test_a_failed_call_is_reported_as_failed(clock: ManualClock):
+    """A call whose hook raises a BackendError reaches the observer as failed, and the error
+    reaches the caller unchanged."""
+
+    class Broken(MemoryQueue):
+        async def _stats(self) -> list[QueueStats]:
+            raise BackendUnavailable("down")
+
+    queue = Broken(clock=clock)
+    seen = Seen()
+    queue.observe(seen)
+    with pytest.raises(BackendUnavailable, match="down"):
+        await queue.stats()
+    assert seen.calls == [("stats", True)]
