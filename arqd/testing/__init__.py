@@ -99,18 +99,15 @@ class RecordingQueue(MemoryQueue):
 
     def reset(self) -> None:
         """Forget every job, key, group, worker and mark, and the record."""
-        self._s = type(self._s)()  # the memory backend keeps all it stores in this one object
+        super().reset()
         self.submitted.clear()
         self.attempts.clear()
 
 
 class TestResults(MemoryResults):
-    """The memory result store, with ``reset()``."""
+    """The memory result store (``reset()`` forgets every blob)."""
 
     __test__ = False  # a helper, not a test class for pytest to collect
-
-    def reset(self) -> None:
-        self._blobs.clear()  # every blob this store holds
 
 
 class TestApp(App):
