@@ -54,6 +54,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from arqd.config import Config, validate_config
     from arqd.daemon import check_step_keys, preflight
     from arqd.handlers import Registry
+    from arqd.stores import check_backends
 
     path = _config_path(args)
     config, found = validate_config(path)
@@ -63,7 +64,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if not any(p.setting.split(".")[0] in ("server", "auth") for p in found):
             checks.append(preflight)  # exposure needs a valid server and auth: no false alarm
         else:
-            checks.append(check_step_keys)
+            checks += [check_backends, check_step_keys]
         for check in checks:
             try:
                 check(config)
