@@ -56,7 +56,7 @@ LAYERS = {
     "arqd.observe": CORE,
     "arqd.stores": CORE,
     "arqd.demo": CORE,
-    # the faces: embedding, the clients, HTTP, the CLI, the daemon, Prometheus
+    # the faces: embedding, the clients, HTTP, the CLI, the daemon, Prometheus, arqd.testing
     "arqd": FACE,
     "arqd.__main__": FACE,
     "arqd.app": FACE,
@@ -65,6 +65,7 @@ LAYERS = {
     "arqd.http": FACE,
     "arqd.cli": FACE,
     "arqd.daemon": FACE,
+    "arqd.testing": FACE,  # the memory backends and an App for users' tests
 }
 
 # Storage modules every backend may import: the contracts and the driver toolkits.
