@@ -44,6 +44,7 @@ from arqd.model import (
     MemberName,
     QueueName,
     member_names,
+    where_and_why,
 )
 from arqd.stepmodel import (
     STEPS_HANDLER,
@@ -130,6 +131,7 @@ def _dec_hook(kind: type, value: Any) -> Any:
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 _NAME = re.compile(NAME_PATTERN)
 Scope = Literal["submit", "read", "cancel", "admin"]
+SCOPES: tuple[Scope, ...] = typing.get_args(Scope)  # a token's scopes; ``admin`` implies the rest
 # Lists where an empty one would leave the daemon doing nothing are refused when empty
 # (workers.queues: nothing leased; a token's scopes: nothing allowed).
 NON_EMPTY = msgspec.Meta(min_length=1)
@@ -535,11 +537,8 @@ class _Checker:
         try:
             return msgspec.convert(raw, tp, dec_hook=_dec_hook, strict=False)
         except msgspec.ValidationError as exc:
-            reason, _, where = str(exc).partition(" - at ")
-            if reason == "Expected `array` of length >= 1":
-                reason = "must not be empty"
-            inner = where.strip("`").removeprefix("$")
-            self.add(path + inner if inner.startswith("[") else _join(path, inner[1:]), reason)
+            inner, reason = where_and_why(exc)
+            self.add(path + inner if inner.startswith("[") else _join(path, inner), reason)
             return _INVALID
 
     def section(self, cls: type[_Section], raw: Mapping[str, Any], path: str) -> Any:
