@@ -31,9 +31,12 @@ Design (the full reasoning, the request sequence of every operation and its cost
   deletes expired jobs by conditional DeleteItems, one sweeper per job; DynamoDB's TTL on
   ``ttl`` is the free backstop for whatever no sweeper reached.
 - Errors: botocore retries throttling, 5xx and connection errors (``retry_mode``); what is left
-  becomes :class:`BackendUnavailable` or :class:`BackendError` here, never a botocore exception.
+  becomes :class:`BackendUnavailable` or :class:`BackendError` in the AWS toolkit
+  (``arqd.backends.aws.translate``), never a botocore exception; this module only reads
+  DynamoDB's own refusals first (a failed condition, a cancelled transaction, a missing table).
 
-``aioboto3`` is imported when the backend opens, so the core never needs it (extra ``arqd[aws]``).
+Sessions, clients and their config come from the toolkit too, which imports ``aioboto3`` when
+the backend opens, so the core never needs it (extra ``arqd[aws]``).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import math
 import random
 import re
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -53,6 +56,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from arqd.backends import aws
 from arqd.backends.base import (
     Enqueued,
     HeartbeatReply,
@@ -73,7 +77,7 @@ from arqd.backends.base import (
     storable_job,
 )
 from arqd.clock import SYSTEM_CLOCK, Clock
-from arqd.errors import ArqdError, BackendError, BackendUnavailable, ConfigError, Unstorable
+from arqd.errors import BackendError, BackendUnavailable, Unstorable
 from arqd.model import (
     DROPPED,
     GroupRecord,
@@ -130,8 +134,6 @@ KEY_MAX = 2048
 NUMBER_DIGITS = 38
 # Worker rows of daemons gone for a day are deleted by DynamoDB's TTL.
 WORKER_TTL = 86400
-# ping() must answer promptly even when the endpoint is dead: one attempt, short timeouts.
-PING_TIMEOUT = 2.0  # ping() (both AWS backends) answers promptly even when the endpoint is dead
 
 JOB_SK = "J"
 QUEUES_PK = "Q"
@@ -592,41 +594,20 @@ class _Cancelled(Exception):
         self.reasons = reasons
 
 
-# botocore says only "Unable to locate credentials": say where it looked. Unavailable, not an
-# error: the daemon keeps retrying, and credentials that appear later (a role attached, a file
-# written) are picked up without a restart.
-NO_CREDENTIALS = (
-    "no AWS credentials found: botocore looks in the environment (AWS_ACCESS_KEY_ID and "
-    "AWS_SECRET_ACCESS_KEY), then in ~/.aws/credentials and ~/.aws/config (the profile "
-    "AWS_PROFILE names, else default), then for a container or instance role; a local endpoint "
-    "such as moto accepts any pair (AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing)"
-)
-
-
-def credentials_missing(exc: Exception) -> bool:
-    """Whether ``exc`` is botocore finding no credentials at all (both AWS backends ask)."""
-    from botocore.exceptions import NoCredentialsError
-
-    return isinstance(exc, NoCredentialsError)
-
-
-def _translate(op: str, exc: Exception) -> Exception:
-    """Map one botocore failure to an arqd error (or an internal refusal)."""
-    response = getattr(exc, "response", None)
-    if response is None:  # no answer at all: connection refused, reset, timed out
-        detail = NO_CREDENTIALS if credentials_missing(exc) else exc
-        return BackendUnavailable(f"dynamodb {op}: {detail}")
-    code = response.get("Error", {}).get("Code", "")
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    if code == "ConditionalCheckFailedException":
-        return _ConditionFailed(response.get("Item"))
-    if code == "TransactionCanceledException":
-        return _Cancelled(response.get("CancellationReasons") or [])
-    if code in UNAVAILABLE_CODES or status >= 500:
-        return BackendUnavailable(f"dynamodb {op}: {code or status}: {exc}")
-    if code == "ResourceNotFoundException":
+def _refusal(op: str, answer: aws.Refusal) -> Exception | None:
+    """DynamoDB's own refusals: a failed condition, a cancelled transaction, a missing table."""
+    if answer.code == "ConditionalCheckFailedException":
+        return _ConditionFailed(answer.response.get("Item"))
+    if answer.code == "TransactionCanceledException":
+        return _Cancelled(answer.response.get("CancellationReasons") or [])
+    if answer.code == "ResourceNotFoundException":
         return BackendError(f"dynamodb {op}: the table does not exist (run `arqd init-aws`)")
-    return BackendError(f"dynamodb {op}: {code}: {exc}")
+    return None
+
+
+def _translate(op: str, exc: BaseException) -> Exception:
+    """Map one botocore failure to an arqd error (or an internal refusal)."""
+    return aws.translate("dynamodb", op, exc, unavailable=UNAVAILABLE_CODES, refine=_refusal)
 
 
 # --- settings -------------------------------------------------------------------------------------
@@ -649,107 +630,10 @@ class DynamoSettings:
     create_missing: bool | None = None  # create the table on open; default: with endpoint_url
 
 
-def _aioboto3() -> Any:
-    try:
-        import aioboto3
-    except ImportError:  # pragma: no cover - depends on the installation
-        raise ConfigError(
-            "the dynamodb and s3 backends need aioboto3: pip install 'arqd[aws]'"
-        ) from None
-    return aioboto3
-
-
-def aws_client_config(
-    s: DynamoSettings | Any, *, attempts: int | None = None, timeout: float = 0, **extra: Any
-) -> Any:
-    """botocore's client config from the settings' retry mode, attempts and timeouts (the
-    dynamodb and s3 settings share those fields); ``extra`` is service-specific."""
-    from botocore.config import Config
-
-    return Config(
-        retries={"mode": s.retry_mode, "total_max_attempts": attempts or s.max_attempts},
-        connect_timeout=timeout or s.connect_timeout,
-        read_timeout=timeout or s.read_timeout,
-        **extra,
-    )
-
-
 def _client_config(s: DynamoSettings, *, attempts: int | None = None, timeout: float = 0) -> Any:
-    return aws_client_config(
+    return aws.client_config(
         s, attempts=attempts, timeout=timeout, max_pool_connections=MAX_PARALLEL * 2
     )
-
-
-# One session per credentials and region: a session caches the service models it loads, which
-# otherwise costs ~0.15 s per client.
-_sessions: dict[tuple[str | None, str | None, str | None], Any] = {}
-
-
-def aws_session(key_id: str | None, secret: str | None, region: str | None) -> Any:
-    """The process's aioboto3 session for these credentials (``None``: botocore's chain)."""
-    session = _sessions.get((key_id, secret, region))
-    if session is None:
-        session = _aioboto3().Session(
-            aws_access_key_id=key_id, aws_secret_access_key=secret, region_name=region
-        )
-        _sessions[key_id, secret, region] = session
-    return session
-
-
-async def open_aws_client(
-    stack: contextlib.AsyncExitStack,
-    service: str,
-    s: DynamoSettings | Any,
-    config: Any,
-) -> Any:
-    """An aiobotocore client for ``service`` (``dynamodb`` or ``s3``) from settings holding
-    credentials, region and endpoint, closed with ``stack``."""
-    session = aws_session(s.access_key_id, s.secret_access_key, s.region)
-    from botocore.exceptions import BotoCoreError
-
-    try:
-        client_cm = session.client(service, endpoint_url=s.endpoint_url, config=config)
-        return await stack.enter_async_context(client_cm)
-    except BotoCoreError as exc:  # NoRegionError and friends: a setup problem, named plainly
-        raise BackendError(f"cannot set up the {service} client: {exc}") from exc
-
-
-# Why the last open of each table or bucket failed in this process: the daemon retries with
-# fresh backend objects, and /readyz asks one that has not tried yet. One entry per store.
-_open_failures: dict[str, str] = {}
-
-
-@contextlib.contextmanager
-def remembering_open_failure(where: str) -> Iterator[None]:
-    """Around an AWS backend's ``open()``: remember why it failed, forget it once it opens."""
-    try:
-        yield
-    except ArqdError as exc:
-        _open_failures[where] = str(exc)
-        raise
-    _open_failures.pop(where, None)
-
-
-def not_open(what: str, where: str) -> BackendError:
-    """The error of a call to a backend that is not open, with why its last open failed."""
-    reason = _open_failures.get(where)
-    if reason is None:
-        return BackendError(f"{what} is not open")
-    return BackendError(f"{what} is not open (its last open failed: {reason})")
-
-
-async def open_aws_clients(
-    stack: contextlib.AsyncExitStack, service: str, s: Any, config: Callable[..., Any]
-) -> tuple[Any, Any]:
-    """The working client and the ping client (one attempt, short timeouts, so ``ping()``
-    answers promptly even when the endpoint is dead); ``config(s, attempts=, timeout=)``."""
-    client = await open_aws_client(stack, service, s, config(s))
-    ping = await open_aws_client(stack, service, s, config(s, attempts=1, timeout=PING_TIMEOUT))
-    return client, ping
-
-
-async def _open_client(stack: contextlib.AsyncExitStack, s: DynamoSettings, config: Any) -> Any:
-    return await open_aws_client(stack, "dynamodb", s, config)
 
 
 # --- small helpers --------------------------------------------------------------------------------
@@ -846,8 +730,8 @@ class DynamoQueue(QueueBackend):
 
     async def open(self) -> None:
         s = self.settings
-        with remembering_open_failure(self.identity):
-            clients = await open_aws_clients(self._stack, "dynamodb", s, _client_config)
+        with aws.remembering_open_failure(self.identity):
+            clients = await aws.open_clients(self._stack, "dynamodb", s, _client_config)
             self._client, self._ping_client = clients
             create = (
                 s.create_missing if s.create_missing is not None else s.endpoint_url is not None
@@ -870,15 +754,13 @@ class DynamoQueue(QueueBackend):
 
     async def _call(self, op: str, client: Any = None, **kw: Any) -> dict[str, Any]:
         """One request (botocore retries it); failures leave as arqd errors."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         if self._client is None:
-            raise not_open("the dynamodb backend", self.identity)
+            raise aws.not_open("the dynamodb backend", self.identity)
         try:
             async with self._limit:
                 result: dict[str, Any] = await getattr(client or self._client, op)(**kw)
                 return result
-        except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
+        except aws.driver_errors() as exc:
             raise _translate(op, exc) from exc
 
     async def _update_item(self, key: Item, **kw: Any) -> Item:
@@ -2027,11 +1909,9 @@ async def _wait_active(client: Any, table: str, index: str | None = None) -> Non
 
 async def ensure_table(client: Any, table: str) -> list[str]:
     """Create the table, its missing indexes and its TTL; answer what was done. Idempotent."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     try:
         return await _ensure_table(client, table)
-    except (ClientError, BotoCoreError, OSError) as exc:
+    except aws.driver_errors() as exc:
         raise _translate("init", exc) from exc
 
 
@@ -2075,6 +1955,6 @@ def _index_names() -> str:
 async def init_table(settings: DynamoSettings) -> list[str]:
     """``arqd init-aws`` for the queue: create what is missing; answer what was done."""
     async with contextlib.AsyncExitStack() as stack:
-        client = await _open_client(stack, settings, _client_config(settings))
+        client = await aws.open_client(stack, "dynamodb", settings, _client_config(settings))
         done = await ensure_table(client, settings.table)
     return done or [f"table {settings.table} is ready (nothing to do)"]
