@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, TextIO
 
 import msgspec
 
-from arqd.config import load_config
+from arqd.config import SCOPES, load_config
 from arqd.errors import ArqdError, ConfigError
 from arqd.http.client import HttpClient
 from arqd.http.wire import job_dict
@@ -29,7 +29,6 @@ from arqd.model import State
 from arqd.view import Job
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-SCOPES = ("submit", "read", "cancel", "admin")
 
 
 def _print_json(value: Any) -> None:
@@ -55,6 +54,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from arqd.config import Config, validate_config
     from arqd.daemon import check_step_keys, preflight
     from arqd.handlers import Registry
+    from arqd.stores import check_backends
 
     path = _config_path(args)
     config, found = validate_config(path)
@@ -64,7 +64,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if not any(p.setting.split(".")[0] in ("server", "auth") for p in found):
             checks.append(preflight)  # exposure needs a valid server and auth: no false alarm
         else:
-            checks.append(check_step_keys)
+            checks += [check_backends, check_step_keys]
         for check in checks:
             try:
                 check(config)
@@ -353,33 +353,32 @@ async def _jobs(client: HttpClient, args: argparse.Namespace) -> int:
 
 
 async def _queues(client: HttpClient, args: argparse.Namespace) -> int:
-    data = await client.request_json("GET", "/v1/queues")
     cols = ("queued", "running", "succeeded", "failed", "cancelled")
     print(f"{'queue':16} " + " ".join(f"{c:>10}" for c in cols) + "  oldest")
-    for q in data["queues"]:
-        age = q["oldest_queued_seconds"]
+    for q in await client.queues():
+        age = q.oldest_queued_seconds
         print(
-            f"{q['name']:16} "
-            + " ".join(f"{q[c]:>10}" for c in cols)
+            f"{q.name:16} "
+            + " ".join(f"{getattr(q, c):>10}" for c in cols)
             + (f"  {age:.1f}s" if age is not None else "  -")
         )
     return 0
 
 
 async def _redrive(client: HttpClient, args: argparse.Namespace) -> int:
-    data = await client.request_json("POST", f"/v1/queues/{args.queue}/redrive")
-    print(f"requeued {data['requeued']} failed jobs of {args.queue}")
+    count = await client.redrive(args.queue)
+    print(f"requeued {count} failed jobs of {args.queue}")
     return 0
 
 
 async def _purge(client: HttpClient, args: argparse.Namespace) -> int:
-    data = await client.request_json("DELETE", f"/v1/cache?area={args.area}")
-    print(f"purged {data['purged']} results from the {args.area} area")
+    count = await client.purge(args.area)
+    print(f"purged {count} results from the {args.area} area")
     return 0
 
 
 async def _trigger(client: HttpClient, args: argparse.Namespace) -> int:
-    _print_json(await client.request_json("POST", f"/v1/groups/{args.group}"))
+    _print_json({"group": await client.trigger_group(args.group)})  # the API's answer
     return 0
 
 

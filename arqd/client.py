@@ -11,23 +11,21 @@ import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import msgspec
 
-from arqd.backends.base import ListFilter, QueueBackend
+from arqd.api import JobsAPI, plain_spec, spec_of
+from arqd.backends.base import QueueBackend
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.config import Config, load_config
-from arqd.core import JSON, Core, parse_group, parse_spec, spec_of
-from arqd.errors import InvalidRequest
+from arqd.core import JSON, Core, parse_group, parse_spec
 from arqd.groups import Group, GroupStatus, group_of, status_of
 from arqd.handlers import Registry
 from arqd.model import State
 from arqd.results.base import ResultStore
 from arqd.stores import make_queue, make_results
-from arqd.view import Job, public_job
-
-LIST_MAX = 1000
+from arqd.view import Job, QueueInfo, WorkerInfo, public_job
 
 
 class Client:
@@ -114,7 +112,7 @@ class Client:
 
     async def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> builtins.list[Job]:
         """Submit specs (as in the JSON job spec) atomically: all are stored, or none."""
-        parsed = [parse_spec(_plain(s)) for s in specs]
+        parsed = [parse_spec(plain_spec(s)) for s in specs]
         stored = await self._core.submit(parsed)
         return [
             public_job(e.job if e.created else msgspec.structs.replace(e.job, deduplicated=True))
@@ -158,28 +156,30 @@ class Client:
         cursor: str | None = None,
     ) -> tuple[builtins.list[Job], str | None]:
         """Newest first, at most ``limit`` (≤ 1000); pass the answered cursor for the next page."""
-        if not 1 <= limit <= LIST_MAX:
-            raise InvalidRequest(f"limit: must be between 1 and {LIST_MAX}")
-        try:
-            state = State(state) if state is not None else None
-        except ValueError:
-            raise InvalidRequest(f"state: unknown state {state!r}") from None
-        where = ListFilter(queue=queue, state=state, handler=handler, group_id=group_id)
-        jobs, nxt = await self._core.queue.list_jobs(where, limit, cursor)
+        asked = self._core.list_query(
+            {
+                "queue": queue,
+                "state": state,
+                "handler": handler,
+                "group_id": group_id,
+                "limit": limit,
+                "cursor": cursor,
+            }
+        )
+        jobs, nxt = await self._core.list_jobs(asked)
         return [public_job(j) for j in jobs], nxt
 
     # --- groups and the cache -------------------------------------------------------------------
 
     async def trigger_group(self, name: str) -> Group:
         """Submit the group ``name`` defined in config (``arqd.UnknownGroup`` if none)."""
-        record, _ = await self._core.submit_group(name, self._core.group_specs(name))
-        return group_of(record)
+        return group_of(await self._core.trigger_group(name))
 
     async def submit_group(
         self, jobs: Sequence[Mapping[str, Any]], name: str | None = None
     ) -> Group:
         """An ad-hoc group: job specs, each with an optional ``name``; all stored or none."""
-        spec = parse_group({"name": name, "jobs": [_plain(j) for j in jobs]})
+        spec = parse_group({"name": name, "jobs": [plain_spec(j) for j in jobs]})
         record, _ = await self._core.submit_group(spec.name or "group", spec.jobs)
         return group_of(record)
 
@@ -196,6 +196,20 @@ class Client:
         """Drop every cached result of ``area`` (``temporary`` or ``persistent``)."""
         return await self._core.purge(area)
 
+    # --- queues and workers ---------------------------------------------------------------------
+
+    async def queues(self) -> builtins.list[QueueInfo]:
+        """Every queue holding jobs or consumed by the config, with its counts."""
+        return await self._core.queues()
+
+    async def redrive(self, queue: str) -> int:
+        """Requeue the failed jobs of ``queue`` (attempts reset); answers how many."""
+        return await self._core.redrive(queue)
+
+    async def workers(self) -> builtins.list[WorkerInfo]:
+        """The daemons sharing the backend, seen in the last 15 s."""
+        return await self._core.workers()
+
     # --- changing ---------------------------------------------------------------------------------
 
     async def cancel(self, job_id: str) -> Job:
@@ -207,8 +221,5 @@ class Client:
         await self._core.delete(job_id)
 
 
-def _plain(spec: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(spec)
-    if isinstance(out.get("run_at"), datetime):
-        out["run_at"] = out["run_at"].isoformat()
-    return out
+if TYPE_CHECKING:  # mypy holds Client to the one client interface
+    _client: type[JobsAPI] = Client

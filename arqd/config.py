@@ -44,6 +44,7 @@ from arqd.model import (
     MemberName,
     QueueName,
     member_names,
+    where_and_why,
 )
 from arqd.stepmodel import (
     STEPS_HANDLER,
@@ -130,6 +131,7 @@ def _dec_hook(kind: type, value: Any) -> Any:
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 _NAME = re.compile(NAME_PATTERN)
 Scope = Literal["submit", "read", "cancel", "admin"]
+SCOPES: tuple[Scope, ...] = typing.get_args(Scope)  # a token's scopes; ``admin`` implies the rest
 # Lists where an empty one would leave the daemon doing nothing are refused when empty
 # (workers.queues: nothing leased; a token's scopes: nothing allowed).
 NON_EMPTY = msgspec.Meta(min_length=1)
@@ -155,8 +157,39 @@ class ServerConfig(_Section, frozen=True):
     max_held: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
 
 
-class QueueConfig(_Section, frozen=True):
-    backend: Literal["memory", "sqlite", "dynamodb"] = "sqlite"
+# ``queue.backend`` / ``results.backend``: a built-in's name, or a class by import path
+# (loaded and checked by ``arqd.stores``; config.py imports nothing above the model).
+PLUGGED = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
+
+
+def _check_backend(backend: str, options: Mapping[str, Any], builtins: tuple[str, ...]) -> None:
+    if backend in builtins:
+        if options:
+            raise ValueError(f"options: only a plugged backend takes options, not {backend}")
+        return
+    if not PLUGGED.match(backend):
+        names = ", ".join(map(repr, builtins))
+        raise ValueError(f'backend: expected {names} or "package.module:Class", got {backend!r}')
+
+
+class _Plugged(_Section, frozen=True):
+    """A section naming a backend; ``options`` are a plugged class's own settings."""
+
+    backend: str
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def __repr__(self) -> str:  # a plugin's options may hold secrets: names only
+        fields = (f for f in self.__struct_fields__ if f != "options")
+        shown = ", ".join(f"{f}={getattr(self, f)!r}" for f in fields)
+        return f"{type(self).__name__}({shown}, options=[{', '.join(map(repr, self.options))}])"
+
+
+QUEUE_BACKENDS = ("memory", "sqlite", "dynamodb")
+RESULT_BACKENDS = ("memory", "files", "s3")
+
+
+class QueueConfig(_Plugged, frozen=True):
+    backend: str = "sqlite"
     path: str = "var/arqd.sqlite3"
     synchronous: Literal["normal", "full"] = "normal"
     table: str = "arqd"
@@ -164,9 +197,12 @@ class QueueConfig(_Section, frozen=True):
     endpoint_url: str | None = None
     shards: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
 
+    def __post_init__(self) -> None:
+        _check_backend(self.backend, self.options, QUEUE_BACKENDS)
 
-class ResultsConfig(_Section, frozen=True):
-    backend: Literal["memory", "files", "s3"] = "files"
+
+class ResultsConfig(_Plugged, frozen=True):
+    backend: str = "files"
     path: str = "var/results"
     bucket: str = "arqd-results"
     prefix: str = ""
@@ -174,6 +210,9 @@ class ResultsConfig(_Section, frozen=True):
     endpoint_url: str | None = None
     temporary_ttl: PositiveDuration = PositiveDuration(24 * 3600)
     inline_max: Size = Size(64 * 1024)
+
+    def __post_init__(self) -> None:
+        _check_backend(self.backend, self.options, RESULT_BACKENDS)
 
 
 class WorkersConfig(_Section, frozen=True):
@@ -498,11 +537,8 @@ class _Checker:
         try:
             return msgspec.convert(raw, tp, dec_hook=_dec_hook, strict=False)
         except msgspec.ValidationError as exc:
-            reason, _, where = str(exc).partition(" - at ")
-            if reason == "Expected `array` of length >= 1":
-                reason = "must not be empty"
-            inner = where.strip("`").removeprefix("$")
-            self.add(path + inner if inner.startswith("[") else _join(path, inner[1:]), reason)
+            inner, reason = where_and_why(exc)
+            self.add(path + inner if inner.startswith("[") else _join(path, inner), reason)
             return _INVALID
 
     def section(self, cls: type[_Section], raw: Mapping[str, Any], path: str) -> Any:

@@ -22,8 +22,10 @@ import structlog
 
 from arqd.backends.base import (
     Enqueued,
+    ListFilter,
     Outcome,
     QueueBackend,
+    QueueStats,
     Redrive,
     group_record,
 )
@@ -53,9 +55,8 @@ from arqd.model import (
     GROUP_MAX,
     JOB_ID_RE,
     META_MAX,
-    NAME_PATTERN,
+    NAME_RE,
     SCHEDULE_KEY,
-    TEXT_PATTERN,
     ErrorInfo,
     GroupMember,
     GroupMemberSpec,
@@ -63,24 +64,29 @@ from arqd.model import (
     GroupSpec,
     Job,
     JobSpec,
+    ListQuery,
     NewJob,
     ResultRef,
     State,
     StepState,
     blob_name,
+    explain,
     member_names,
     new_job_id,
+    owned_key,
 )
 from arqd.observe import NO_OBSERVER, Observer
 from arqd.results.base import Area, ResultStore
-from arqd.stepmodel import STEPS_HANDLER as STEPS_HANDLER  # re-exported: view, pool
+from arqd.stepmodel import SEALED
+from arqd.stepmodel import STEPS_HANDLER as STEPS_HANDLER  # re-exported: the pool's
+from arqd.view import QueueInfo
+from arqd.view import WorkerInfo as WorkerView
 
 # The deepest JSON nesting a job may carry (payload, meta, steps). Real documents rarely pass 20;
 # past about 1,000 msgspec's decoder hits Python's recursion limit and sqlite's json() refuses
 # the value, so the bound is checked here, before anything is stored, far below both.
 DEPTH_MAX = 64
 TOO_DEEP = f"the body nests JSON deeper than {DEPTH_MAX} levels"
-SEALED = "sealed"  # the payload field holding a multi-step job's encrypted secrets
 SWEEP_BATCH = 500  # expired records deleted per sweep (one short write transaction)
 PURGE_BATCH = 1000
 ORPHAN_BATCH = 100  # blobs checked against their job records per read (a purge's last pass)
@@ -90,6 +96,7 @@ ERROR_MESSAGE_MAX = 2000  # characters of an exception's message kept in a job's
 _SCALARS = (int, float, bool, type(None))  # results always small enough to keep inline
 FOLLOW_INTERVAL = 1.0  # other processes' changes reach long-polls within this much
 FOLLOW_BATCH = 250  # watched jobs read per backend call (small enough to run in place)
+WORKER_STALE = 15.0  # a worker row older than this is not listed (rows refresh every 2 s)
 
 if TYPE_CHECKING:
     from arqd.steps import Credentials, StepSpec
@@ -143,15 +150,6 @@ def check_depth(field: str, value: Any, limit: int = DEPTH_MAX) -> None:
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
 
 
-def spec_of(handler: str, payload: Any, sticky: bool, **optional: Any) -> dict[str, Any]:
-    """The JSON job spec of a ``submit(handler, payload, ...)`` call: both clients build it so."""
-    spec: dict[str, Any] = {"handler": handler, "payload": payload, "sticky": sticky}
-    for name, value in optional.items():
-        if value is not None:
-            spec[name] = value.isoformat() if isinstance(value, datetime) else value
-    return spec
-
-
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -191,33 +189,6 @@ def mark_name(name: str) -> str:
     return f"{SCHEDULE_KEY}{name}"
 
 
-def owned_key(owner: str, key: str) -> str:
-    return f"@{owner}/{key}"
-
-
-def public_key(job: Job) -> str | None:
-    """The key as its submitter gave it (without the owner's namespace)."""
-    if job.key is not None and job.owner is not None:
-        return job.key.removeprefix(f"@{job.owner}/")
-    return job.key
-
-
-# What each model pattern means, for error messages (a regex is no answer to a client).
-_PATTERNS = {
-    NAME_PATTERN: "1 to 64 letters, digits, '_', '.' or '-'",
-    TEXT_PATTERN: "a string without control characters",
-}
-
-
-def explain(exc: msgspec.ValidationError) -> str:
-    """msgspec's ``reason - at `$.jobs[0].queue` `` as ``jobs[0].queue: reason``."""
-    reason, _, where = str(exc).partition(" - at ")
-    where = where.strip("`").removeprefix("$").lstrip(".")
-    for pattern, meaning in _PATTERNS.items():
-        reason = reason.replace(f"`str` matching regex {pattern!r}", meaning)
-    return f"{where}: {reason}" if where else reason
-
-
 class Core:
     """Job semantics over one queue backend and one result store."""
 
@@ -234,7 +205,7 @@ class Core:
         self.hub = hub_for(queue.identity)
         self.observer = observer  # told of submits here, of leases and attempts by the pool
         self._config, self._registry = config, registry
-        self._name_metrics()
+        self._configure_observer()
         if observer is not NO_OBSERVER:  # a bare Client's core leaves the backend to an App's
             queue.observe(observer)  # backend call latencies and errors
         self._steps_keys: tuple[Config, tuple[bytes, ...]] | None = None  # and the config read
@@ -250,7 +221,7 @@ class Core:
     @config.setter
     def config(self, config: Config) -> None:
         self._config = config
-        self._name_metrics()
+        self._configure_observer()
 
     @property
     def registry(self) -> Registry | None:
@@ -259,9 +230,9 @@ class Core:
     @registry.setter
     def registry(self, registry: Registry | None) -> None:
         self._registry = registry
-        self._name_metrics()
+        self._configure_observer()
 
-    def _name_metrics(self) -> None:
+    def _configure_observer(self) -> None:
         """The observer learns the queue and handler names the config gives (arqd/metrics.py
         keeps series only for those)."""
         cfg = self._config
@@ -572,6 +543,82 @@ class Core:
     @staticmethod
     def result_size(ref: ResultRef) -> int:
         return len(msgspec.json.encode(ref.inline)) if ref.is_inline else (ref.size or 0)
+
+    # --- listing and operating: what the HTTP routes and both clients ask ------------------------
+
+    @staticmethod
+    def list_query(params: Mapping[str, Any]) -> ListQuery:
+        """A listing's filters, page size and cursor, from query strings or typed values;
+        :class:`InvalidRequest` names the parameter. Validated here for every caller, so a
+        filter no job can match (an empty queue name) never reaches a backend (DynamoDB
+        refused it as a 503)."""
+        try:
+            return msgspec.convert(params, ListQuery, strict=False)
+        except msgspec.ValidationError as exc:
+            raise InvalidRequest(explain(exc)) from None
+
+    async def list_jobs(
+        self, query: ListQuery, owner: str | None = None
+    ) -> tuple[list[Job], str | None]:
+        """Up to ``query.limit`` jobs, newest first, and the cursor of the page after (``None``
+        at the end); with ``owner``, only that owner's jobs."""
+        where = ListFilter(
+            queue=query.queue,
+            state=query.state,
+            handler=query.handler,
+            group_id=query.group_id,
+            owner=owner,
+        )
+        return await self.queue.list_jobs(where, query.limit, query.cursor)
+
+    async def queue_stats(self) -> list[QueueStats]:
+        """The backend's counts of each queue it holds jobs of."""
+        return await self.queue.stats()
+
+    async def queues(self) -> list[QueueInfo]:
+        """Every queue the backend holds jobs of or this config consumes, by name, counted."""
+        stats = {s.name: s for s in await self.queue_stats()}
+        names = sorted(set(stats) | set(self.config.workers.queues))
+        return [
+            QueueInfo(**msgspec.structs.asdict(stats[name])) if name in stats else QueueInfo(name)
+            for name in names
+        ]
+
+    async def workers(self) -> list[WorkerView]:
+        """The daemons (and embedded pools) sharing the backend, seen in the last
+        ``WORKER_STALE`` seconds."""
+        rows = await self.queue.list_workers(self.clock.time() - WORKER_STALE)
+        return [
+            WorkerView(
+                id=w.id,
+                host=w.host,
+                started_at=datetime.fromtimestamp(w.started_at, UTC),
+                last_seen=datetime.fromtimestamp(w.last_seen, UTC),
+                running=w.running,
+                concurrency=w.concurrency,
+            )
+            for w in rows
+        ]
+
+    async def redrive(self, queue: str) -> int:
+        """Requeue the failed jobs of ``queue``; answers how many. A name no queue can have is
+        :class:`JobNotFound`, like a queue without failed jobs is 0."""
+        if not NAME_RE.match(queue):
+            raise JobNotFound(f"no queue {queue!r}")
+        count = await self.queue.redrive(self.redriven(queue))
+        if count:
+            self.hub.jobs_ready()
+        return count
+
+    async def trigger_group(self, name: str, owner: str | None = None) -> GroupRecord:
+        """Submit the group ``name`` of the config (:class:`UnknownGroup` if there is none)."""
+        record, _ = await self.submit_group(name, self.group_specs(name), owner)
+        return record
+
+    async def ping(self) -> None:
+        """Return once both backends answer; their error (or a hang) otherwise."""
+        await self.queue.ping()
+        await self.results.ping()
 
     # --- changing ---------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from arqd.gcpolicy import CollectorPolicy
 from arqd.handlers import Registry
 from arqd.http.server import STATE, ServerState, make_app
 from arqd.steps import check_keys
-from arqd.stores import queue_class
+from arqd.stores import check_backends, queue_class
 from arqd.supervise import report_crash
 
 log = structlog.get_logger("arqd.daemon")
@@ -97,10 +97,14 @@ def check_exposure(config: Config) -> None:
 # raises ConfigError; a new check is one more function here.
 def check_step_keys(config: Config) -> None:
     """A queue shared by several hosts needs step keys every host has (``arqd.steps``)."""
-    check_keys(config, queue_class(config.queue.backend).multi_host)
+    try:
+        queue = queue_class(config.queue.backend)
+    except ConfigError:
+        return  # a queue class that does not load: check_backends says why
+    check_keys(config, queue.multi_host)
 
 
-PREFLIGHT: list[Callable[[Config], None]] = [check_exposure, check_step_keys]
+PREFLIGHT: list[Callable[[Config], None]] = [check_exposure, check_backends, check_step_keys]
 
 
 def preflight(config: Config) -> None:
@@ -263,7 +267,11 @@ class Daemon:
     async def _apply(self, app: App) -> None:
         old = app.config
         try:
-            new, kept = effective(load_config(self.config_path), old)
+            loaded = load_config(self.config_path)
+            # A restart-only section is kept, but a plugged backend of the new file that would
+            # not load is refused now rather than at the restart that would apply it.
+            await asyncio.to_thread(check_backends, loaded)
+            new, kept = effective(loaded, old)
             await asyncio.to_thread(preflight, new)  # a name lookup must not stall the loop
             registry = Registry.from_config(new, app.extra_handlers)
         except ConfigError as exc:

@@ -19,14 +19,18 @@ import msgspec
 
 __all__ = [
     "AHEAD_MAX",
+    "BATCH_MAX",
     "BLOB_NAME_RE",
     "DROPPED",
     "GROUP_MAX",
     "JOB_ID_RE",
+    "LIST_MAX",
     "META_MAX",
     "NAME_PATTERN",
+    "NAME_RE",
     "SCHEDULE_KEY",
     "TEXT_PATTERN",
+    "WAIT_MAX",
     "ErrorInfo",
     "GroupMember",
     "GroupMemberSpec",
@@ -34,6 +38,7 @@ __all__ = [
     "GroupSpec",
     "Job",
     "JobSpec",
+    "ListQuery",
     "NewJob",
     "Progress",
     "ResultRef",
@@ -41,13 +46,17 @@ __all__ = [
     "StepState",
     "blob_name",
     "etag_of",
+    "explain",
     "from_ts",
     "links_of",
     "member_names",
     "new_job_id",
     "new_token",
+    "owned_key",
+    "public_key",
     "to_ts",
     "version_of",
+    "where_and_why",
 ]
 
 
@@ -75,6 +84,7 @@ JOB_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 BLOB_NAME_RE = re.compile(r"^[0-9a-f]{32}-[0-9a-f]{8}\Z")
 # Queue, group, group member, step, schedule and token names.
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}\Z"
+NAME_RE = re.compile(NAME_PATTERN)
 # Handler names and keys: free text, but no control characters (C0, DEL, C1).
 TEXT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+\Z"
 # The furthest ahead a client may set a job (``delay``, ``run_at``) or its ``timeout``: a year
@@ -235,6 +245,18 @@ def version_of(etag: str | None, job_id: str) -> int | None:
     return int(version)
 
 
+def owned_key(owner: str, key: str) -> str:
+    """A key inside its owner's namespace: tenants never share dedupe keys or cached results."""
+    return f"@{owner}/{key}"
+
+
+def public_key(job: Job) -> str | None:
+    """The key as its submitter gave it (without the owner's namespace)."""
+    if job.key is not None and job.owner is not None:
+        return job.key.removeprefix(f"@{job.owner}/")
+    return job.key
+
+
 class NewJob(msgspec.Struct, frozen=True, kw_only=True):
     """A job ready to be stored: the spec with every default resolved by the core."""
 
@@ -338,6 +360,9 @@ class GroupSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 # Limits of the contract, checked by the core on submit and by the config on load.
 META_MAX = 4096  # bytes of a job's ``meta`` as JSON
 GROUP_MAX = 1000  # jobs in one group
+BATCH_MAX = 1000  # jobs in one ``POST /v1/jobs/batch``
+LIST_MAX = 1000  # jobs in one page of a listing
+WAIT_MAX = 60.0  # seconds a long-poll (``GET /v1/jobs/{id}?wait=``) is held at most
 SCHEDULE_KEY = "schedule:"  # the key prefix of schedule ticks (arqd/schedules.py); reserved
 
 
@@ -345,3 +370,52 @@ def member_names(names: Sequence[str | None]) -> list[str]:
     """A group's member names: each as given, else ``job<position>`` counted from 1. One rule for
     submitted and configured groups, so a config can be checked for duplicates when it loads."""
     return [name or f"job{i + 1}" for i, name in enumerate(names)]
+
+
+JobId = Annotated[str, msgspec.Meta(pattern=JOB_ID_RE.pattern)]
+
+
+class ListQuery(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A listing as a client asks for it (``GET /v1/jobs``, ``list()``): the filters, the page
+    size and where to go on from. Each filter is held to the pattern of what it filters on, so
+    one that can match no job is refused (422), never sent to a backend."""
+
+    queue: QueueName | None = None
+    state: State | None = None
+    handler: HandlerName | None = None
+    group_id: JobId | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=LIST_MAX)] = 100
+    cursor: JobId | None = None
+
+
+# --- what a refusal says --------------------------------------------------------------------------
+
+# What each pattern means, for error messages (a regex is no answer to a client).
+_PATTERNS = {
+    NAME_PATTERN: "1 to 64 letters, digits, '_', '.' or '-'",
+    TEXT_PATTERN: "a string without control characters",
+    JOB_ID_RE.pattern: "32 lowercase hex digits (an id this API gave out)",
+}
+_FIELD = re.compile(r"^Object (contains unknown|missing required) field `(.*)`\Z")
+_REASONS = {"Expected `array` of length >= 1": "must not be empty"}
+
+
+def where_and_why(exc: msgspec.ValidationError) -> tuple[str, str]:
+    """msgspec's ``reason - at `$.jobs[0].queue` `` as (``jobs[0].queue``, ``reason``): the
+    path without ``$``, an unknown or missing field named in the path, a pattern by its
+    meaning. Every refusal of msgspec's validation is worded here, once."""
+    reason, _, where = str(exc).partition(" - at ")
+    path = where.strip("`").removeprefix("$").lstrip(".")
+    field = _FIELD.match(reason)
+    if field is not None:
+        path = f"{path}.{field.group(2)}" if path else field.group(2)
+        reason = "unknown field" if field.group(1) == "contains unknown" else "required"
+    for pattern, meaning in _PATTERNS.items():
+        reason = reason.replace(f"`str` matching regex {pattern!r}", meaning)
+    return path, _REASONS.get(reason, reason)
+
+
+def explain(exc: msgspec.ValidationError) -> str:
+    """``where: reason`` (or the reason alone at the top level) for a client's error message."""
+    path, reason = where_and_why(exc)
+    return f"{path}: {reason}" if path else reason

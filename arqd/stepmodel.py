@@ -21,11 +21,12 @@ from yarl import URL
 
 from arqd.errors import InvalidRequest
 from arqd.jsonpointer import MISSING, pointed
-from arqd.model import NAME_PATTERN
+from arqd.model import NAME_PATTERN, NAME_RE, explain
 
 __all__ = [
     "CONTROL",
     "REDACTED",
+    "SEALED",
     "SECRET_NAME",
     "STEPS_HANDLER",
     "Credentials",
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 STEPS_HANDLER = "arqd.steps"  # the built-in handler of multi-step jobs; no client may name it
+SEALED = "sealed"  # the payload field holding a multi-step job's encrypted secrets
 REDACTED = "[redacted]"
 
 # Header, query and body-field names whose values are secrets.
@@ -174,7 +176,7 @@ def parse_steps(raw: list[dict[str, Any]]) -> list[StepSpec]:
         try:
             spec = msgspec.convert(item, StepSpec)
         except msgspec.ValidationError as exc:
-            raise InvalidRequest(f"{label}: {_explain(str(exc))}") from None
+            raise InvalidRequest(f"{label}: {explain(exc)}") from None
         if spec.name in seen:
             raise InvalidRequest(f"{label}: name: another step has this name")
         seen.add(spec.name)
@@ -184,23 +186,9 @@ def parse_steps(raw: list[dict[str, Any]]) -> list[StepSpec]:
 
 def _step_label(index: int, item: object) -> str:
     name = item.get("name") if isinstance(item, dict) else None
-    if isinstance(name, str) and re.match(NAME_PATTERN, name):
+    if isinstance(name, str) and NAME_RE.match(name):
         return f"steps[{index}] ({name})"
     return f"steps[{index}]"
-
-
-def _explain(message: str) -> str:
-    """Turn msgspec's ``reason - at `$.field` `` into ``field: reason``."""
-    reason, _, where = message.partition(" - at ")
-    path = where.strip("`").removeprefix("$").lstrip(".")
-    for pattern, text in (
-        (r"Object contains unknown field `(.+)`", "unknown field"),
-        (r"Object missing required field `(.+)`", "required"),
-    ):
-        m = re.match(pattern, reason)
-        if m:
-            return f"{m.group(1)}: {text}"
-    return f"{path}: {reason}" if path else reason
 
 
 # --- credentials ----------------------------------------------------------------------------------

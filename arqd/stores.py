@@ -1,18 +1,26 @@
-"""Where config picks the queue backend and the result store by name; the only core module that
+"""Where config picks the queue backend and the result store; the only core module that
 imports them.
 
-Each backend's or store's module is imported only when config names it, so optional drivers
-(aioboto3 for ``dynamodb`` and ``s3``, extra ``arqd[aws]``) are needed only by those who use
-them; ``tests/test_stores.py`` pins it for the result stores.
+``queue.backend`` and ``results.backend`` name a built-in (``memory``, ``sqlite``, ``dynamodb``;
+``memory``, ``files``, ``s3``) or a class by import path (``"package.module:Class"``), which
+must subclass the contract (``QueueBackend``, ``ResultStore``). Both kinds are made the same
+way, ``cls(clock=clock, **arguments)``: a built-in's arguments come from its typed settings
+(``path``, ``table``…), a plugged class's from its ``options`` table (``docs/design.md``).
+
+Each module is imported only when config names it, so optional drivers (aioboto3 for
+``dynamodb`` and ``s3``, extra ``arqd[aws]``) are needed only by those who use them;
+``tests/test_stores.py`` pins it for the result stores.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+import inspect
+from typing import TYPE_CHECKING, Any
 
 from arqd.backends.base import QueueBackend
 from arqd.clock import SYSTEM_CLOCK, Clock
-from arqd.config import QueueConfig, ResultsConfig
+from arqd.config import Config, QueueConfig, ResultsConfig
 from arqd.errors import ConfigError
 from arqd.results.base import ResultStore
 
@@ -20,56 +28,108 @@ if TYPE_CHECKING:  # the AWS backends are imported only when config names them
     from arqd.backends.dynamodb import DynamoSettings
     from arqd.results.s3 import S3Settings
 
+# The built-ins by config name: the class each name stands for.
+QUEUES = {
+    "memory": "arqd.backends.memory:MemoryQueue",
+    "sqlite": "arqd.backends.sqlite:SqliteQueue",
+    "dynamodb": "arqd.backends.dynamodb:DynamoQueue",
+}
+RESULTS = {
+    "memory": "arqd.results.memory:MemoryResults",
+    "files": "arqd.results.files:FileResults",
+    "s3": "arqd.results.s3:S3Results",
+}
 
-def make_queue(cfg: QueueConfig, clock: Clock = SYSTEM_CLOCK) -> QueueBackend:
-    if cfg.backend == "memory":
-        from arqd.backends.memory import MemoryQueue
 
-        return MemoryQueue(clock=clock)
-    if cfg.backend == "sqlite":
-        from arqd.backends.sqlite import SqliteQueue
-
-        return SqliteQueue(cfg.path, clock=clock, synchronous=cfg.synchronous)
-    if cfg.backend == "dynamodb":
-        from arqd.backends.dynamodb import DynamoQueue
-
-        return DynamoQueue(dynamo_settings(cfg), clock=clock)
-    raise ConfigError(f"queue.backend: {cfg.backend!r} is not available in this build")
+def load_class(path: str, contract: type) -> type[Any]:
+    """The class at ``"module:Class"``, checked to implement ``contract``; :class:`ConfigError`
+    saying why not (no such module, no such attribute, a module that fails to import, not a
+    subclass)."""
+    module_name, _, attr = path.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:  # a plugin's module may raise anything while it loads; say which
+        raise ConfigError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"module {module_name!r} has no {attr!r}")
+        target = getattr(target, part)
+    if not (isinstance(target, type) and issubclass(target, contract)):
+        raise ConfigError(
+            f"{path!r} is not a subclass of {contract.__module__}.{contract.__qualname__}"
+        )
+    if inspect.isabstract(target):
+        missing = ", ".join(sorted(getattr(target, "__abstractmethods__", ())))
+        raise ConfigError(f"{path!r} does not implement {missing}")
+    return target
 
 
 def queue_class(backend: str) -> type[QueueBackend]:
-    """The class of a queue backend by its config name, without making one (for what it
-    declares, such as ``multi_host``)."""
-    if backend == "memory":
-        from arqd.backends.memory import MemoryQueue
+    """The class ``queue.backend`` names, without making one (for what it declares, such as
+    ``multi_host``); :class:`ConfigError` if it does not load."""
+    cls: type[QueueBackend] = load_class(QUEUES.get(backend, backend), QueueBackend)
+    return cls
 
-        return MemoryQueue
-    if backend == "sqlite":
-        from arqd.backends.sqlite import SqliteQueue
 
-        return SqliteQueue
-    if backend == "dynamodb":
-        from arqd.backends.dynamodb import DynamoQueue
+def results_class(backend: str) -> type[ResultStore]:
+    """The class ``results.backend`` names, without making one."""
+    cls: type[ResultStore] = load_class(RESULTS.get(backend, backend), ResultStore)
+    return cls
 
-        return DynamoQueue
-    raise ConfigError(f"queue.backend: {backend!r} is not available in this build")
+
+def queue_arguments(cfg: QueueConfig) -> dict[str, Any]:
+    """What the queue class is made with besides the clock."""
+    if cfg.backend == "sqlite":
+        return {"path": cfg.path, "synchronous": cfg.synchronous}
+    if cfg.backend == "dynamodb":
+        return {"settings": dynamo_settings(cfg)}
+    return dict(cfg.options)  # memory takes none (config refuses options for a built-in)
+
+
+def results_arguments(cfg: ResultsConfig) -> dict[str, Any]:
+    """What the result store class is made with besides the clock."""
+    if cfg.backend == "files":
+        return {"path": cfg.path}
+    if cfg.backend == "s3":
+        return {"settings": s3_settings(cfg)}
+    return dict(cfg.options)
+
+
+def make_queue(cfg: QueueConfig, clock: Clock = SYSTEM_CLOCK) -> QueueBackend:
+    return queue_class(cfg.backend)(clock=clock, **queue_arguments(cfg))
 
 
 def make_results(cfg: ResultsConfig, clock: Clock = SYSTEM_CLOCK) -> ResultStore:
     """The store ``results.backend`` names, from its own module (``arqd/results/``)."""
-    if cfg.backend == "memory":
-        from arqd.results.memory import MemoryResults
+    return results_class(cfg.backend)(clock=clock, **results_arguments(cfg))
 
-        return MemoryResults(clock=clock)
-    if cfg.backend == "files":
-        from arqd.results.files import FileResults
 
-        return FileResults(cfg.path, clock=clock)
-    if cfg.backend == "s3":
-        from arqd.results.s3 import S3Results
-
-        return S3Results(s3_settings(cfg), clock=clock)
-    raise ConfigError(f"results.backend: {cfg.backend!r} is not available in this build")
+def check_backends(config: Config) -> None:
+    """Both classes load, implement their contract, and take the ``options`` given: a start
+    check (``arqd.daemon.PREFLIGHT``), so start, reload and ``arqd check-config`` refuse a plugged
+    backend that would not run, naming the setting. Nothing is made or opened."""
+    problems: list[str] = []
+    sections: list[tuple[str, QueueConfig | ResultsConfig]] = [
+        ("queue", config.queue),
+        ("results", config.results),
+    ]
+    for name, section in sections:
+        try:
+            if isinstance(section, QueueConfig):
+                cls: type[Any] = queue_class(section.backend)
+                arguments = queue_arguments(section)
+            else:
+                cls = results_class(section.backend)
+                arguments = results_arguments(section)
+        except ConfigError as exc:
+            problems.append(config.problem(f"{name}.backend", str(exc)))
+            continue
+        try:
+            inspect.signature(cls).bind(clock=SYSTEM_CLOCK, **arguments)
+        except TypeError as exc:  # "unexpected keyword argument 'x'", "missing ... 'dsn'"
+            problems.append(config.problem(f"{name}.options", f"{section.backend}: {exc}"))
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def dynamo_settings(cfg: QueueConfig) -> DynamoSettings:

@@ -1,10 +1,12 @@
-"""What clients see of a job: the public ``arqd.Job`` and its ``arqd.ResultInfo``.
+"""What clients see: the public ``arqd.Job`` and its ``arqd.ResultInfo``, and the operator's
+``arqd.QueueInfo`` and ``arqd.WorkerInfo``.
 
 A stored record (``arqd.model.Job``) holds what the core and the backends need besides: the owner,
 the key inside its owner's namespace, where a result blob is stored, a multi-step job's checkpoint
 and sealed secrets. ``public_job`` makes the view clients get, in one place: ``arqd.Client``
 answers it, the HTTP API encodes it (``arqd.http.wire``) and ``arqd.HttpClient`` decodes it, so the
-two clients cannot drift apart (``tests/test_clients.py`` holds them equal).
+two clients cannot drift apart (``tests/test_clients.py`` holds them equal). This module imports
+only the model, so ``arqd.HttpClient`` can use it without loading the core.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from typing import Any
 
 import msgspec
 
-from arqd.core import SEALED, STEPS_HANDLER, public_key
 from arqd.model import (
     DROPPED,
     ErrorInfo,
@@ -24,8 +25,10 @@ from arqd.model import (
     StepState,
     etag_of,
     links_of,
+    public_key,
 )
 from arqd.model import Job as StoredJob
+from arqd.stepmodel import SEALED, STEPS_HANDLER
 
 
 class ResultInfo(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -134,3 +137,28 @@ def _shown_payload(job: StoredJob) -> Any:
     if job.handler == STEPS_HANDLER and isinstance(job.payload, dict):
         return {k: v for k, v in job.payload.items() if k != SEALED}
     return job.payload
+
+
+class QueueInfo(msgspec.Struct, frozen=True):
+    """One queue's jobs by state (``GET /v1/queues``), and how long its oldest ready job has
+    waited (``None``: none is ready)."""
+
+    name: str
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    oldest_queued_seconds: float | None = None
+
+
+class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One daemon (or embedded pool) sharing the backend (``GET /v1/workers``): since when it
+    runs, when its row was last refreshed, how many attempts it runs of how many it may."""
+
+    id: str
+    host: str
+    started_at: datetime
+    last_seen: datetime
+    running: int
+    concurrency: int

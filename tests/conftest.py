@@ -22,9 +22,11 @@ from arqd.backends.base import QueueBackend
 from arqd.backends.memory import MemoryQueue
 from arqd.backends.sqlite import SqliteQueue
 from arqd.clock import ManualClock
+from arqd.config import QueueConfig, ResultsConfig
 from arqd.results.base import ResultStore
 from arqd.results.files import FileResults
 from arqd.results.memory import MemoryResults
+from arqd.stores import make_queue, make_results
 
 from .daemons import Daemons
 
@@ -39,11 +41,18 @@ def _queue_factories(tmp_path: Path) -> dict[str, QueueFactory]:
     return {
         "memory": lambda clock: MemoryQueue(clock=clock),
         "sqlite": lambda clock: SqliteQueue(str(tmp_path / "q.sqlite3"), clock=clock),
+        "plugged": lambda clock: make_queue(
+            QueueConfig(backend=PLUGGED_QUEUE, options={"label": "contract"}), clock
+        ),
     }
 
 
-QUEUE_BACKENDS = ["memory", "sqlite", "dynamodb"]
-RESULT_STORES = ["memory", "files", "s3"]
+# A third-party backend and store (tests/plugin/queue.py), made through the config loader as a
+# daemon would make them: the contract suites run over a plugged class too.
+PLUGGED_QUEUE = "tests.plugin.queue:PluggedQueue"
+PLUGGED_RESULTS = "tests.plugin.queue:PluggedResults"
+QUEUE_BACKENDS = ["memory", "sqlite", "dynamodb", "plugged"]
+RESULT_STORES = ["memory", "files", "s3", "plugged"]
 
 AWS_REGION = "us-east-1"
 AWS_FAKE_KEY = "testing"  # moto accepts any credentials; these never leave the machine
@@ -178,6 +187,8 @@ async def results(
     store: ResultStore
     if request.param == "memory":
         store = MemoryResults(clock=clock)
+    elif request.param == "plugged":
+        store = make_results(ResultsConfig(backend=PLUGGED_RESULTS), clock)
     elif request.param == "s3":
         from arqd.results.s3 import S3Results
 

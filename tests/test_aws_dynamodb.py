@@ -16,6 +16,7 @@ from arqd.backends.base import Outcome, Update
 from arqd.backends.dynamodb import GSIS, DynamoQueue, _Grant
 from arqd.clock import ManualClock
 from arqd.config import QueueConfig, ResultsConfig
+from arqd.errors import BackendError
 from arqd.model import (
     DROPPED,
     GroupMember,
@@ -220,6 +221,19 @@ async def test_init_aws_creates_what_is_missing_and_is_idempotent(moto_url: str)
         g["IndexName"] for g in GSIS
     }
     assert ttl["TimeToLiveDescription"]["AttributeName"] == "ttl"
+
+
+async def test_a_missing_table_is_named_with_the_request_and_the_fix(moto_url: str):
+    """A table that does not exist (and is not created on open) fails each request with a
+    BackendError naming the request and ``arqd init-aws``, not DynamoDB's bare error code."""
+    settings = dynamo_settings(moto_url, create_missing=False)
+    async with DynamoQueue(settings) as q:
+        with pytest.raises(BackendError) as caught:
+            await q.get(new_job_id())
+    assert type(caught.value) is BackendError
+    assert str(caught.value) == (
+        "dynamodb get_item: the table does not exist (run `arqd init-aws`)"
+    )
 
 
 async def finished(q: DynamoQueue, clock: ManualClock, n: int, **outcome: Any) -> list[str]:

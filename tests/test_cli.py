@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import fcntl
 import io
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import msgspec
 
+from arqd.api import JobsAPI
 from arqd.cli import Progress
 from arqd.model import Progress as Reported
 from arqd.model import State
@@ -303,3 +305,43 @@ def test_progress_falls_back_to_ascii():
     assert shown.line(job).startswith("resize [#####     ]  50%  half  ")
     spinning = msgspec.structs.replace(job, progress=None)
     assert shown.line(spinning).startswith("resize | running  ")
+
+
+def test_operator_commands(tmp_path: Path, daemons: Daemons):
+    """queues, redrive, purge and trigger answer from the daemon, each in its one line (or the
+    group's JSON), through HttpClient's public methods."""
+    group = '[groups.pair]\njobs = [{ handler = "echo", payload = 1 }, { handler = "noop" }]'
+    d = daemons.start(sqlite_config(tmp_path, extra=group))
+    failed = arqd("submit", "fail", "--payload", '{"permanent": true}', "--wait", url=d.url)
+    assert failed.returncode == 1
+    queues = arqd("queues", url=d.url)
+    (row,) = [line.split() for line in queues.stdout.splitlines() if line.startswith("default ")]
+    assert row[1:6] == ["0", "0", "0", "1", "0"], queues.stdout
+    redrive = arqd("redrive", "default", url=d.url)
+    assert (redrive.returncode, redrive.stdout) == (0, "requeued 1 failed jobs of default\n")
+    arqd("submit", "echo", "--payload", "1", "--wait", url=d.url)
+    purge = arqd("purge", "--area", "temporary", url=d.url)
+    assert purge.returncode == 0 and purge.stdout.startswith("purged ")
+    assert purge.stdout.endswith(" results from the temporary area\n")
+    trigger = arqd("trigger", "pair", url=d.url)
+    assert trigger.returncode == 0, trigger.stderr
+    answer = json.loads(trigger.stdout)["group"]
+    assert answer["name"] == "pair" and len(answer["jobs"]) == 2
+    missing = arqd("redrive", "no/such", url=d.url)
+    assert missing.returncode == 1 and "not_found" in missing.stderr
+
+
+def test_the_cli_uses_only_public_client_methods():
+    """Every call the CLI makes on its HttpClient is a method of arqd.JobsAPI or HttpClient.poll:
+    no ``_call``, no ``request_json`` with a path written out in the CLI."""
+    tree = ast.parse((ROOT / "arqd" / "cli.py").read_text())
+    called = {
+        node.func.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "client"
+    }
+    allowed = {name for name in vars(JobsAPI) if not name.startswith("_")} | {"poll"}
+    assert called and called <= allowed, called - allowed

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
-from aiohttp import web
+from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
 import arqd
+from arqd.api import JobsAPI
 from arqd.config import Config
 from arqd.http.server import make_app
+from arqd.results.memory import MemoryResults
 
 from .daemons import Daemons, sqlite_config
 from .util import eventually
@@ -324,3 +328,131 @@ async def test_bare_client_wait_follows_another_process(tmp_path: Path, daemons:
         assert reads["followers"] == 1, reads
         await eventually(lambda: not followers())
     assert d.url
+
+
+# --- one interface: JobsAPI -------------------------------------------------------------------
+
+API_METHODS = sorted(
+    name
+    for name, value in vars(JobsAPI).items()
+    if callable(value) and (not name.startswith("_") or name in ("__aenter__", "__aexit__"))
+)
+
+
+def test_both_clients_have_every_method_of_the_interface_with_one_signature():
+    """Client, HttpClient and JobsAPI name the same methods with the same parameters, defaults
+    and annotations (mypy checks the types; this pins the names, which it lets differ)."""
+    assert {"submit", "list", "queues", "redrive", "workers", "stream_result"} <= set(API_METHODS)
+    for name in API_METHODS:
+        want = inspect.signature(getattr(JobsAPI, name))
+        for cls in (arqd.Client, arqd.HttpClient):
+            assert inspect.signature(getattr(cls, name)) == want, f"{cls.__name__}.{name}"
+    public = {n for n in vars(arqd.Client) if not n.startswith("_")}
+    assert public - set(API_METHODS) == {"core", "from_config"}  # the in-process extras
+
+
+async def test_queues_redrive_and_workers(client: Any):
+    """queues counts each queue's jobs (the configured ones too), redrive requeues a queue's
+    failed jobs, workers lists the app's pool: the same answers from either client."""
+    failed = await client.submit("fail", {"permanent": True})
+    await client.wait(failed.id, timeout=20)
+    await client.submit("echo", 1, queue="elsewhere")  # no consumer takes this queue
+    queues = {q.name: q for q in await client.queues()}
+    assert all(isinstance(q, arqd.QueueInfo) for q in queues.values())
+    assert queues["default"] == arqd.QueueInfo("default", failed=1)
+    assert queues["elsewhere"].queued == 1 and queues["elsewhere"].oldest_queued_seconds is not None
+    assert await client.redrive("elsewhere") == 0
+    assert await client.redrive("default") == 1
+    again = await client.wait(failed.id, timeout=20)
+    assert again.state == "failed" and again.attempts == 1  # ran once more, from attempt 0
+    with pytest.raises(arqd.JobNotFound):
+        await client.redrive("no/such queue")
+    (worker,) = await client.workers()
+    assert isinstance(worker, arqd.WorkerInfo) and worker.concurrency == 4
+    assert worker.started_at.tzinfo is not None and worker.last_seen >= worker.started_at
+
+
+@pytest.mark.parametrize(
+    "asked",
+    [
+        {"queue": ""},
+        {"queue": "a/b"},
+        {"group_id": ""},
+        {"group_id": "not-a-group"},
+        {"handler": ""},
+        {"state": "lost"},
+        {"cursor": "zz"},
+        {"limit": 1001},
+    ],
+)
+async def test_list_refuses_what_no_job_can_match(client: Any, asked: dict[str, Any]):
+    """A listing filter no job can match, a cursor the API never gave out or a page too large
+    is InvalidRequest from either client, stated for that parameter."""
+    with pytest.raises(arqd.InvalidRequest, match=f"^{next(iter(asked))}: "):
+        await client.list(**asked)
+
+
+async def test_an_id_is_one_path_segment(client: Any):
+    """A job id or group id holding '/' or '?' names no job or group: HttpClient no longer sent
+    ``get(id + "/result")`` to the result route (and failed decoding the answer)."""
+    job = await client.submit("echo", {"n": 1})
+    await client.wait(job.id, timeout=20)
+    for odd in (f"{job.id}/result", f"{job.id}?wait=1", f"{job.id}/cancel"):
+        with pytest.raises(arqd.JobNotFound):
+            await client.get(odd)
+        with pytest.raises(arqd.JobNotFound):
+            await client.cancel(odd)
+    with pytest.raises(arqd.JobNotFound):
+        await client.group(f"{job.id}/x")
+    assert (await client.get(job.id)).state == "succeeded"
+
+
+async def test_submit_group_takes_a_datetime_run_at(client: Any):
+    """A group member's run_at may be a datetime, as for submit_many (HttpClient raised
+    TypeError: its JSON encoder could not encode it)."""
+    at = datetime.now(UTC) + timedelta(hours=1)
+    group = await client.submit_group([{"handler": "echo", "run_at": at}], name="later")
+    (member,) = (await client.group(group.id)).jobs
+    assert member.ready_at == at.replace(microsecond=member.ready_at.microsecond)
+    assert abs((member.ready_at - at).total_seconds()) < 0.001
+
+
+LIST_QUERIES = ["queue=", "group_id=", "group_id=x", "queue=a%2Fb", "cursor=zz", "state=lost"]
+
+
+async def test_list_filters_are_checked_before_any_backend(queue: Any, tmp_path: Path):
+    """``GET /v1/jobs`` with a filter no job can match answers 422 on every backend, and stores
+    nothing: DynamoDB refused an empty queue name or group id as a key, which became a 503."""
+    settings = {
+        "workers": {"concurrency": 0},
+        "results": {"backend": "memory"},
+    }
+    app = arqd.App(Config.from_dict(settings), queue=queue, results=MemoryResults())
+    async with app:
+        server = TestServer(make_app(app), host="127.0.0.1")
+        await server.start_server()
+        try:
+            async with ClientSession(server.make_url("")) as session:
+                for asked in LIST_QUERIES:
+                    async with session.get(f"/v1/jobs?{asked}") as resp:
+                        body = await resp.json()
+                    assert resp.status == 422, (asked, resp.status, body)
+                    assert body["error"]["code"] == "invalid_request", asked
+                async with session.get("/v1/jobs?queue=default&limit=5") as resp:
+                    assert resp.status == 200 and (await resp.json())["jobs"] == []
+        finally:
+            await server.close()
+
+
+async def test_refusals_are_worded_alike(client: Any):
+    """An unknown field, a missing one and a bad name are worded the same in a job spec, a group
+    and a step (one formatter: a job spec said ``Object contains unknown field `oops```)."""
+    cases = [
+        (lambda: client.submit_many([{"handler": "echo", "oops": 1}]), r"oops: unknown field$"),
+        (lambda: client.submit_group([{"handler": "echo", "name": "a b"}]), r"\]\.name: Expected"),
+        (lambda: client.submit_many([{"steps": [{"name": "s"}]}]), r"\(s\): url: required$"),
+        (lambda: client.submit("echo", queue="a b"), r"^queue: Expected 1 to 64 letters"),
+    ]
+    for call, message in cases:
+        with pytest.raises(arqd.InvalidRequest, match=message):
+            await call()

@@ -26,8 +26,10 @@ def test_all_is_pinned():
             "JobContext",
             "JobFailed",
             "JobNotFound",
+            "JobsAPI",
             "NotReady",
             "Progress",
+            "QueueInfo",
             "ResultExpired",
             "ResultInfo",
             "ResultUnavailable",
@@ -35,6 +37,7 @@ def test_all_is_pinned():
             "State",
             "UnknownGroup",
             "UnknownHandler",
+            "WorkerInfo",
             "__version__",
             "load_config",
         ]

@@ -80,6 +80,10 @@ class MemoryQueue(QueueBackend):
         self._s = _Store()
         self._identity = f"memory:{next(_ids)}"
 
+    def reset(self) -> None:
+        """Forget every job, key, group, worker and mark (for tests: ``arqd.testing``)."""
+        self._s = _Store()
+
     @property
     def identity(self) -> str:
         return self._identity

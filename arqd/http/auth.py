@@ -17,10 +17,11 @@ import hmac
 from dataclasses import dataclass
 from typing import Literal
 
-from arqd.config import AuthConfig
+from arqd.config import SCOPES, AuthConfig
+from arqd.config import Scope as TokenScope
 
-Scope = Literal["public", "authenticated", "submit", "read", "cancel", "admin"]
-SCOPES = ("submit", "read", "cancel", "admin")
+# A route's scope: a token's, or ``public`` (anyone) or ``authenticated`` (any valid token).
+Scope = Literal["public", "authenticated"] | TokenScope
 
 
 @dataclass(frozen=True, slots=True)

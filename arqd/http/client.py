@@ -1,5 +1,10 @@
-"""``arqd.HttpClient``: the in-process client's methods over the HTTP API, with the same return
-types and the same exceptions."""
+"""``arqd.HttpClient``: the in-process client's methods (``arqd.JobsAPI``) over the HTTP API, with
+the same return types and the same exceptions.
+
+It imports the model, the views and the wire format only: ``import arqd.http.client`` loads no
+core, hub, metrics or handlers (``tests/test_imports.py``), so a program that only talks to a
+daemon does not pay for them.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +13,20 @@ import builtins
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
+from urllib.parse import quote
 
 import aiohttp
 import msgspec
 
-from arqd.core import spec_of
+from arqd.api import JobsAPI, plain_spec, spec_of
 from arqd.errors import ArqdError, BackendUnavailable
 from arqd.groups import Group, GroupStatus
 from arqd.http.wire import ERRORS, job_from_dict
-from arqd.model import State
-from arqd.view import Job
+from arqd.model import WAIT_MAX, State
+from arqd.view import Job, QueueInfo, WorkerInfo
 
-WAIT_SLICE = 60.0  # the server holds a long-poll at most this long
+WAIT_SLICE = WAIT_MAX  # the server holds a long-poll at most this long
 SLICE_MARGIN = 5.0  # a long-poll's hold ends this long before the client's own request timeout
 
 
@@ -105,17 +111,12 @@ class HttpClient:
         return await self._job("POST", "/v1/jobs", json=spec)
 
     async def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> builtins.list[Job]:
-        plain = [
-            {**s, "run_at": s["run_at"].isoformat()}
-            if isinstance(s.get("run_at"), datetime)
-            else dict(s)
-            for s in specs
-        ]
+        plain = [plain_spec(s) for s in specs]
         _, body, _ = await self._call("POST", "/v1/jobs/batch", json={"jobs": plain})
         return [job_from_dict(j) for j in msgspec.json.decode(body)["jobs"]]
 
     async def get(self, job_id: str) -> Job:
-        return await self._job("GET", f"/v1/jobs/{job_id}")
+        return await self._job("GET", _job_path(job_id))
 
     async def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Reads the job, then long-polls it with its ETag until it is terminal: one request per
@@ -127,7 +128,7 @@ class HttpClient:
             return job
 
     async def result(self, job_id: str) -> Any:
-        _, body, headers = await self._call("GET", f"/v1/jobs/{job_id}/result")
+        _, body, headers = await self._call("GET", _job_path(job_id, "/result"))
         if headers.get("Content-Type", "").startswith("application/json"):
             return msgspec.json.decode(body)
         return body
@@ -135,7 +136,7 @@ class HttpClient:
     async def stream_result(self, job_id: str) -> AsyncIterator[bytes]:
         assert self._session is not None, "use HttpClient inside `async with`"
         try:
-            async with self._session.get(f"/v1/jobs/{job_id}/result") as resp:
+            async with self._session.get(_job_path(job_id, "/result")) as resp:
                 if resp.status >= 400:
                     raise _error(resp.status, await resp.read())
                 async for chunk in resp.content.iter_chunked(64 * 1024):
@@ -144,10 +145,10 @@ class HttpClient:
             raise BackendUnavailable(f"cannot reach arqd at {self.url}: {exc}") from exc
 
     async def cancel(self, job_id: str) -> Job:
-        return await self._job("POST", f"/v1/jobs/{job_id}/cancel")
+        return await self._job("POST", _job_path(job_id, "/cancel"))
 
     async def delete(self, job_id: str) -> None:
-        await self._call("DELETE", f"/v1/jobs/{job_id}")
+        await self._call("DELETE", _job_path(job_id))
 
     async def list(
         self,
@@ -176,31 +177,46 @@ class HttpClient:
     # --- groups and the cache -------------------------------------------------------------------
 
     async def trigger_group(self, name: str) -> Group:
-        _, body, _ = await self._call("POST", f"/v1/groups/{name}")
+        _, body, _ = await self._call("POST", f"/v1/groups/{_segment(name)}")
         return msgspec.convert(msgspec.json.decode(body)["group"], Group)
 
     async def submit_group(
         self, jobs: Sequence[Mapping[str, Any]], name: str | None = None
     ) -> Group:
-        payload: dict[str, Any] = {"jobs": [dict(j) for j in jobs]}
+        payload: dict[str, Any] = {"jobs": [plain_spec(j) for j in jobs]}
         if name is not None:
             payload["name"] = name
         _, body, _ = await self._call("POST", "/v1/groups", json=payload)
         return msgspec.convert(msgspec.json.decode(body)["group"], Group)
 
     async def group(self, group_id: str) -> GroupStatus:
-        _, body, _ = await self._call("GET", f"/v1/groups/{group_id}")
+        _, body, _ = await self._call("GET", f"/v1/groups/{_segment(group_id)}")
         data = msgspec.json.decode(body)
         jobs = [job_from_dict(j) for j in data.pop("jobs")]
         return GroupStatus(jobs=jobs, **data)
 
     async def cancel_group(self, group_id: str) -> int:
-        _, body, _ = await self._call("DELETE", f"/v1/groups/{group_id}")
+        _, body, _ = await self._call("DELETE", f"/v1/groups/{_segment(group_id)}")
         return int(msgspec.json.decode(body)["cancelled"])
 
     async def purge(self, area: str) -> int:
         _, body, _ = await self._call("DELETE", "/v1/cache", params={"area": area})
         return int(msgspec.json.decode(body)["purged"])
+
+    # --- queues and workers ---------------------------------------------------------------------
+
+    async def queues(self) -> builtins.list[QueueInfo]:
+        _, body, _ = await self._call("GET", "/v1/queues")
+        return msgspec.convert(msgspec.json.decode(body)["queues"], builtins.list[QueueInfo])
+
+    async def redrive(self, queue: str) -> int:
+        _, body, _ = await self._call("POST", f"/v1/queues/{_segment(queue)}/redrive")
+        return int(msgspec.json.decode(body)["requeued"])
+
+    async def workers(self) -> builtins.list[WorkerInfo]:
+        _, body, _ = await self._call("GET", "/v1/workers")
+        data = msgspec.json.decode(body)["workers"]
+        return msgspec.convert(data, builtins.list[WorkerInfo], strict=False)
 
     # --- operator calls (used by the CLI) ---------------------------------------------------------
 
@@ -216,7 +232,7 @@ class HttpClient:
         hold = self._slice if wait is None else min(wait, self._slice)
         status, body, answered = await self._call(
             "GET",
-            f"/v1/jobs/{job.id}",
+            _job_path(job.id),
             params={"wait": f"{hold:g}"},
             headers={"If-None-Match": job.etag},
         )
@@ -230,6 +246,15 @@ class HttpClient:
         return msgspec.json.decode(body) if body else None
 
 
+def _segment(value: str) -> str:
+    """A value as one path segment: a ``/``, ``?`` or ``#`` in an id or a name stays in it."""
+    return quote(value, safe="")
+
+
+def _job_path(job_id: str, tail: str = "") -> str:
+    return f"/v1/jobs/{_segment(job_id)}{tail}"
+
+
 def _error(status: int, body: bytes) -> ArqdError:
     try:
         err = msgspec.json.decode(body)["error"]
@@ -240,3 +265,7 @@ def _error(status: int, body: bytes) -> ArqdError:
     if type(exc) is ArqdError:
         exc.code, exc.status = code, status
     return exc
+
+
+if TYPE_CHECKING:  # mypy holds HttpClient to the one client interface
+    _client: type[JobsAPI] = HttpClient

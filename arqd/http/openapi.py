@@ -29,7 +29,16 @@ from aiohttp import web
 
 from arqd import __version__
 from arqd.http.wire import encode
-from arqd.model import AHEAD_MAX, JOB_ID_RE, NAME_PATTERN, TEXT_PATTERN
+from arqd.model import (
+    AHEAD_MAX,
+    BATCH_MAX,
+    GROUP_MAX,
+    JOB_ID_RE,
+    LIST_MAX,
+    NAME_PATTERN,
+    TEXT_PATTERN,
+    WAIT_MAX,
+)
 
 Schema = dict[str, Any]
 
@@ -48,9 +57,7 @@ HOST = r"([A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?|\[[0-9A-Fa-f:.]+\])"
 URL = rf"^https?://{HOST}(:[0-9]{{1,5}})?([/?#]\S*)?$"  # steps._check_url
 STATES = ["queued", "running", "succeeded", "failed", "cancelled"]  # model.State
 STEP_STATES = ["pending", "running", "succeeded", "failed"]  # steps.StepPhase
-MAX_WAIT = 60  # server.WAIT_MAX
-MAX_LIST = 1000  # server.LIST_MAX
-MAX_BATCH = 1000  # server.BATCH_MAX and core.GROUP_MAX
+MAX_WAIT = int(WAIT_MAX)  # a whole number in the document
 MARKS_MAX = 64  # steps.StepSecrets: names per list
 
 
@@ -373,14 +380,14 @@ def schemas() -> dict[str, Schema]:
         "StepSecrets": _step_secrets(),
         "Credentials": _credentials(),
         "BatchSpec": obj(
-            {"jobs": array(ref("JobSpec"), minItems=1, maxItems=MAX_BATCH)},
+            {"jobs": array(ref("JobSpec"), minItems=1, maxItems=BATCH_MAX)},
             description="All or nothing: one invalid spec rejects the batch.",
         ),
         "GroupMemberSpec": job_spec({"name": member_name}, "A job of an ad-hoc group."),
         "GroupSpec": obj(
             {
                 "name": nullable(string("Default: `group`.", pattern=NAME)),
-                "jobs": array(ref("GroupMemberSpec"), minItems=1, maxItems=MAX_BATCH),
+                "jobs": array(ref("GroupMemberSpec"), minItems=1, maxItems=GROUP_MAX),
             },
             optional=["name"],
         ),
@@ -671,11 +678,13 @@ def list_jobs() -> Operation:
         {200: response("A page of jobs", ref("JobList")), 422: common("InvalidQuery")},
         description="A token without `admin` lists only its own jobs.",
         parameters=[
-            query_param("queue", string(), "Only jobs of this queue."),
+            query_param("queue", string(pattern=NAME), "Only jobs of this queue."),
             query_param("state", ref("State"), "Only jobs in this state."),
-            query_param("handler", string(), "Only jobs of this handler."),
-            query_param("group_id", string(), "Only jobs of this group."),
-            query_param("limit", integer(minimum=1, maximum=MAX_LIST, default=100), "Page size."),
+            query_param(
+                "handler", string(maxLength=256, pattern=TEXT), "Only jobs of this handler."
+            ),
+            query_param("group_id", ref("JobId"), "Only jobs of this group."),
+            query_param("limit", integer(minimum=1, maximum=LIST_MAX, default=100), "Page size."),
             query_param(
                 "cursor", ref("JobId"), "`next` of the previous page: jobs older than that."
             ),

@@ -23,8 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from arqd.app import App
-from arqd.backends.base import ListFilter
-from arqd.core import JSON, TOO_DEEP, Core, explain, parse_group, parse_spec
+from arqd.core import JSON, TOO_DEEP, Core, parse_group, parse_spec
 from arqd.errors import (
     ArqdError,
     BackendError,
@@ -39,22 +38,27 @@ from arqd.http.guard import JSON_TYPE, Guard, content_type_problem
 from arqd.http.held import Held
 from arqd.http.openapi import openapi
 from arqd.http.wire import encode, error_body, job_dict
-from arqd.model import JOB_ID_RE, NAME_PATTERN, Job, JobSpec, State, from_ts
+from arqd.model import (
+    BATCH_MAX,
+    JOB_ID_RE,
+    WAIT_MAX,
+    Job,
+    JobSpec,
+    ListQuery,
+    State,
+    explain,
+)
 
 log = structlog.get_logger("arqd.http")
 
 EVENTS_TICK = 1.0  # an event stream wakes this often to send keepalives (changes wake it at once)
-WAIT_MAX = 60.0
 KEEPALIVE = 15.0  # an SSE comment line this often keeps proxies from closing the stream
-BATCH_MAX = 1000
-LIST_MAX = 1000
 # A job listing reads the backend in chunks of at most this many bytes of jobs (counting each as
 # ``server.max_body``, about the most a client can store in one) and answers early, with ``next``,
 # once its JSON passes this size: a page of 200 jobs of 1 MB held them all, decoded and encoded
 # (issue 12). The price, on sqlite: 100 small jobs take 4 ms in reads of 8 (1.3 ms in one).
 LIST_BYTES = 8 * 1024**2
 RETRY_AFTER = "1"  # seconds a client refused for too many held requests is asked to wait
-WORKER_STALE = 15.0  # a worker row older than this is not listed (rows refresh every 2 s)
 READY_TIMEOUT = 2.0
 
 
@@ -524,14 +528,10 @@ def sse(event: str, entry: Entry) -> bytes:
 
 
 async def delete_job(request: web.Request) -> web.Response:
-    core = state_of(request).core
-    job_id = job_id_of(request)
-    owner = sees(request)
-    job = await core.get(job_id, owner)
-    if job.state.terminal:
-        await core.delete(job_id, owner)
+    """``Core.delete``: a terminal job is deleted (204), a live one cancelled (its job)."""
+    job = await state_of(request).core.delete(job_id_of(request), sees(request))
+    if job is None:
         return web.Response(status=204)
-    job = await core.cancel(job_id, owner)
     return job_response(job, 200 if job.state is State.CANCELLED else 202)
 
 
@@ -542,47 +542,31 @@ async def cancel_job(request: web.Request) -> web.Response:
     return job_response(job, 202 if job.state is State.RUNNING else 200)
 
 
+_LIST_PARAMS = set(ListQuery.__struct_fields__)
+
+
 async def list_jobs(request: web.Request) -> web.Response:
-    params = query(request, {"queue", "state", "handler", "group_id", "limit", "cursor"})
-    try:
-        limit = int(params.get("limit", "100"))
-    except ValueError:
-        raise InvalidRequest("limit: a whole number") from None
-    if not 1 <= limit <= LIST_MAX:
-        raise InvalidRequest(f"limit: between 1 and {LIST_MAX}")
-    state = params.get("state")
-    if state is not None and state not in State.__members__.values():
-        raise InvalidRequest(f"state: one of {', '.join(s.value for s in State)}")
-    cursor = params.get("cursor")
-    if cursor is not None and not JOB_ID_RE.match(cursor):
-        raise InvalidRequest("cursor: not a cursor this API gave out")
-    where = ListFilter(
-        queue=params.get("queue"),
-        state=State(state) if state else None,
-        handler=params.get("handler"),
-        group_id=params.get("group_id"),
-        owner=sees(request),
-    )
-    body = await list_page(state_of(request), where, limit, cursor)
+    st = state_of(request)
+    asked = st.core.list_query(query(request, _LIST_PARAMS))
+    body = await list_page(st, asked, sees(request))
     return web.Response(body=body, content_type="application/json")
 
 
 _encoder = msgspec.json.Encoder()
 
 
-async def list_page(
-    st: ServerState, where: ListFilter, limit: int, cursor: str | None
-) -> bytearray:
+async def list_page(st: ServerState, asked: ListQuery, owner: str | None) -> bytearray:
     """The JSON page of up to ``limit`` jobs, read in chunks of a few jobs and encoded straight
     into the body (see ``LIST_BYTES``). The page ends early, with a ``next`` cursor, once the
     body passes ``LIST_BYTES``, or where the backend answered a short page (DynamoDB's read
     budget)."""
     chunk = max(1, LIST_BYTES // max(1, st.app.config.server.max_body))
     body = bytearray(b'{"jobs":[')
-    count = 0
+    count, limit, cursor = 0, asked.limit, asked.cursor
     while True:
-        asked = min(chunk, limit - count)
-        jobs, after = await st.core.queue.list_jobs(where, asked, cursor)
+        size = min(chunk, limit - count)
+        part = msgspec.structs.replace(asked, limit=size, cursor=cursor)
+        jobs, after = await st.core.list_jobs(part, owner)
         for i, job in enumerate(jobs):
             if count:
                 body += b","
@@ -590,7 +574,7 @@ async def list_page(
             count += 1
             if len(body) >= LIST_BYTES and (i + 1 < len(jobs) or after is not None):
                 return end_page(body, job.id)
-        if after is None or count >= limit or len(jobs) < asked:
+        if after is None or count >= limit or len(jobs) < size:
             return end_page(body, after)
         cursor = after
 
@@ -620,8 +604,7 @@ def group_status_answer(status: GroupStatus) -> dict[str, Any]:
 
 async def trigger_group(request: web.Request) -> web.Response:
     core = state_of(request).core
-    name = request.match_info["name"]
-    record, _ = await core.submit_group(name, core.group_specs(name), principal_of(request).name)
+    record = await core.trigger_group(request.match_info["name"], principal_of(request).name)
     return json_response(group_answer(group_of(record)), 202)
 
 
@@ -679,55 +662,16 @@ async def list_schedules(request: web.Request) -> web.Response:
 
 
 async def list_queues(request: web.Request) -> web.Response:
-    core = state_of(request).core
-    stats = {s.name: s for s in await core.queue.stats()}
-    names = sorted(set(stats) | set(core.config.workers.queues))
-    out = []
-    for name in names:
-        s = stats.get(name)
-        out.append(
-            {
-                "name": name,
-                "queued": s.queued if s else 0,
-                "running": s.running if s else 0,
-                "succeeded": s.succeeded if s else 0,
-                "failed": s.failed if s else 0,
-                "cancelled": s.cancelled if s else 0,
-                "oldest_queued_seconds": s.oldest_queued_seconds if s else None,
-            }
-        )
-    return json_response({"queues": out})
+    return json_response({"queues": await state_of(request).core.queues()})
 
 
 async def redrive(request: web.Request) -> web.Response:
-    core = state_of(request).core
-    name = request.match_info["name"]
-    if not re.match(NAME_PATTERN, name):
-        raise JobNotFound(f"no queue {name!r}")
-    count = await core.queue.redrive(core.redriven(name))
-    if count:
-        core.hub.jobs_ready()
+    count = await state_of(request).core.redrive(request.match_info["name"])
     return json_response({"requeued": count})
 
 
 async def list_workers(request: web.Request) -> web.Response:
-    core = state_of(request).core
-    workers = await core.queue.list_workers(core.clock.time() - WORKER_STALE)
-    return json_response(
-        {
-            "workers": [
-                {
-                    "id": w.id,
-                    "host": w.host,
-                    "started_at": from_ts(w.started_at),
-                    "last_seen": from_ts(w.last_seen),
-                    "running": w.running,
-                    "concurrency": w.concurrency,
-                }
-                for w in workers
-            ]
-        }
-    )
+    return json_response({"workers": await state_of(request).core.workers()})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -737,7 +681,7 @@ async def metrics(request: web.Request) -> web.Response:
     m.in_flight.set(pool.running if pool else 0)
     m.concurrency.set(pool.concurrency if pool else 0)
     m.held.set(len(st.held))
-    m.set_queue_stats(await st.core.queue.stats())
+    m.set_queue_stats(await st.core.queue_stats())
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -749,8 +693,7 @@ async def readyz(request: web.Request) -> web.Response:
     core = state_of(request).core
     try:
         async with asyncio.timeout(READY_TIMEOUT):
-            await core.queue.ping()
-            await core.results.ping()
+            await core.ping()
     except (ArqdError, TimeoutError) as exc:
         message = str(exc) or "the backends did not answer in time"
         return error_response(503, "unavailable", message)

@@ -44,6 +44,10 @@ class MemoryResults(ResultStore):
         super().__init__(clock=clock)
         self._blobs: dict[tuple[Area, str], bytes] = {}
 
+    def reset(self) -> None:
+        """Forget every blob (for tests: ``arqd.testing``)."""
+        self._blobs.clear()
+
     async def writer(self, area: Area, name: str) -> ResultWriter:
         return _MemoryWriter(self, area, checked(area, name))
 

@@ -1,0 +1,1 @@
+"""A third-party backend, as a user would write one, plugged by config (tests/test_plugins.py)."""
