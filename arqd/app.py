@@ -28,11 +28,12 @@ from arqd.config import Config, load_config
 from arqd.core import SWEEP_BATCH, Core
 from arqd.errors import ArqdError
 from arqd.handlers import Handler, HandlerDef, Registry
+from arqd.metrics import Metrics
+from arqd.pool import Pool
 from arqd.results.base import ResultStore
 from arqd.schedules import Scheduler
 from arqd.stores import make_queue, make_results
 from arqd.supervise import Supervisor
-from arqd.worker import Pool
 
 log = structlog.get_logger("arqd.app")
 
@@ -58,7 +59,9 @@ class App:
         self._queue = queue or make_queue(self.config.queue, clock)
         self._results = results or make_results(self.config.results, clock)
         self._owned = (queue is None, results is None)
-        self.core = Core(self._queue, self._results, self.config, Registry())
+        # What the core and the pool report, served at GET /metrics.
+        self.metrics = Metrics()
+        self.core = Core(self._queue, self._results, self.config, Registry(), self.metrics)
         self.pool: Pool | None = None
         self.client = Client(_core=self.core)
         # Runs every background loop; ``supervisor.failed`` is set when one keeps crashing.

@@ -14,7 +14,7 @@ import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 import msgspec
@@ -33,18 +33,21 @@ from arqd.clock import Clock
 from arqd.config import Config
 from arqd.errors import (
     BackendError,
+    CredentialsUnreadable,
+    Fail,
     InvalidRequest,
     JobCancelled,
     JobFailed,
     JobNotFound,
     NotReady,
     ResultExpired,
+    Retry,
+    StepFailed,
     UnknownGroup,
     UnknownHandler,
 )
 from arqd.handlers import Registry, cache_key
 from arqd.hub import Hub, hub_for
-from arqd.metrics import Metrics
 from arqd.model import (
     AHEAD_MAX,
     BLOB_NAME_RE,
@@ -66,14 +69,16 @@ from arqd.model import (
     ResultRef,
     State,
     StepState,
+    blob_name,
     explain,
     member_names,
     new_job_id,
     owned_key,
 )
+from arqd.observe import NO_OBSERVER, Observer
 from arqd.results.base import Area, ResultStore
-from arqd.stepmodel import SEALED as SEALED  # re-exported: the pool imports them from here
-from arqd.stepmodel import STEPS_HANDLER as STEPS_HANDLER
+from arqd.stepmodel import SEALED
+from arqd.stepmodel import STEPS_HANDLER as STEPS_HANDLER  # re-exported: the pool's
 from arqd.view import QueueInfo
 from arqd.view import WorkerInfo as WorkerView
 
@@ -86,9 +91,15 @@ SWEEP_BATCH = 500  # expired records deleted per sweep (one short write transact
 PURGE_BATCH = 1000
 ORPHAN_BATCH = 100  # blobs checked against their job records per read (a purge's last pass)
 JSON = "application/json"
+OCTETS = "application/octet-stream"
+ERROR_MESSAGE_MAX = 2000  # characters of an exception's message kept in a job's error
+_SCALARS = (int, float, bool, type(None))  # results always small enough to keep inline
 FOLLOW_INTERVAL = 1.0  # other processes' changes reach long-polls within this much
 FOLLOW_BATCH = 250  # watched jobs read per backend call (small enough to run in place)
 WORKER_STALE = 15.0  # a worker row older than this is not listed (rows refresh every 2 s)
+
+if TYPE_CHECKING:
+    from arqd.steps import Credentials, StepSpec
 
 log = structlog.get_logger("arqd.core")
 
@@ -187,14 +198,16 @@ class Core:
         results: ResultStore,
         config: Config,
         registry: Registry | None,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         self.queue = queue
         self.results = results
         self.hub = hub_for(queue.identity)
-        self.metrics = Metrics()
+        self.observer = observer  # told of submits here, of leases and attempts by the pool
         self._config, self._registry = config, registry
-        self._name_metrics()
-        queue.observe(self.metrics)  # backend call latencies and errors
+        self._configure_observer()
+        if observer is not NO_OBSERVER:  # a bare Client's core leaves the backend to an App's
+            queue.observe(observer)  # backend call latencies and errors
         self._steps_keys: tuple[Config, tuple[bytes, ...]] | None = None  # and the config read
 
     @property
@@ -208,7 +221,7 @@ class Core:
     @config.setter
     def config(self, config: Config) -> None:
         self._config = config
-        self._name_metrics()
+        self._configure_observer()
 
     @property
     def registry(self) -> Registry | None:
@@ -217,17 +230,18 @@ class Core:
     @registry.setter
     def registry(self, registry: Registry | None) -> None:
         self._registry = registry
-        self._name_metrics()
+        self._configure_observer()
 
-    def _name_metrics(self) -> None:
-        """Series per queue and handler only for names the config gives (arqd/metrics.py)."""
+    def _configure_observer(self) -> None:
+        """The observer learns the queue and handler names the config gives (arqd/metrics.py
+        keeps series only for those)."""
         cfg = self._config
         queues = {"default", *cfg.workers.queues}
         queues.update(h.queue for h in cfg.handler_configs().values() if h.queue)
         queues.update(s.queue for s in cfg.schedules if s.queue)
         queues.update(j.queue for g in cfg.groups.values() for j in g.jobs if j.queue)
         handlers = None if self._registry is None else {*self._registry.names(), STEPS_HANDLER}
-        self.metrics.name(queues, handlers)
+        self.observer.configured(queues, handlers)
 
     # --- submitting -------------------------------------------------------------------------------
 
@@ -338,7 +352,7 @@ class Core:
         if created:
             self.hub.jobs_ready()
             for job in created:
-                self.metrics.submitted.inc(job.queue, job.handler)
+                self.observer.job_submitted(job.queue, job.handler)
 
     # --- groups ---------------------------------------------------------------------------------
 
@@ -764,6 +778,108 @@ class Core:
             count_attempt=job.attempts <= job.max_attempts,
         )
 
+    # --- running an attempt: the pool asks, the core decides -------------------------------------
+
+    def refuse(self, job: Job, token: str, known: bool, worker: str) -> Outcome | None:
+        """The outcome of a leased job that must not run, reached without calling a handler:
+        its cancel was requested; its attempts were used up by leases that expired (a lease
+        beyond ``max_attempts``); or no handler of its name is registered in this process
+        (``known`` false; a failed attempt, as another worker may have it). ``None``: run it."""
+        if job.cancel_requested:
+            return self.cancelled(job, token)
+        if job.attempts > job.max_attempts:
+            return self.final_failure(job, token, _lease_expired(job))
+        if not known:
+            message = f"no handler is registered as {job.handler!r} on {worker}"
+            return self.failed_attempt(job, token, _error("UnknownHandler", message, job))
+        return None
+
+    def failure(self, job: Job, token: str, exc: Exception) -> Outcome:
+        """The outcome of an attempt that raised ``exc``: ``Fail`` ends the job, ``Retry`` asks
+        for a delay, a step's failure and sealed data no key opens end it too (another attempt
+        would fail alike); anything else is a failed attempt, retried while attempts remain."""
+        if isinstance(exc, Fail):
+            return self.final_failure(job, token, _error("Fail", str(exc), job))
+        if isinstance(exc, Retry):
+            return self.failed_attempt(job, token, _error("Retry", str(exc), job), exc.delay)
+        if isinstance(exc, StepFailed):  # the job is poisoned at this step
+            error = ErrorInfo(
+                type=exc.type,
+                message=str(exc)[:ERROR_MESSAGE_MAX],
+                attempt=job.attempts,
+                step=exc.step,
+                status=exc.response_status,
+            )
+            return self.final_failure(job, token, error)
+        if isinstance(exc, CredentialsUnreadable):
+            error = _error("CredentialsUnreadable", str(exc), job)
+            return self.final_failure(job, token, error)
+        error = _error(type(exc).__name__, str(exc) or repr(exc), job)
+        log.warning(
+            "job.attempt_failed",
+            job_id=job.id,
+            handler=job.handler,
+            attempt=job.attempts,
+            error_type=error.type,
+            error=error.message,
+        )
+        return self.failed_attempt(job, token, error)
+
+    def timed_out(self, job: Job, token: str) -> Outcome:
+        """The outcome of an attempt interrupted at its timeout: a failed attempt."""
+        message = f"attempt {job.attempts} exceeded its timeout of {job.timeout:g}s"
+        return self.failure(job, token, TimeoutError(message))
+
+    @staticmethod
+    def released(job: Job, token: str) -> Outcome:
+        """A lease given back unused or interrupted by shutdown: queued again, attempt uncounted."""
+        return Outcome(job=job, token=token, state=State.QUEUED, count_attempt=False)
+
+    async def store_result(self, job: Job, token: str, value: Any) -> ResultRef:
+        """Keep a handler's return value: ``None`` and scalars inline; bytes, and async
+        iterators (streamed), as a blob; other values as JSON, inline up to
+        ``results.inline_max`` bytes, else a blob. A blob is named after the lease
+        (``<job id>-<token>``, see :meth:`sweep_orphans`), in the area of the job's stickiness."""
+        if value is None or type(value) in _SCALARS:
+            return ResultRef(inline=value)
+        area: Area = "persistent" if job.sticky else "temporary"
+        name = blob_name(job.id, token)
+        if isinstance(value, bytes | bytearray | memoryview):
+            size = await self.results.put(area, name, bytes(value))
+            return ResultRef(size=size, content_type=OCTETS, area=area, name=name)
+        if hasattr(value, "__aiter__"):
+            size = await self._stream(area, name, value)
+            return ResultRef(size=size, content_type=OCTETS, area=area, name=name)
+        encoded = msgspec.json.encode(value)
+        if len(encoded) <= self.config.results.inline_max:
+            return ResultRef(inline=msgspec.json.decode(encoded))
+        size = await self.results.put(area, name, encoded)
+        return ResultRef(size=size, content_type=JSON, area=area, name=name)
+
+    async def _stream(self, area: Area, name: str, chunks: AsyncIterator[Any]) -> int:
+        writer = await self.results.writer(area, name)
+        try:
+            async for chunk in chunks:
+                if chunk:
+                    await writer.write(bytes(chunk))
+            return await writer.commit()
+        except BaseException:
+            await writer.abort()
+            raise
+
+    async def discard_result(self, ref: ResultRef | None) -> None:
+        """Delete a stored result no record will name (its outcome's write was refused)."""
+        await self._delete_blob(ref)
+
+    def unseal_steps(self, job: Job) -> tuple[list[StepSpec], Credentials | None]:
+        """A multi-step job's steps and credentials, opened with this daemon's keys (sealed by
+        :meth:`new_job`); :class:`CredentialsUnreadable` when no key opens them."""
+        from arqd import steps as http_steps  # the HTTP machinery loads only when used
+
+        sealed = http_steps.unseal(job.payload[SEALED], self.steps_key())
+        specs = http_steps.parse_steps(sealed["steps"])
+        return specs, http_steps.parse_credentials(sealed["credentials"])
+
 
 @dataclass(eq=False)
 class _Follower:
@@ -786,6 +902,19 @@ def _may_name(job: Job | None, area: Area, name: str) -> bool:
         return True
     ref = job.result
     return ref is not None and ref.area == area and ref.name == name
+
+
+def _error(kind: str, message: str, job: Job) -> ErrorInfo:
+    return ErrorInfo(type=kind, message=message[:ERROR_MESSAGE_MAX], attempt=job.attempts)
+
+
+def _lease_expired(job: Job) -> ErrorInfo:
+    return ErrorInfo(
+        type="LeaseExpired",
+        message=f"the lease of the last attempt ({job.max_attempts}) expired: its worker "
+        "stopped or stalled",
+        attempt=job.max_attempts,
+    )
 
 
 def _area(value: str) -> Area:

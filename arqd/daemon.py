@@ -277,7 +277,7 @@ class Daemon:
         except ConfigError as exc:
             log.error("config.reload_failed", error=str(exc), kept=old.source)
             app.reload_failures += 1
-            app.core.metrics.reloads.labels("failed").inc()
+            app.metrics.reloads.labels("failed").inc()
             return
         if kept:
             log.warning(
@@ -288,7 +288,7 @@ class Daemon:
         app.reconfigure(new, registry)
         logs.configure(new.log.level, new.log.format)
         app.reloads += 1
-        app.core.metrics.reloads.labels("ok").inc()
+        app.metrics.reloads.labels("ok").inc()
         log.info(
             "config.reloaded",
             concurrency=new.workers.concurrency,

@@ -1,10 +1,11 @@
 """Prometheus metrics (``GET /metrics``), with the official client library.
 
 Each ``App`` owns one registry (so several apps in one process, as in tests, do not collide).
-Counters and histograms are fed where things happen (submits in the core, outcomes and leases in
-the pool, backend calls by the backend's base, whose ``BackendObserver`` this is); queue depth,
-oldest ready age, in-flight jobs and concurrency are read when scraped. ``docs/operations.md``
-explains each and suggests alerts.
+:class:`Metrics` is the core's and the pool's :class:`~arqd.observe.Observer` (which includes the
+backends' ``BackendObserver``): counters and histograms are fed where things happen (submits in
+the core, outcomes and leases in the pool, backend calls by the backend's base), through the
+observer's calls; queue depth, oldest ready age, in-flight jobs and concurrency are read when
+scraped. ``docs/operations.md`` explains each and suggests alerts.
 
 Label values come from configuration, never from clients: a series per queue only for the queues
 the config names (``Metrics.name``: the workers' queues, handlers', schedules' and groups' queues
@@ -25,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 from arqd.backends.base import QueueStats
+from arqd.observe import Ended, LostAt
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 BACKEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
@@ -221,6 +223,31 @@ class Metrics:
         config and registry); ``handlers=None`` keeps every handler name."""
         self._queues = frozenset(queues)
         self._handlers = None if handlers is None else frozenset(handlers)
+
+    # --- the Observer (arqd/observe.py): what the core and the pool report ------------------------
+
+    def configured(self, queues: Collection[str], handlers: Collection[str] | None) -> None:
+        self.name(queues, handlers)
+
+    def job_submitted(self, queue: str, handler: str) -> None:
+        self.submitted.inc(queue, handler)
+
+    def lease_recovered(self, queue: str) -> None:
+        self.lease_expiries.inc(queue)
+
+    def lease_lost(self, where: LostAt) -> None:
+        self.lease_conflicts.labels(where).inc()
+
+    def attempt_started(self, queue: str, waited: float) -> None:
+        self.queue_wait.observe(waited, queue)
+
+    def attempt_ended(self, queue: str, handler: str, ended: Ended, seconds: float | None) -> None:
+        if ended == "retry":
+            self.retries.inc(queue, handler)
+        elif ended != "released":
+            self.finished.inc(queue, handler, ended)
+        if seconds is not None:
+            self.handler_seconds.observe(seconds, handler, ended)
 
     def queue(self, name: str) -> str:
         return name if name in self._queues else OTHER

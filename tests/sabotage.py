@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from arqd.handlers import JobContext
-from arqd.worker import Pool
+from arqd.pool import Pool
 
 
 async def _register_loop(self: Pool) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -14,7 +15,12 @@ import arqd
 from arqd.backends.memory import MemoryQueue
 from arqd.clock import ManualClock
 from arqd.config import Config
+from arqd.core import STEPS_HANDLER, Core
+from arqd.handlers import Registry
 from arqd.http.server import make_app
+from arqd.model import JobSpec
+from arqd.observe import Ended, LostAt
+from arqd.pool import Pool
 from arqd.results.memory import MemoryResults
 
 from .util import eventually
@@ -106,8 +112,89 @@ async def test_client_chosen_names_do_not_grow_the_scrape(
     assert m["arqd_jobs_submitted_total", (echo, other)] == 30
     assert m["arqd_queue_jobs", (other, ("state", "queued"))] == 30
     assert m["arqd_queue_jobs", (("queue", "default"), ("state", "queued"))] == 1
-    app.core.metrics.finished.inc("x31", "unheard.of", "failed")
-    app.core.metrics.lease_expiries.labels("x32").inc()
+    app.metrics.finished.inc("x31", "unheard.of", "failed")
+    app.metrics.lease_expiries.labels("x32").inc()
     m = await scrape(server)
     assert m["arqd_jobs_finished_total", (("handler", "other"), other, ("state", "failed"))] == 1
     assert m["arqd_lease_expiries_total", (other,)] == 1
+
+
+class Recorder:
+    """An observer of one's own: what the core and the pool reported, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.backend_ops: set[str] = set()
+
+    def configured(self, queues: Collection[str], handlers: Collection[str] | None) -> None:
+        self.calls.append(("configured", set(queues), set(handlers or ())))
+
+    def backend_call(self, op: str, seconds: float, failed: bool) -> None:
+        self.backend_ops.add(op)
+
+    def job_submitted(self, queue: str, handler: str) -> None:
+        self.calls.append(("submitted", queue, handler))
+
+    def lease_recovered(self, queue: str) -> None:
+        self.calls.append(("recovered", queue))
+
+    def lease_lost(self, where: LostAt) -> None:
+        self.calls.append(("lost", where))
+
+    def attempt_started(self, queue: str, waited: float) -> None:
+        assert waited >= 0
+        self.calls.append(("started", queue))
+
+    def attempt_ended(self, queue: str, handler: str, ended: Ended, seconds: float | None) -> None:
+        assert seconds is not None and seconds >= 0
+        self.calls.append(("ended", queue, handler, ended))
+
+
+async def test_the_core_and_the_pool_report_to_any_observer(tmp_path: Path):
+    """A core and a pool given an observer of one's own (no Prometheus) tell it the configured
+    names, each job stored, each attempt started and how each attempt ended; the backend its
+    calls."""
+    recorder = Recorder()
+    config = Config.from_dict(
+        {
+            "workers": {"concurrency": 2, "poll_max": "20ms"},
+            "defaults": {"max_attempts": 2, "backoff": {"base": "1ms", "max": "1ms"}},
+            "handlers": {"echo": "arqd.demo:echo", "fail": "arqd.demo:fail"},
+        }
+    )
+    registry = Registry.from_config(config)
+    core = Core(MemoryQueue(), MemoryResults(), config, registry, observer=recorder)
+    assert recorder.calls[0] == ("configured", {"default"}, {"echo", "fail", STEPS_HANDLER})
+    pool = Pool(core)
+    await pool.start()
+    try:
+        await core.submit([JobSpec(handler="echo", payload=1), JobSpec(handler="fail")])
+        ended = [("ended", "default", "fail", "failed"), ("ended", "default", "echo", "succeeded")]
+        await eventually(lambda: all(c in recorder.calls for c in ended))
+    finally:
+        await pool.stop()
+    calls = recorder.calls[1:]
+    assert calls[:2] == [("submitted", "default", "echo"), ("submitted", "default", "fail")]
+    assert calls.count(("started", "default")) == 3
+    assert ("ended", "default", "fail", "retry") in calls
+    assert len([c for c in calls if c[0] == "ended"]) == 3
+    assert {"enqueue", "lease", "finish"} <= recorder.backend_ops
+
+
+async def test_an_apps_metrics_time_a_backend_a_client_used_first():
+    """A bare Client used first on a queue does not take the backend's observer: the App that
+    shares the queue afterwards still times its backend calls in /metrics."""
+    config = Config.from_dict({"handlers": {"echo": "arqd.demo:echo"}})
+    queue, results = MemoryQueue(), MemoryResults()
+    async with arqd.Client(queue, results, config=config) as client:
+        first = await client.submit("echo", 1)
+    app = arqd.App(config, queue=queue, results=results)
+    async with app:
+        await app.client.wait(first.id, timeout=10)
+    leases = [
+        s.value
+        for family in text_string_to_metric_families(app.metrics.render().decode())
+        for s in family.samples
+        if s.name == "arqd_backend_request_seconds_count" and s.labels["operation"] == "lease"
+    ]
+    assert leases and leases[0] >= 1

@@ -18,6 +18,10 @@ from arqd.backends.base import Outcome, Update
 from arqd.backends.memory import MemoryQueue
 from arqd.clock import ManualClock
 from arqd.config import Config
+from arqd.core import Core
+from arqd.errors import CredentialsUnreadable, HostNotAllowed
+from arqd.handlers import Registry
+from arqd.model import Job, State, blob_name, new_job_id, new_token
 from arqd.results.memory import MemoryResults
 
 from .util import eventually
@@ -305,6 +309,66 @@ async def test_lost_lease_interrupts_and_discards(tmp_path: Path):
     assert final.state == "succeeded" and final.attempts == 2
 
 
+async def test_a_job_leased_again_by_the_same_pool_stays_under_its_control(tmp_path: Path):
+    """A pool that loses a lease while its handler ignores the interruption, and then leases the
+    same job again, keeps control of the new attempt when the old one finally ends: a cancel
+    still interrupts it (the bookkeeping is per lease, not per job id)."""
+    clock = ManualClock()
+    queue = MemoryQueue(clock=clock)
+    app = arqd.App(make_config("memory", tmp_path), queue=queue, results=MemoryResults())
+    first_may_end = asyncio.Event()
+    seen: list[int] = []
+    interrupted: list[int] = []
+
+    @app.handler("stubborn")
+    async def stubborn(ctx: arqd.JobContext, payload: Any) -> None:
+        seen.append(ctx.attempt)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            interrupted.append(ctx.attempt)
+            if ctx.attempt == 1:  # ignores its interruption until told to end
+                await first_may_end.wait()
+                seen.append(-1)  # the pool is done with attempt 1 in this same step
+                return
+            raise
+
+    async with app:
+        job = await app.client.submit("stubborn", max_attempts=5)
+        await eventually(lambda: seen == [1])
+        clock.advance(60)  # past the visibility timeout, as if heartbeats had stopped
+        await queue.lease(["default"], 1, 30, "thief")  # attempt 2, never finished
+        await eventually(lambda: interrupted == [1])  # the heartbeat found attempt 1 lost
+        clock.advance(60)  # the thief's lease expires: the same pool leases attempt 3
+        await eventually(lambda: seen == [1, 3])
+        first_may_end.set()  # attempt 1 ends at last, long after its lease was lost
+        await eventually(lambda: seen == [1, 3, -1])
+        await app.client.cancel(job.id)
+        done = await app.client.wait(job.id, timeout=10)
+    assert done.state == "cancelled" and interrupted == [1, 3]
+
+
+async def test_an_exception_with_a_step_attribute_is_an_ordinary_failure(app: arqd.App):
+    """A handler's own exception that happens to carry ``step``, ``type`` or ``code``
+    attributes is a failed attempt, retried, like any other: only arqd's StepFailed and
+    CredentialsUnreadable end a job at once."""
+
+    class StageError(Exception):
+        step = "resize"
+        type = "NotAStepFailure"
+        code = "credentials_unreadable"
+
+    @app.handler("staged")
+    async def staged(ctx: arqd.JobContext, payload: Any) -> None:
+        raise StageError(f"stage failed on attempt {ctx.attempt}")
+
+    job = await app.client.submit("staged")
+    done = await app.client.wait(job.id, timeout=10)
+    assert done.state == "failed" and done.attempts == 3
+    assert done.error is not None and done.error.type == "StageError"
+    assert done.error.step is None and "attempt 3" in done.error.message
+
+
 async def test_shutdown_releases_without_counting_the_attempt(tmp_path: Path):
     """Leaving ``async with app`` with a job still running releases it: queued, attempt given
     back, leasable at once by the next worker."""
@@ -388,8 +452,6 @@ async def test_resize_changes_parallelism(tmp_path: Path):
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[arqd.Client]:
     config = make_config("memory", tmp_path)
-    from arqd.handlers import Registry
-
     async with arqd.Client(config=config, registry=Registry.from_config(config)) as c:
         yield c
 
@@ -571,3 +633,103 @@ async def test_a_reload_applies_the_visibility_timeout_to_the_next_lease(tmp_pat
         job = await app.client.submit("echo", 2)
         await app.client.wait(job.id, timeout=10)
     assert seen[0] == 30.0 and seen[-1] == 7.0
+
+
+# --- the core decides what an attempt's end means; the pool only asks ---------------------------
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Core:
+    config = make_config("memory", tmp_path)
+    return Core(MemoryQueue(), MemoryResults(), config, Registry.from_config(config))
+
+
+def leased(**changes: Any) -> Job:
+    """A job as a consumer holds it: running its first of three attempts."""
+    now = datetime.now(UTC)
+    job = Job(
+        id=new_job_id(),
+        queue="default",
+        handler="echo",
+        state=State.RUNNING,
+        attempts=1,
+        max_attempts=3,
+        created_at=now,
+        ready_at=now,
+    )
+    return msgspec.structs.replace(job, **changes)
+
+
+def test_the_core_refuses_jobs_that_must_not_run(core: Core):
+    """A requested cancel, attempts used up by expired leases and an unknown handler end an
+    attempt without running it: cancelled, failed for good (uncounted), a retried failure."""
+    assert core.refuse(leased(), "t", True, "w1") is None
+    cancel = core.refuse(leased(cancel_requested=True), "t", True, "w1")
+    assert cancel is not None and cancel.state is State.CANCELLED
+    expired = core.refuse(leased(attempts=4), "t", True, "w1")
+    assert expired is not None and expired.state is State.FAILED
+    assert not expired.count_attempt and expired.error is not None
+    assert expired.error.type == "LeaseExpired"
+    unknown = core.refuse(leased(handler="elsewhere"), "t", False, "w1")
+    assert unknown is not None and unknown.state is State.QUEUED and unknown.count_attempt
+    assert unknown.error is not None and unknown.error.type == "UnknownHandler"
+    assert "'elsewhere'" in unknown.error.message and "w1" in unknown.error.message
+
+
+def test_the_core_shapes_failures_by_their_type(core: Core):
+    """Fail and step failures end the job with their details; Retry waits as asked; a
+    schedule tick's failure keeps its key; anything else retries until the last attempt."""
+    step = core.failure(
+        leased(), "t", HostNotAllowed("charge", "api.example is not allowed", response_status=403)
+    )
+    assert step.state is State.FAILED and step.error is not None
+    assert (step.error.type, step.error.step, step.error.status) == (
+        "HostNotAllowed",
+        "charge",
+        403,
+    )
+    unreadable = core.failure(leased(), "t", CredentialsUnreadable("no key opens it"))
+    assert unreadable.state is State.FAILED and unreadable.error is not None
+    assert unreadable.error.type == "CredentialsUnreadable"
+    fail = core.failure(leased(), "t", arqd.Fail("never"))
+    assert fail.state is State.FAILED and fail.free_key
+    tick = core.failure(leased(key="schedule:nightly:1"), "t", arqd.Fail("never"))
+    assert tick.state is State.FAILED and not tick.free_key
+    before = core.clock.time()
+    retry = core.failure(leased(), "t", arqd.Retry("later", delay=7))
+    assert retry.state is State.QUEUED and retry.ready_at is not None
+    assert before + 7 <= retry.ready_at <= core.clock.time() + 7
+    other = core.failure(leased(), "t", ValueError("x" * 5000))
+    assert other.state is State.QUEUED and other.error is not None
+    assert other.error.type == "ValueError" and len(other.error.message) == 2000
+    last = core.failure(leased(attempts=3), "t", ValueError("again"))
+    assert last.state is State.FAILED
+    timed = core.timed_out(leased(timeout=1.5), "t")
+    assert timed.error is not None and timed.error.type == "TimeoutError"
+    assert "1.5s" in timed.error.message
+    released = core.released(leased(), "t")
+    assert released.state is State.QUEUED and not released.count_attempt
+
+
+async def test_the_core_keeps_small_results_inline_and_large_ones_as_blobs(core: Core):
+    """Scalars and JSON up to inline_max stay in the record; bytes, larger JSON and streams
+    become blobs named after the lease, in the area the job's stickiness gives."""
+    job = leased()
+    assert (await core.store_result(job, "t", 3)).inline == 3
+    assert (await core.store_result(job, "t", {"a": [1]})).inline == {"a": [1]}
+    token = new_token()
+    big = await core.store_result(job, token, list(range(1000)))
+    assert not big.is_inline and big.content_type == "application/json"
+    assert big.area == "temporary" and big.name == blob_name(job.id, token)
+    raw = await core.store_result(leased(sticky=True), new_token(), b"\x00\x01")
+    assert raw.area == "persistent" and raw.content_type == "application/octet-stream"
+    assert raw.size == 2
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"ab"
+        yield b""
+        yield b"cd"
+
+    streamed = await core.store_result(job, new_token(), chunks())
+    assert streamed.size == 4
+    assert b"".join([c async for c in core.read_result(streamed)]) == b"abcd"

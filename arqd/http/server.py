@@ -676,7 +676,7 @@ async def list_workers(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     st = state_of(request)
-    m = st.core.metrics
+    m = st.app.metrics
     pool = st.app.pool
     m.in_flight.set(pool.running if pool else 0)
     m.concurrency.set(pool.concurrency if pool else 0)

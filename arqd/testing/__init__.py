@@ -28,8 +28,8 @@ from arqd.clock import ManualClock
 from arqd.config import Config
 from arqd.handlers import Registry
 from arqd.model import GroupRecord, NewJob, State
+from arqd.pool import Pool
 from arqd.results.memory import MemoryResults
-from arqd.worker import Pool
 
 __all__ = ["Attempt", "RecordingQueue", "Submitted", "TestApp", "TestResults"]
 
