@@ -127,7 +127,7 @@ class App:
         self._tasks = [
             spawn("arqd-scheduler", self.scheduler.run),
             spawn("arqd-sweeper", self._sweep_loop),
-            self.core.start_follower(spawn("arqd-follow", self.core.follow_changes)),
+            self.core.follow.start(spawn("arqd-follow", self.core.follow.run)),
         ]
         return self
 

@@ -19,10 +19,11 @@ from arqd.api import JobsAPI, plain_spec, spec_of
 from arqd.backends.base import QueueBackend
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.config import Config, load_config
-from arqd.core import JSON, Core, parse_group, parse_spec
+from arqd.core import Core, parse_group, parse_spec
 from arqd.groups import Group, GroupStatus, group_of, status_of
 from arqd.handlers import Registry
 from arqd.model import State
+from arqd.resultio import JSON
 from arqd.results.base import ResultStore
 from arqd.stores import make_queue, make_results
 from arqd.view import Job, QueueInfo, WorkerInfo, public_job
@@ -132,17 +133,17 @@ class Client:
     async def result(self, job_id: str) -> Any:
         """The JSON value of a succeeded job, or ``bytes`` for a blob."""
         job = await self._core.get(job_id)
-        ref = self._core.check_result(job)
+        ref = self._core.resultio.check(job)
         if ref.is_inline:
             return ref.inline
-        data = b"".join([chunk async for chunk in self._core.read_result(ref)])
+        data = b"".join([chunk async for chunk in self._core.resultio.read(ref)])
         return msgspec.json.decode(data) if ref.content_type == JSON else data
 
     async def stream_result(self, job_id: str) -> AsyncIterator[bytes]:
         """The result's bytes in chunks, never whole in memory."""
         job = await self._core.get(job_id)
-        ref = self._core.check_result(job)
-        async for chunk in self._core.read_result(ref):
+        ref = self._core.resultio.check(job)
+        async for chunk in self._core.resultio.read(ref):
             yield chunk
 
     async def list(

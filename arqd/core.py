@@ -1,21 +1,21 @@
 """The semantics above the backend seam, written once: how a spec becomes a job (defaults, dedupe
-and cache keys, validation), how a result is stored and read back, how an attempt's end becomes an
-outcome (retries, backoff with jitter, final failure), and waiting for a job.
+and cache keys, validation), groups, cancel and delete, the cache's sweep and purge, redrive,
+listing, and waiting for a job.
 
-``Core`` is shared by the in-process client, the consumer pool and the HTTP API.
+``Core`` is shared by the in-process client, the consumer pool and the HTTP API. It owns the
+parts it is made of, each a module of its own concept: how an attempt's end becomes an outcome
+(``Core.outcomes``, arqd/outcomes.py), results in and out of the store (``Core.resultio``,
+arqd/resultio.py) and the follower of other processes' changes (``Core.follow``,
+arqd/follow.py). Callers use those parts directly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import math
-import random
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from weakref import WeakKeyDictionary
 
 import msgspec
 import structlog
@@ -23,41 +23,23 @@ import structlog
 from arqd.backends.base import (
     Enqueued,
     ListFilter,
-    Outcome,
     QueueBackend,
     QueueStats,
-    Redrive,
     group_record,
 )
 from arqd.clock import Clock
 from arqd.config import Config
-from arqd.errors import (
-    BackendError,
-    CredentialsUnreadable,
-    Fail,
-    InvalidRequest,
-    JobCancelled,
-    JobFailed,
-    JobNotFound,
-    NotReady,
-    ResultExpired,
-    Retry,
-    StepFailed,
-    UnknownGroup,
-    UnknownHandler,
-)
+from arqd.errors import InvalidRequest, JobNotFound, UnknownGroup, UnknownHandler
+from arqd.follow import Follower
 from arqd.handlers import Registry, cache_key
-from arqd.hub import Hub, hub_for
+from arqd.hub import hub_for
 from arqd.model import (
     AHEAD_MAX,
-    BLOB_NAME_RE,
-    DROPPED,
     GROUP_MAX,
     JOB_ID_RE,
     META_MAX,
     NAME_RE,
     SCHEDULE_KEY,
-    ErrorInfo,
     GroupMember,
     GroupMemberSpec,
     GroupRecord,
@@ -66,17 +48,16 @@ from arqd.model import (
     JobSpec,
     ListQuery,
     NewJob,
-    ResultRef,
-    State,
     StepState,
-    blob_name,
     explain,
     member_names,
     new_job_id,
     owned_key,
 )
 from arqd.observe import NO_OBSERVER, Observer
-from arqd.results.base import Area, ResultStore
+from arqd.outcomes import Outcomes, frees_key, mark_name, parse_tick_key
+from arqd.resultio import ResultIO, area_of
+from arqd.results.base import ResultStore
 from arqd.stepmodel import SEALED
 from arqd.stepmodel import STEPS_HANDLER as STEPS_HANDLER  # re-exported: the pool's
 from arqd.view import QueueInfo
@@ -89,13 +70,6 @@ DEPTH_MAX = 64
 TOO_DEEP = f"the body nests JSON deeper than {DEPTH_MAX} levels"
 SWEEP_BATCH = 500  # expired records deleted per sweep (one short write transaction)
 PURGE_BATCH = 1000
-ORPHAN_BATCH = 100  # blobs checked against their job records per read (a purge's last pass)
-JSON = "application/json"
-OCTETS = "application/octet-stream"
-ERROR_MESSAGE_MAX = 2000  # characters of an exception's message kept in a job's error
-_SCALARS = (int, float, bool, type(None))  # results always small enough to keep inline
-FOLLOW_INTERVAL = 1.0  # other processes' changes reach long-polls within this much
-FOLLOW_BATCH = 250  # watched jobs read per backend call (small enough to run in place)
 WORKER_STALE = 15.0  # a worker row older than this is not listed (rows refresh every 2 s)
 
 if TYPE_CHECKING:
@@ -171,24 +145,6 @@ def _ready_at(spec: JobSpec, now: float) -> float:
     return max(at, 0.0)
 
 
-def tick_key(name: str, tick: float) -> str:
-    """The dedupe key of schedule ``name``'s tick at ``tick`` (Unix seconds)."""
-    return f"{SCHEDULE_KEY}{name}:{round(tick)}"
-
-
-def parse_tick_key(key: str | None) -> tuple[str, float] | None:
-    """The (schedule, tick) a key made by ``tick_key`` names; ``None`` for any other key."""
-    if key is None or not key.startswith(SCHEDULE_KEY):
-        return None
-    name, _, tick = key.removeprefix(SCHEDULE_KEY).rpartition(":")
-    return (name, float(tick)) if name and tick.isdigit() else None
-
-
-def mark_name(name: str) -> str:
-    """The backend mark holding the latest tick the cluster fired of schedule ``name``."""
-    return f"{SCHEDULE_KEY}{name}"
-
-
 class Core:
     """Job semantics over one queue backend and one result store."""
 
@@ -205,6 +161,9 @@ class Core:
         self.hub = hub_for(queue.identity)
         self.observer = observer  # told of submits here, of leases and attempts by the pool
         self._config, self._registry = config, registry
+        self.outcomes = Outcomes(config, queue.clock)  # how an attempt's end becomes an outcome
+        self.resultio = ResultIO(results, queue, config, queue.clock)  # results in and out
+        self.follow = Follower(queue, self.hub)  # other processes' changes, for waits
         self._configure_observer()
         if observer is not NO_OBSERVER:  # a bare Client's core leaves the backend to an App's
             queue.observe(observer)  # backend call latencies and errors
@@ -220,7 +179,7 @@ class Core:
 
     @config.setter
     def config(self, config: Config) -> None:
-        self._config = config
+        self._config = self.outcomes.config = self.resultio.config = config
         self._configure_observer()
 
     @property
@@ -420,8 +379,8 @@ class Core:
 
         It reads the job, then once per change it is told of, never on a timer: local changes
         come through the hub at once, other processes' through the one follower of this storage
-        (``follow_changes``; started here when none runs, as for a bare ``Client``)."""
-        follower = self._follower()
+        (``Core.follow``; started here when none runs, as for a bare ``Client``)."""
+        follower = self.follow.join()
         try:
             async with asyncio.timeout(timeout):
                 job = await self._read(job_id)
@@ -435,7 +394,7 @@ class Core:
                     job = news if news is not None else await self._read(job_id)
                 return job
         finally:
-            self._unfollow(follower)
+            self.follow.leave(follower)
 
     async def _read(self, job_id: str) -> Job:
         """The job as stored now, with any change made while reading it."""
@@ -450,99 +409,6 @@ class Core:
             news = guard.result()
             if news is not None:
                 return news if news.version >= job.version else job
-
-    def start_follower(self, task: asyncio.Task[None] | None = None) -> asyncio.Task[None]:
-        """Run ``follow_changes`` for this storage until the task is cancelled (an ``App`` does,
-        for its life, passing the supervised task that runs it); waits use it instead of
-        starting their own."""
-        if task is None:
-            task = asyncio.create_task(self.follow_changes(), name="arqd-follow")
-        _followers[self.hub] = _Follower(task, on_demand=False)
-        return task
-
-    def _follower(self) -> _Follower:
-        """The follower of this storage running in this event loop, started if there is none;
-        the caller uses it until ``_unfollow``."""
-        follower = _followers.get(self.hub)
-        loop = asyncio.get_running_loop()
-        if follower is None or follower.task.done() or follower.task.get_loop() is not loop:
-            task = asyncio.create_task(self.follow_changes(), name="arqd-follow-on-demand")
-            follower = _followers[self.hub] = _Follower(task, on_demand=True)
-        follower.users += 1
-        return follower
-
-    def _unfollow(self, follower: _Follower) -> None:
-        """One user less; a follower started on demand stops with its last user."""
-        follower.users -= 1
-        if follower.on_demand and follower.users == 0:
-            follower.task.cancel()
-            if _followers.get(self.hub) is follower:
-                del _followers[self.hub]
-
-    async def follow_changes(self, interval: float = FOLLOW_INTERVAL) -> None:
-        """Run forever: every ``interval`` read the jobs that long-polls and event streams wait
-        on, in batches, and wake the waiters of those another process changed. One loop reads
-        N watched jobs once per interval, where each waiter reading its own job cost N reads
-        and N encodes per interval (10,000 open long-polls took the whole core)."""
-        while True:
-            await asyncio.sleep(interval)
-            watched = self.hub.watched()
-            # In id order: neighbouring ids share index pages (ids are time-ordered), a quarter
-            # less time per read of a million-row table than ids in arrival order.
-            ids = sorted(watched)
-            for start in range(0, len(ids), FOLLOW_BATCH):
-                chunk = ids[start : start + FOLLOW_BATCH]
-                try:
-                    # Versions only: decoding every watched record each second was most of
-                    # the cost (10,000 long-polls: a p99 of 480 ms for other requests).
-                    current = await self.queue.versions(chunk)
-                    changed = [i for i in chunk if current.get(i, -1) > watched[i]]
-                    gone = [i for i in chunk if i not in current]
-                    jobs = await self.queue.get_many(changed) if changed else []
-                except BackendError as exc:
-                    log.warning("backend.follow_failed", error=str(exc), jobs=len(chunk))
-                    break
-                for job_id, job in zip(changed, jobs, strict=True):
-                    self.hub.job_changed(job_id, job)
-                for job_id in gone:
-                    self.hub.job_changed(job_id, None)
-                await asyncio.sleep(0)  # let requests in between batches
-
-    def check_result(self, job: Job) -> ResultRef:
-        """The result reference of a succeeded job, or the error that explains its absence."""
-        if job.state is State.FAILED:
-            raise JobFailed(f"job {job.id} failed: {job.error.message if job.error else ''}")
-        if job.state is State.CANCELLED:
-            raise JobCancelled(f"job {job.id} was cancelled")
-        if job.state is not State.SUCCEEDED or job.result is None:
-            raise NotReady(f"job {job.id} is {job.state.value}, it has no result yet")
-        if job.expires_at is not None and job.expires_at.timestamp() <= self.clock.time():
-            raise ResultExpired(f"the result of job {job.id} has expired")
-        if job.result.area == DROPPED:
-            raise ResultExpired(f"the result of job {job.id} was purged from the cache")
-        return job.result
-
-    async def read_result(
-        self, ref: ResultRef, start: int = 0, end: int | None = None
-    ) -> AsyncIterator[bytes]:
-        if ref.is_inline:
-            data = msgspec.json.encode(ref.inline)[start:end]
-            if data:
-                yield data
-            return
-        assert ref.name is not None, "a blob result always has a name"
-        async for chunk in self.results.read(_area(ref.area or ""), ref.name, start, end):
-            yield chunk
-
-    async def blob_size(self, ref: ResultRef) -> int | None:
-        """The stored size of a blob result; ``None`` once the store dropped it."""
-        if ref.name is None:
-            return None
-        return await self.results.size(_area(ref.area or ""), ref.name)
-
-    @staticmethod
-    def result_size(ref: ResultRef) -> int:
-        return len(msgspec.json.encode(ref.inline)) if ref.is_inline else (ref.size or 0)
 
     # --- listing and operating: what the HTTP routes and both clients ask ------------------------
 
@@ -605,7 +471,7 @@ class Core:
         :class:`JobNotFound`, like a queue without failed jobs is 0."""
         if not NAME_RE.match(queue):
             raise JobNotFound(f"no queue {queue!r}")
-        count = await self.queue.redrive(self.redriven(queue))
+        count = await self.queue.redrive(self.outcomes.redriven(queue))
         if count:
             self.hub.jobs_ready()
         return count
@@ -624,7 +490,7 @@ class Core:
 
     async def cancel(self, job_id: str, owner: str | None = None) -> Job:
         found = await self.get(job_id, owner)
-        job = await self.queue.cancel(job_id, free_key=self.frees_key(found))
+        job = await self.queue.cancel(job_id, free_key=frees_key(found))
         if job is None:
             raise JobNotFound(f"no job {job_id}")
         self.hub.job_changed(job_id, job)
@@ -641,7 +507,7 @@ class Core:
         if not deleted.state.terminal:  # it changed under us: it cannot have, but never delete live
             return deleted
         await self._retire_ticks([deleted])
-        await self._delete_blob(deleted.result)
+        await self.resultio.delete(deleted.result)
         self.hub.job_changed(job_id, None)
         return None
 
@@ -653,7 +519,7 @@ class Core:
         jobs = await self.queue.sweep_expired(limit)
         await self._retire_ticks(jobs)
         for job in jobs:
-            await self._delete_blob(job.result)
+            await self.resultio.delete(job.result)
             self.hub.job_changed(job.id, None)
         return len(jobs)
 
@@ -666,37 +532,16 @@ class Core:
         began = self.clock.time()
         sticky = area == "persistent"
         total = 0
-        drop = functools.partial(self.queue.drop_results, frees_key=self.frees_key)
+        drop = functools.partial(self.queue.drop_results, frees_key=frees_key)
         while batch := await drop(sticky, PURGE_BATCH, before=began):
             for job in batch:
-                await self._delete_blob(job.result)
+                await self.resultio.delete(job.result)
                 self.hub.job_changed(job.id, None)
             total += len(batch)
-        orphans = await self.sweep_orphans(_area(area))
+        orphans = await self.resultio.sweep_orphans(area_of(area))
         if orphans:
             log.info("cache.orphans_deleted", area=area, blobs=orphans)
         return total
-
-    async def sweep_orphans(self, area: Area) -> int:
-        """Delete the blobs of ``area`` that no record points to, nor ever can; answers how many.
-
-        A blob is published before the outcome that names it is written, and that wait has no
-        bound (the pool retries an outcome through a backend outage, heartbeating meanwhile),
-        so age cannot tell an orphan from a result about to be recorded. Its job can: a blob
-        ``<job id>-<token>`` is kept while the job is not terminal (its consumer may yet record
-        it) and while the job's result names it. A terminal job never comes to name another
-        blob of that lease (its outcome is fenced), and a deleted job never comes back."""
-        deleted = 0
-        async for page in self.results.names(area):
-            names = [n for n in page if BLOB_NAME_RE.match(n)]  # never touch what is not ours
-            for start in range(0, len(names), ORPHAN_BATCH):
-                chunk = names[start : start + ORPHAN_BATCH]
-                jobs = await self.queue.get_many([n[:32] for n in chunk])
-                for name, job in zip(chunk, jobs, strict=True):
-                    if not _may_name(job, area, name):
-                        await self.results.delete(area, name)
-                        deleted += 1
-        return deleted
 
     async def _retire_ticks(self, gone: Sequence[Job]) -> None:
         """Raise the mark of each schedule tick among the deleted ``gone`` to its tick: with its
@@ -709,168 +554,6 @@ class Core:
 
     # --- redrive ----------------------------------------------------------------------------------
 
-    def redriven(self, queue: str) -> Redrive:
-        """What a redrive makes of ``queue``'s failed jobs: queued and ready now, no attempt
-        counted, each holding its key again unless another live job took it meanwhile."""
-        return Redrive(queue=queue, ready_at=self.clock.time(), attempts=0, take_keys=True)
-
-    async def _delete_blob(self, ref: ResultRef | None) -> None:
-        if ref is not None and ref.name is not None and ref.area in ("temporary", "persistent"):
-            await self.results.delete(_area(ref.area), ref.name)
-
-    # --- the end of an attempt --------------------------------------------------------------------
-
-    def backoff(self, attempt: int) -> float:
-        b = self.config.defaults.backoff
-        delay = min(b.max, b.base * b.factor ** max(0, attempt - 1))
-        return delay * random.uniform(0.5, 1.0) if b.jitter else delay
-
-    def result_expiry(self, job: Job, now: float) -> float | None:
-        return None if job.sticky else now + self.config.results.temporary_ttl
-
-    def succeeded(
-        self, job: Job, token: str, result: ResultRef, started_at: float | None
-    ) -> Outcome:
-        """The job succeeded: its result expires (unless sticky), and its key with it, but a
-        schedule tick's key, held until its record is deleted."""
-        return Outcome(
-            job=job,
-            token=token,
-            state=State.SUCCEEDED,
-            result=result,
-            expires_at=self.result_expiry(job, self.clock.time()),
-            keep_key=not self.frees_key(job),
-            started_at=started_at,
-        )
-
-    def failed_attempt(
-        self, job: Job, token: str, error: ErrorInfo, delay: float | None = None
-    ) -> Outcome:
-        """Retry after a backoff while attempts remain; else the job fails for good."""
-        now = self.clock.time()
-        if job.attempts < job.max_attempts:
-            # A handler's Retry(delay=...) is bounded like a client's delay (NaN: the backoff).
-            wait = self.backoff(job.attempts) if delay is None or math.isnan(delay) else delay
-            wait = min(max(wait, 0.0), AHEAD_MAX)
-            return Outcome(
-                job=job, token=token, state=State.QUEUED, error=error, ready_at=now + wait
-            )
-        return self.final_failure(job, token, error)
-
-    @staticmethod
-    def frees_key(job: Job) -> bool:
-        """Whether a failure, a cancel or a purge frees the job's key (docs/jobs.md): yes,
-        except a schedule tick's, which is held until its record is deleted, so a late daemon
-        cannot fire the tick again. The one rule for every backend (they are told, per job)."""
-        return job.key is None or not job.key.startswith(SCHEDULE_KEY)
-
-    def cancelled(self, job: Job, token: str) -> Outcome:
-        return Outcome(job=job, token=token, state=State.CANCELLED, free_key=self.frees_key(job))
-
-    def final_failure(self, job: Job, token: str, error: ErrorInfo) -> Outcome:
-        """Failed for good; a lease beyond ``max_attempts`` (found expired) is not counted."""
-        return Outcome(
-            job=job,
-            token=token,
-            state=State.FAILED,
-            error=error,
-            free_key=self.frees_key(job),
-            count_attempt=job.attempts <= job.max_attempts,
-        )
-
-    # --- running an attempt: the pool asks, the core decides -------------------------------------
-
-    def refuse(self, job: Job, token: str, known: bool, worker: str) -> Outcome | None:
-        """The outcome of a leased job that must not run, reached without calling a handler:
-        its cancel was requested; its attempts were used up by leases that expired (a lease
-        beyond ``max_attempts``); or no handler of its name is registered in this process
-        (``known`` false; a failed attempt, as another worker may have it). ``None``: run it."""
-        if job.cancel_requested:
-            return self.cancelled(job, token)
-        if job.attempts > job.max_attempts:
-            return self.final_failure(job, token, _lease_expired(job))
-        if not known:
-            message = f"no handler is registered as {job.handler!r} on {worker}"
-            return self.failed_attempt(job, token, _error("UnknownHandler", message, job))
-        return None
-
-    def failure(self, job: Job, token: str, exc: Exception) -> Outcome:
-        """The outcome of an attempt that raised ``exc``: ``Fail`` ends the job, ``Retry`` asks
-        for a delay, a step's failure and sealed data no key opens end it too (another attempt
-        would fail alike); anything else is a failed attempt, retried while attempts remain."""
-        if isinstance(exc, Fail):
-            return self.final_failure(job, token, _error("Fail", str(exc), job))
-        if isinstance(exc, Retry):
-            return self.failed_attempt(job, token, _error("Retry", str(exc), job), exc.delay)
-        if isinstance(exc, StepFailed):  # the job is poisoned at this step
-            error = ErrorInfo(
-                type=exc.type,
-                message=str(exc)[:ERROR_MESSAGE_MAX],
-                attempt=job.attempts,
-                step=exc.step,
-                status=exc.response_status,
-            )
-            return self.final_failure(job, token, error)
-        if isinstance(exc, CredentialsUnreadable):
-            error = _error("CredentialsUnreadable", str(exc), job)
-            return self.final_failure(job, token, error)
-        error = _error(type(exc).__name__, str(exc) or repr(exc), job)
-        log.warning(
-            "job.attempt_failed",
-            job_id=job.id,
-            handler=job.handler,
-            attempt=job.attempts,
-            error_type=error.type,
-            error=error.message,
-        )
-        return self.failed_attempt(job, token, error)
-
-    def timed_out(self, job: Job, token: str) -> Outcome:
-        """The outcome of an attempt interrupted at its timeout: a failed attempt."""
-        message = f"attempt {job.attempts} exceeded its timeout of {job.timeout:g}s"
-        return self.failure(job, token, TimeoutError(message))
-
-    @staticmethod
-    def released(job: Job, token: str) -> Outcome:
-        """A lease given back unused or interrupted by shutdown: queued again, attempt uncounted."""
-        return Outcome(job=job, token=token, state=State.QUEUED, count_attempt=False)
-
-    async def store_result(self, job: Job, token: str, value: Any) -> ResultRef:
-        """Keep a handler's return value: ``None`` and scalars inline; bytes, and async
-        iterators (streamed), as a blob; other values as JSON, inline up to
-        ``results.inline_max`` bytes, else a blob. A blob is named after the lease
-        (``<job id>-<token>``, see :meth:`sweep_orphans`), in the area of the job's stickiness."""
-        if value is None or type(value) in _SCALARS:
-            return ResultRef(inline=value)
-        area: Area = "persistent" if job.sticky else "temporary"
-        name = blob_name(job.id, token)
-        if isinstance(value, bytes | bytearray | memoryview):
-            size = await self.results.put(area, name, bytes(value))
-            return ResultRef(size=size, content_type=OCTETS, area=area, name=name)
-        if hasattr(value, "__aiter__"):
-            size = await self._stream(area, name, value)
-            return ResultRef(size=size, content_type=OCTETS, area=area, name=name)
-        encoded = msgspec.json.encode(value)
-        if len(encoded) <= self.config.results.inline_max:
-            return ResultRef(inline=msgspec.json.decode(encoded))
-        size = await self.results.put(area, name, encoded)
-        return ResultRef(size=size, content_type=JSON, area=area, name=name)
-
-    async def _stream(self, area: Area, name: str, chunks: AsyncIterator[Any]) -> int:
-        writer = await self.results.writer(area, name)
-        try:
-            async for chunk in chunks:
-                if chunk:
-                    await writer.write(bytes(chunk))
-            return await writer.commit()
-        except BaseException:
-            await writer.abort()
-            raise
-
-    async def discard_result(self, ref: ResultRef | None) -> None:
-        """Delete a stored result no record will name (its outcome's write was refused)."""
-        await self._delete_blob(ref)
-
     def unseal_steps(self, job: Job) -> tuple[list[StepSpec], Credentials | None]:
         """A multi-step job's steps and credentials, opened with this daemon's keys (sealed by
         :meth:`new_job`); :class:`CredentialsUnreadable` when no key opens them."""
@@ -879,45 +562,3 @@ class Core:
         sealed = http_steps.unseal(job.payload[SEALED], self.steps_key())
         specs = http_steps.parse_steps(sealed["steps"])
         return specs, http_steps.parse_credentials(sealed["credentials"])
-
-
-@dataclass(eq=False)
-class _Follower:
-    """The task running ``Core.follow_changes`` for one storage in this process, and how many
-    waits use it; one started on demand (for a bare ``Client``) stops when the last of them ends."""
-
-    task: asyncio.Task[None]
-    on_demand: bool
-    users: int = 0
-
-
-_followers: WeakKeyDictionary[Hub, _Follower] = WeakKeyDictionary()
-
-
-def _may_name(job: Job | None, area: Area, name: str) -> bool:
-    """Whether ``job``'s record names, or may yet come to name, the blob ``area``/``name``."""
-    if job is None:
-        return False
-    if not job.state.terminal:
-        return True
-    ref = job.result
-    return ref is not None and ref.area == area and ref.name == name
-
-
-def _error(kind: str, message: str, job: Job) -> ErrorInfo:
-    return ErrorInfo(type=kind, message=message[:ERROR_MESSAGE_MAX], attempt=job.attempts)
-
-
-def _lease_expired(job: Job) -> ErrorInfo:
-    return ErrorInfo(
-        type="LeaseExpired",
-        message=f"the lease of the last attempt ({job.max_attempts}) expired: its worker "
-        "stopped or stalled",
-        attempt=job.max_attempts,
-    )
-
-
-def _area(value: str) -> Area:
-    if value == "persistent":
-        return "persistent"
-    return "temporary"

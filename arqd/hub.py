@@ -62,7 +62,7 @@ class Hub:
     def watch(self, job_id: str, version: int | None = None) -> asyncio.Future[Job | None]:
         """A future resolved at the next change of ``job_id``; ``unwatch`` it if unused.
         With the ``version`` the caller holds, ``watched()`` offers the job to a follower of
-        other processes' changes (``Core.follow_changes``)."""
+        other processes' changes (``Core.follow``, arqd/follow.py)."""
         fut: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, set()).add(fut)
         if version is not None:

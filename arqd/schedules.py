@@ -8,7 +8,7 @@ tick only while the mark is below it, submits it with the deterministic dedupe k
 ``schedule:<name>:<tick seconds>`` (so daemons firing at the same moment still store one job,
 the others getting ``created=False``), then raises the mark. A tick at or below the mark is never
 fired again. Its key is never freed by a failure, cancel or purge, nor expires with its result
-(``Core.frees_key``); once its record is deleted, the core raises the mark to the tick
+(``arqd.outcomes.frees_key``); once its record is deleted, the core raises the mark to the tick
 (``Core._retire_ticks``), for a daemon that died between its submit and its mark.
 The job's ``ready_at`` is the tick time and its ``meta`` is ``{"schedule": name}``.
 
@@ -33,9 +33,10 @@ import structlog
 from croniter import croniter
 
 from arqd.config import Config, ScheduleConfig
-from arqd.core import Core, mark_name, tick_key
+from arqd.core import Core
 from arqd.errors import ArqdError, ConfigError, InvalidRequest
 from arqd.model import JobSpec
+from arqd.outcomes import mark_name, tick_key
 
 __all__ = ["Schedule", "Scheduler", "mark_name", "tick_key"]
 

@@ -47,6 +47,9 @@ LAYERS = {
     "arqd.results": BACKENDS,
     # the core: the rules, the pool, schedules, steps, and the one place a backend is chosen
     "arqd.core": CORE,
+    "arqd.outcomes": CORE,
+    "arqd.resultio": CORE,
+    "arqd.follow": CORE,
     "arqd.hub": CORE,
     "arqd.handlers": CORE,
     "arqd.schedules": CORE,

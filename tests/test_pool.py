@@ -663,14 +663,14 @@ def leased(**changes: Any) -> Job:
 def test_the_core_refuses_jobs_that_must_not_run(core: Core):
     """A requested cancel, attempts used up by expired leases and an unknown handler end an
     attempt without running it: cancelled, failed for good (uncounted), a retried failure."""
-    assert core.refuse(leased(), "t", True, "w1") is None
-    cancel = core.refuse(leased(cancel_requested=True), "t", True, "w1")
+    assert core.outcomes.refuse(leased(), "t", True, "w1") is None
+    cancel = core.outcomes.refuse(leased(cancel_requested=True), "t", True, "w1")
     assert cancel is not None and cancel.state is State.CANCELLED
-    expired = core.refuse(leased(attempts=4), "t", True, "w1")
+    expired = core.outcomes.refuse(leased(attempts=4), "t", True, "w1")
     assert expired is not None and expired.state is State.FAILED
     assert not expired.count_attempt and expired.error is not None
     assert expired.error.type == "LeaseExpired"
-    unknown = core.refuse(leased(handler="elsewhere"), "t", False, "w1")
+    unknown = core.outcomes.refuse(leased(handler="elsewhere"), "t", False, "w1")
     assert unknown is not None and unknown.state is State.QUEUED and unknown.count_attempt
     assert unknown.error is not None and unknown.error.type == "UnknownHandler"
     assert "'elsewhere'" in unknown.error.message and "w1" in unknown.error.message
@@ -679,7 +679,7 @@ def test_the_core_refuses_jobs_that_must_not_run(core: Core):
 def test_the_core_shapes_failures_by_their_type(core: Core):
     """Fail and step failures end the job with their details; Retry waits as asked; a
     schedule tick's failure keeps its key; anything else retries until the last attempt."""
-    step = core.failure(
+    step = core.outcomes.failure(
         leased(), "t", HostNotAllowed("charge", "api.example is not allowed", response_status=403)
     )
     assert step.state is State.FAILED and step.error is not None
@@ -688,26 +688,26 @@ def test_the_core_shapes_failures_by_their_type(core: Core):
         "charge",
         403,
     )
-    unreadable = core.failure(leased(), "t", CredentialsUnreadable("no key opens it"))
+    unreadable = core.outcomes.failure(leased(), "t", CredentialsUnreadable("no key opens it"))
     assert unreadable.state is State.FAILED and unreadable.error is not None
     assert unreadable.error.type == "CredentialsUnreadable"
-    fail = core.failure(leased(), "t", arqd.Fail("never"))
+    fail = core.outcomes.failure(leased(), "t", arqd.Fail("never"))
     assert fail.state is State.FAILED and fail.free_key
-    tick = core.failure(leased(key="schedule:nightly:1"), "t", arqd.Fail("never"))
+    tick = core.outcomes.failure(leased(key="schedule:nightly:1"), "t", arqd.Fail("never"))
     assert tick.state is State.FAILED and not tick.free_key
     before = core.clock.time()
-    retry = core.failure(leased(), "t", arqd.Retry("later", delay=7))
+    retry = core.outcomes.failure(leased(), "t", arqd.Retry("later", delay=7))
     assert retry.state is State.QUEUED and retry.ready_at is not None
     assert before + 7 <= retry.ready_at <= core.clock.time() + 7
-    other = core.failure(leased(), "t", ValueError("x" * 5000))
+    other = core.outcomes.failure(leased(), "t", ValueError("x" * 5000))
     assert other.state is State.QUEUED and other.error is not None
     assert other.error.type == "ValueError" and len(other.error.message) == 2000
-    last = core.failure(leased(attempts=3), "t", ValueError("again"))
+    last = core.outcomes.failure(leased(attempts=3), "t", ValueError("again"))
     assert last.state is State.FAILED
-    timed = core.timed_out(leased(timeout=1.5), "t")
+    timed = core.outcomes.timed_out(leased(timeout=1.5), "t")
     assert timed.error is not None and timed.error.type == "TimeoutError"
     assert "1.5s" in timed.error.message
-    released = core.released(leased(), "t")
+    released = core.outcomes.released(leased(), "t")
     assert released.state is State.QUEUED and not released.count_attempt
 
 
@@ -715,13 +715,13 @@ async def test_the_core_keeps_small_results_inline_and_large_ones_as_blobs(core:
     """Scalars and JSON up to inline_max stay in the record; bytes, larger JSON and streams
     become blobs named after the lease, in the area the job's stickiness gives."""
     job = leased()
-    assert (await core.store_result(job, "t", 3)).inline == 3
-    assert (await core.store_result(job, "t", {"a": [1]})).inline == {"a": [1]}
+    assert (await core.resultio.store(job, "t", 3)).inline == 3
+    assert (await core.resultio.store(job, "t", {"a": [1]})).inline == {"a": [1]}
     token = new_token()
-    big = await core.store_result(job, token, list(range(1000)))
+    big = await core.resultio.store(job, token, list(range(1000)))
     assert not big.is_inline and big.content_type == "application/json"
     assert big.area == "temporary" and big.name == blob_name(job.id, token)
-    raw = await core.store_result(leased(sticky=True), new_token(), b"\x00\x01")
+    raw = await core.resultio.store(leased(sticky=True), new_token(), b"\x00\x01")
     assert raw.area == "persistent" and raw.content_type == "application/octet-stream"
     assert raw.size == 2
 
@@ -730,6 +730,6 @@ async def test_the_core_keeps_small_results_inline_and_large_ones_as_blobs(core:
         yield b""
         yield b"cd"
 
-    streamed = await core.store_result(job, new_token(), chunks())
+    streamed = await core.resultio.store(job, new_token(), chunks())
     assert streamed.size == 4
-    assert b"".join([c async for c in core.read_result(streamed)]) == b"abcd"
+    assert b"".join([c async for c in core.resultio.read(streamed)]) == b"abcd"

@@ -20,8 +20,8 @@ BLOB = b"result " * 100
 
 
 async def read(core: Core, job_id: str) -> bytes:
-    ref = core.check_result(await core.get(job_id))
-    return b"".join([chunk async for chunk in core.read_result(ref)])
+    ref = core.resultio.check(await core.get(job_id))
+    return b"".join([chunk async for chunk in core.resultio.read(ref)])
 
 
 async def publish(core: Core, queue: QueueBackend, clock: ManualClock) -> tuple[Outcome, str]:

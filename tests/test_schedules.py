@@ -21,6 +21,7 @@ from arqd.core import Core
 from arqd.errors import ConfigError
 from arqd.handlers import Registry
 from arqd.model import ResultRef, State
+from arqd.outcomes import frees_key
 from arqd.results.memory import MemoryResults
 from arqd.schedules import Schedule, Scheduler, mark_name, tick_key
 
@@ -180,7 +181,7 @@ async def finish(queue: QueueBackend, clock: ManualClock) -> None:
         state=State.SUCCEEDED,
         result=ResultRef(inline=None),
         expires_at=clock.time() + 10,
-        keep_key=not Core.frees_key(lease.job),  # as Core.succeeded decides
+        keep_key=not frees_key(lease.job),  # as Outcomes.succeeded decides
     )
     assert await queue.finish([done]) == [True]
 

@@ -72,9 +72,9 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     ``started_at`` is when the handler really began (a lease may wait in a consumer's buffer
     first); the backend writes it over the lease's time, ``None`` when no handler ran.
 
-    The core decides the key (``Core.frees_key``): a terminal outcome with ``free_key`` lets the
-    key go now; else the key is held until ``expires_at`` passes, or, with ``keep_key``, until
-    the record is deleted (a schedule tick's: it must never be fired again).
+    The core decides the key (``arqd.outcomes.frees_key``): a terminal outcome with ``free_key``
+    lets the key go now; else the key is held until ``expires_at`` passes, or, with ``keep_key``,
+    until the record is deleted (a schedule tick's: it must never be fired again).
     """
 
     job: Job  # the record as leased: names the job, its queue and its key

@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from arqd.app import App
-from arqd.core import JSON, TOO_DEEP, Core, parse_group, parse_spec
+from arqd.core import TOO_DEEP, Core, parse_group, parse_spec
 from arqd.errors import (
     ArqdError,
     BackendError,
@@ -48,6 +48,7 @@ from arqd.model import (
     State,
     explain,
 )
+from arqd.resultio import JSON
 
 log = structlog.get_logger("arqd.http")
 
@@ -382,8 +383,8 @@ async def wait_for_change(
     swept) job raises :class:`JobNotFound`; ``None`` once ``gone`` resolves (the client left).
     A terminal job is held like any other (docs/http-api.md), so a client long-polling it in a
     loop waits instead of spinning. Local changes arrive through the hub at once; other
-    processes' through ``Core.follow_changes``, which reads every watched job's version once a
-    second in batches (waiters never poll on their own)."""
+    processes' through the follower (``Core.follow``, arqd/follow.py), which reads every watched
+    job's version once a second in batches (waiters never poll on their own)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     hub = st.core.hub
@@ -410,11 +411,12 @@ async def wait_for_change(
 async def get_result(request: web.Request) -> web.StreamResponse:
     core = state_of(request).core
     job = await core.get(job_id_of(request), sees(request))
-    ref = core.check_result(job)
+    results = core.resultio
+    ref = results.check(job)
     if ref.is_inline:
-        size, content_type = core.result_size(ref), JSON
+        size, content_type = results.size(ref), JSON
     else:
-        stored = await core.blob_size(ref)
+        stored = await results.blob_size(ref)
         if stored is None:
             return error_response(410, "expired", f"the result of job {job.id} has expired")
         size, content_type = stored, ref.content_type or "application/octet-stream"
@@ -429,7 +431,7 @@ async def get_result(request: web.Request) -> web.StreamResponse:
     resp.headers["ETag"] = job.etag
     if span:
         resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    chunks = core.read_result(ref, start, end)
+    chunks = results.read(ref, start, end)
     try:
         await resp.prepare(request)
         async for chunk in chunks:

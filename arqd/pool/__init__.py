@@ -20,8 +20,9 @@ that crashes is logged and restarted):
   piled up while the previous call ran), so throughput grows with load instead of collapsing.
 
 The pool decides nothing about a job's fate: refusals, failures and their retries, where a result
-goes and the outcome of an interruption are the core's (``Core.refuse``, ``Core.failure``,
-``Core.store_result``...). It reports what happens to an :class:`~arqd.observe.Observer`.
+goes and the outcome of an interruption are the core's (``Core.outcomes``: ``refuse``,
+``failure``...; ``Core.resultio.store``). It reports what happens to an
+:class:`~arqd.observe.Observer`.
 
 A :class:`~arqd.supervise.LoopWatch` thread reports the event loop's timers running late and
 repairs the timer heap when a handler broke it (``asyncio.sleep(nan)``).

@@ -77,6 +77,8 @@ class Runner:
         worker_id: str,
     ) -> None:
         self.core = core
+        self.outcomes = core.outcomes  # the rules each attempt's end is decided by
+        self.resultio = core.resultio
         self.observer = observer
         self.leases = leases
         self.progress = progress
@@ -86,9 +88,9 @@ class Runner:
         """Run ``a`` on the consumer ``task``; its outcome, ``None`` if its lease was lost."""
         lease = a.held.lease  # a local of this frame: tests/chaos finds the lease on the stack
         job, token = lease.job, lease.token
-        core = self.core
+        core, outcomes = self.core, self.outcomes
         fn = self._handler_for(a)
-        early = core.refuse(job, token, fn is not None, self.worker_id)
+        early = outcomes.refuse(job, token, fn is not None, self.worker_id)
         if early is not None or fn is None:
             return early
         if a.interrupted:  # before it began
@@ -105,7 +107,7 @@ class Runner:
             value = fn(ctx, job.payload)
             if inspect.isawaitable(value):  # an async generator handler is not awaited
                 value = await value
-            ref = await core.store_result(job, token, value)
+            ref = await self.resultio.store(job, token, value)
         except asyncio.CancelledError:
             if not a.cancelled or task.uncancel() > cancelling:
                 raise  # not (only) ours: someone cancels the consumer itself
@@ -113,14 +115,14 @@ class Runner:
         except Exception as exc:
             if a.cancelled:  # the handler turned our cancellation into an error of its own
                 task.uncancel()
-            return core.failure(job, token, exc)
+            return outcomes.failure(job, token, exc)
         finally:
             a.task = None
         if a.cancelled:  # the handler swallowed our cancellation and returned
             task.uncancel()
         if a.reason == "lost":
             return None
-        return core.succeeded(job, token, ref, started)
+        return outcomes.succeeded(job, token, ref, started)
 
     def _handler_for(self, a: Attempt) -> Handler | None:
         handler = a.held.lease.job.handler
@@ -133,11 +135,11 @@ class Runner:
     def _interrupted(self, a: Attempt) -> Outcome | None:
         job, token = a.held.lease.job, a.held.lease.token
         if a.reason == "timeout":
-            return self.core.timed_out(job, token)
+            return self.outcomes.timed_out(job, token)
         if a.reason == "cancelled":
-            return self.core.cancelled(job, token)
+            return self.outcomes.cancelled(job, token)
         if a.reason == "shutdown":
-            return self.core.released(job, token)
+            return self.outcomes.released(job, token)
         return None  # lost: another consumer owns the job now; write nothing
 
     async def _run_steps(self, a: Attempt, ctx: JobContext, payload: Any) -> Any:

@@ -95,7 +95,7 @@ class Completer:
             attempt=job.attempts,
             outcome=outcome.state.value,
         )
-        await self.core.discard_result(outcome.result)
+        await self.core.resultio.delete(outcome.result)
 
     def _observe(self, lease: Lease, outcome: Outcome, now: float) -> None:
         job = lease.job

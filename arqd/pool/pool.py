@@ -298,7 +298,7 @@ class Pool:
     def _release(self, held: Held) -> None:
         """Give a lease back unused: queued again, its attempt not counted."""
         lease = held.lease
-        self._completer.complete(held, self.core.released(lease.job, lease.token))
+        self._completer.complete(held, self.core.outcomes.released(lease.job, lease.token))
 
     async def _mark_idle(self, seq: int) -> None:
         async with self._idle:
