@@ -14,6 +14,7 @@ import pytest
 
 from arqd.backends.base import Outcome, Update
 from arqd.backends.dynamodb import GSIS, DynamoQueue, _Grant
+from arqd.backends.dynamodb.codec import _job_key, _key_key
 from arqd.clock import ManualClock
 from arqd.config import QueueConfig, ResultsConfig
 from arqd.errors import BackendError
@@ -322,3 +323,39 @@ async def test_steps_groups_and_recovered_leases(table: DynamoQueue):
     await table.enqueue([member], group=record)
     assert await table.get_group(record.id) == record
     assert await table.get_group(new_job_id()) is None
+
+
+async def test_a_kept_key_and_its_record_carry_no_ttl(table: DynamoQueue):
+    """A succeeded outcome with ``keep_key`` (a schedule tick's) leaves neither the key item nor
+    the job item a TTL: DynamoDB's TTL deleting either would let the tick be submitted again or
+    skip the sweep that raises the schedule's mark. An ordinary success keeps both TTLs."""
+    clock = table.clock
+    assert isinstance(clock, ManualClock)
+    (kept, plain) = [
+        e.job
+        for e in await table.enqueue(
+            [new(clock, key="schedule:nightly:1800000000"), new(clock, key="report:7")]
+        )
+    ]
+    leases = {lease.job.id: lease for lease in await table.lease(["default"], 2, VT, "w")}
+    expiry = clock.time() + 3600
+    outcomes = [
+        Outcome(
+            job=leases[job.id].job,
+            token=leases[job.id].token,
+            state=State.SUCCEEDED,
+            expires_at=expiry,
+            keep_key=job.id == kept.id,
+        )
+        for job in (kept, plain)
+    ]
+    assert await table.finish(outcomes) == [True, True]
+
+    async def item(key: dict[str, Any]) -> dict[str, Any]:
+        answer = await table.client.get_item(TableName=table.table, Key=key, ConsistentRead=True)
+        return dict(answer["Item"])
+
+    assert "ttl" not in await item(_key_key("schedule:nightly:1800000000"))
+    assert "ttl" not in await item(_job_key(kept.id))
+    assert "ttl" in await item(_key_key("report:7"))
+    assert "ttl" in await item(_job_key(plain.id))

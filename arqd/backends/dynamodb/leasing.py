@@ -324,7 +324,9 @@ class _Leasing(_Table):
         if len(self._ended) > ENDED_MEMORY:
             self._ended.popitem(last=False)
         if job.key is not None and o.state.terminal:
-            await self._tidy_key(job.key, job.id, free=o.free_key, expires_at=o.expires_at)
+            # A kept key (a schedule tick's) has no TTL: it goes only with its record.
+            expiry = None if o.keep_key else o.expires_at
+            await self._tidy_key(job.key, job.id, free=o.free_key, expires_at=expiry)
         return True
 
 
@@ -348,7 +350,9 @@ def _finish_update(o: Outcome, now: float) -> tuple[str, dict[str, Any]]:
         "rs": _j(o.result) if o.result is not None else None,
         "er": _j(o.error) if o.error is not None else None,
         "x": _n(o.expires_at) if o.expires_at is not None else None,
-        "ttl": _ttl(o.expires_at) if o.expires_at is not None else None,
+        # No TTL backstop for a record whose key is kept: DynamoDB deleting it would skip the
+        # core's sweep, which raises the schedule's mark as the record goes (Core._retire_ticks).
+        "ttl": _ttl(o.expires_at) if o.expires_at is not None and not o.keep_key else None,
     }
     for attr, value in optional.items():
         if value is None:
