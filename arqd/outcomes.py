@@ -26,8 +26,10 @@ log = structlog.get_logger("arqd.outcomes")
 
 
 def tick_key(name: str, tick: float) -> str:
-    """The dedupe key of schedule ``name``'s tick at ``tick`` (Unix seconds)."""
-    return f"{SCHEDULE_KEY}{name}:{round(tick)}"
+    """The dedupe key of schedule ``name``'s tick at ``tick`` (Unix seconds): whole seconds as
+    integers, a fractional tick (``every = "1.5s"``) to the microsecond, so the key names the
+    tick exactly and ``parse_tick_key`` gives it back for the schedule's mark."""
+    return f"{SCHEDULE_KEY}{name}:{f'{tick:.6f}'.rstrip('0').rstrip('.')}"
 
 
 def parse_tick_key(key: str | None) -> tuple[str, float] | None:
@@ -35,7 +37,9 @@ def parse_tick_key(key: str | None) -> tuple[str, float] | None:
     if key is None or not key.startswith(SCHEDULE_KEY):
         return None
     name, _, tick = key.removeprefix(SCHEDULE_KEY).rpartition(":")
-    return (name, float(tick)) if name and tick.isdigit() else None
+    whole, _, fraction = tick.partition(".")
+    exact = whole.isdigit() and (not fraction or fraction.isdigit())
+    return (name, float(tick)) if name and exact else None
 
 
 def mark_name(name: str) -> str:

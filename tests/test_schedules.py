@@ -21,7 +21,7 @@ from arqd.core import Core
 from arqd.errors import ConfigError
 from arqd.handlers import Registry
 from arqd.model import ResultRef, State
-from arqd.outcomes import frees_key
+from arqd.outcomes import frees_key, parse_tick_key
 from arqd.results.memory import MemoryResults
 from arqd.schedules import Schedule, Scheduler, mark_name, tick_key
 
@@ -260,3 +260,14 @@ async def test_three_daemons_fire_each_tick_exactly_once(tmp_path: Path, daemons
         d.wait_log("config.reloaded")
     async with arqd.HttpClient(trio[0].url) as client:
         assert (await client.request_json("GET", "/v1/schedules"))["schedules"] == []
+
+
+@pytest.mark.parametrize("tick", [1800000000.0, 1800000004.5, 1800000001.25, 0.0])
+def test_a_tick_key_names_its_tick_exactly(tick: float):
+    """The key of a tick gives back the tick itself, also a fractional one (``every = "1.5s"``),
+    so the mark a sweep raises from a key is never below the tick it stood for; whole-second
+    keys keep their integer form."""
+    assert parse_tick_key(tick_key("s", tick)) == ("s", tick)
+    if tick.is_integer():
+        assert tick_key("s", tick) == f"schedule:s:{int(tick)}"
+    assert parse_tick_key("schedule:s:12x") is None and parse_tick_key("report:1") is None
