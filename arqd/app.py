@@ -152,7 +152,7 @@ class App:
     async def _sweep_partials(self) -> None:
         try:
             files, size = await self._results.sweep_partials()
-        except ArqdError as exc:  # the store translates its OSErrors
+        except (ArqdError, OSError) as exc:  # shipped stores translate; a plugged one may not
             log.warning("results.partials_sweep_failed", error=str(exc))
             return
         if files:

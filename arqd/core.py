@@ -58,8 +58,7 @@ from arqd.observe import NO_OBSERVER, Observer
 from arqd.outcomes import Outcomes, frees_key, mark_name, parse_tick_key
 from arqd.resultio import ResultIO, area_of
 from arqd.results.base import ResultStore
-from arqd.stepmodel import SEALED
-from arqd.stepmodel import STEPS_HANDLER as STEPS_HANDLER  # re-exported: the pool's
+from arqd.stepmodel import SEALED, STEPS_HANDLER
 from arqd.view import QueueInfo
 from arqd.view import WorkerInfo as WorkerView
 

@@ -15,13 +15,14 @@ import arqd
 from arqd.backends.memory import MemoryQueue
 from arqd.clock import ManualClock
 from arqd.config import Config
-from arqd.core import STEPS_HANDLER, Core
+from arqd.core import Core
 from arqd.handlers import Registry
 from arqd.http.server import make_app
 from arqd.model import JobSpec
 from arqd.observe import Ended, LostAt
 from arqd.pool import Pool
 from arqd.results.memory import MemoryResults
+from arqd.stepmodel import STEPS_HANDLER
 
 from .util import eventually
 

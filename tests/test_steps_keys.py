@@ -22,9 +22,9 @@ from cryptography.fernet import Fernet, InvalidToken
 import arqd
 from arqd.backends.sqlite import SqliteQueue
 from arqd.config import Config, load_config
-from arqd.core import SEALED
 from arqd.errors import ConfigError
 from arqd.model import JobSpec
+from arqd.stepmodel import SEALED
 from arqd.steps import CredentialsUnreadable, check_keys, seal, step_keys, unseal
 
 from .daemons import ROOT, Daemon, Daemons, sqlite_config

@@ -163,7 +163,6 @@ class _Thread:
 
 
 # Changes to ``queue_counts`` made by one transaction, written once at its end.
-_Counts = StateCounts
 
 
 class SqliteQueue(QueueBackend):
@@ -230,7 +229,7 @@ class SqliteQueue(QueueBackend):
         checked = storable_group(group, jobs).decode() if group is not None else None
         now = self.clock.time()
 
-        def body(conn: sqlite3.Connection, counts: _Counts) -> list[Enqueued]:
+        def body(conn: sqlite3.Connection, counts: StateCounts) -> list[Enqueued]:
             out: list[Enqueued] = []
             plain: list[tuple[Any, ...]] = []
             for new, (params, job) in zip(jobs, rows, strict=True):
@@ -265,7 +264,7 @@ class SqliteQueue(QueueBackend):
         token = new_token()
         expires = now + lease_for
 
-        def body(conn: sqlite3.Connection, counts: _Counts) -> list[Lease]:
+        def body(conn: sqlite3.Connection, counts: StateCounts) -> list[Lease]:
             leases: list[Lease] = []
             params = {"now": now, "token": token, "expires": expires, "worker": worker}
             for queue in queues:
@@ -292,7 +291,7 @@ class SqliteQueue(QueueBackend):
     ) -> list[HeartbeatReply]:
         until = self.clock.time() + lease_for
 
-        def body(conn: sqlite3.Connection, counts: _Counts) -> list[HeartbeatReply]:
+        def body(conn: sqlite3.Connection, counts: StateCounts) -> list[HeartbeatReply]:
             replies = []
             for job_id, token in leases:
                 row = conn.execute(queries.HEARTBEAT, (until, job_id, token)).fetchone()
@@ -315,7 +314,7 @@ class SqliteQueue(QueueBackend):
             for u in updates
         ]
 
-        def body(conn: sqlite3.Connection, counts: _Counts) -> list[bool]:
+        def body(conn: sqlite3.Connection, counts: StateCounts) -> list[bool]:
             return [conn.execute(queries.UPDATE, p).rowcount == 1 for p in params]
 
         return await self._write(body, here=len(updates) <= HERE_MAX_ROWS)
@@ -323,7 +322,7 @@ class SqliteQueue(QueueBackend):
     async def _finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
         now = self.clock.time()
 
-        def one(conn: sqlite3.Connection, counts: _Counts, o: Outcome) -> bool:
+        def one(conn: sqlite3.Connection, counts: StateCounts, o: Outcome) -> bool:
             job = o.job
             if o.state is State.QUEUED:
                 ready = o.ready_at if o.ready_at is not None else now
@@ -360,7 +359,7 @@ class SqliteQueue(QueueBackend):
                 counts.add(job.queue, o.state.value, 1)
             return applied
 
-        def body(conn: sqlite3.Connection, counts: _Counts) -> list[bool]:
+        def body(conn: sqlite3.Connection, counts: StateCounts) -> list[bool]:
             return [one(conn, counts, o) for o in outcomes]
 
         return await self._write(body, here=len(outcomes) <= HERE_MAX_ROWS)
@@ -368,7 +367,7 @@ class SqliteQueue(QueueBackend):
     async def _cancel(self, job_id: str, *, free_key: bool) -> Job | None:
         now = self.clock.time()
 
-        def body(conn: sqlite3.Connection, counts: _Counts) -> Job | None:
+        def body(conn: sqlite3.Connection, counts: StateCounts) -> Job | None:
             row = conn.execute(queries.CANCEL_QUEUED, (now, job_id)).fetchone()
             if row is not None:
                 job = _row_to_job(row)
@@ -385,7 +384,7 @@ class SqliteQueue(QueueBackend):
         return await self._write(body)
 
     async def _delete(self, job_id: str) -> Job | None:
-        def body(conn: sqlite3.Connection, counts: _Counts) -> Job | None:
+        def body(conn: sqlite3.Connection, counts: StateCounts) -> Job | None:
             row = conn.execute(queries.GET, (job_id,)).fetchone()
             if row is None:
                 return None
@@ -403,7 +402,7 @@ class SqliteQueue(QueueBackend):
         now = self.clock.time()
         params = {"ready": plan.ready_at, "attempts": plan.attempts, "queue": plan.queue}
 
-        def body(conn: sqlite3.Connection, counts: _Counts) -> int:
+        def body(conn: sqlite3.Connection, counts: StateCounts) -> int:
             rows = conn.execute(queries.REDRIVE, params).fetchall()
             for job_id, key in rows if plan.take_keys else ():
                 if key is not None and not conn.execute(queries.KEY_HOLDER, (key, now)).fetchone():
@@ -414,14 +413,14 @@ class SqliteQueue(QueueBackend):
         return await self._write(body, here=False)  # every failed job of a queue
 
     async def _write(
-        self, body: Callable[[sqlite3.Connection, _Counts], T], *, here: bool = True
+        self, body: Callable[[sqlite3.Connection, StateCounts], T], *, here: bool = True
     ) -> T:
         """Run ``body`` in one write transaction, with the count changes it made."""
 
         def work(conn: sqlite3.Connection) -> T:
             conn.execute(queries.BEGIN)
             try:
-                counts = _Counts()
+                counts = StateCounts()
                 out = body(conn, counts)
                 if counts:
                     conn.executemany(queries.COUNT, counts.rows())
@@ -520,7 +519,7 @@ class SqliteQueue(QueueBackend):
     async def _sweep_expired(self, limit: int) -> list[Job]:
         now = self.clock.time()
 
-        def body(conn: sqlite3.Connection, counts: _Counts) -> list[Job]:
+        def body(conn: sqlite3.Connection, counts: StateCounts) -> list[Job]:
             jobs = [_row_to_job(r) for r in conn.execute(queries.SWEEP, (now, limit))]
             for job in jobs:
                 counts.add(job.queue, job.state.value, -1)
@@ -555,7 +554,9 @@ class SqliteQueue(QueueBackend):
                 return []
             self._drop_cursor[sticky] = ids[-1]
 
-            def body(conn: sqlite3.Connection, counts: _Counts, ids: list[str] = ids) -> list[Job]:
+            def body(
+                conn: sqlite3.Connection, counts: StateCounts, ids: list[str] = ids
+            ) -> list[Job]:
                 jobs = []
                 for job_id in ids:
                     row = conn.execute(queries.DROP_TAKE, (job_id,)).fetchone()
@@ -575,7 +576,7 @@ class SqliteQueue(QueueBackend):
     async def _register_worker(self, info: WorkerInfo) -> None:
         row = (info.id, info.host, info.started_at, info.last_seen, info.running, info.concurrency)
 
-        def body(conn: sqlite3.Connection, counts: _Counts) -> None:
+        def body(conn: sqlite3.Connection, counts: StateCounts) -> None:
             conn.execute(queries.WORKER_PUT, row)
             # Rows of workers gone for a day are dropped by whoever registers next.
             conn.execute(queries.WORKERS_FORGET, (info.last_seen - 86400,))
@@ -583,7 +584,7 @@ class SqliteQueue(QueueBackend):
         await self._write(body)
 
     async def _remove_worker(self, worker_id: str) -> None:
-        def body(conn: sqlite3.Connection, counts: _Counts) -> None:
+        def body(conn: sqlite3.Connection, counts: StateCounts) -> None:
             conn.execute(queries.WORKER_REMOVE, (worker_id,))
 
         await self._write(body)
@@ -609,7 +610,7 @@ class SqliteQueue(QueueBackend):
         await self._reader.run(lambda conn: conn.execute(queries.PING).fetchone())
 
     async def _advance_mark(self, name: str, value: float) -> float | None:
-        def body(conn: sqlite3.Connection, counts: _Counts) -> float | None:
+        def body(conn: sqlite3.Connection, counts: StateCounts) -> float | None:
             row = conn.execute(queries.MARK_GET, (name,)).fetchone()
             if row is None or row[0] < value:
                 conn.execute(queries.MARK_SET, (name, value))

@@ -20,12 +20,13 @@ from typing import Any, Literal
 import structlog
 
 from arqd.backends.base import Outcome, Update
-from arqd.core import STEPS_HANDLER, Core
+from arqd.core import Core
 from arqd.errors import BackendError
 from arqd.handlers import Handler, JobContext
 from arqd.model import Progress
 from arqd.observe import Observer
 from arqd.pool.leases import Held, Leases
+from arqd.stepmodel import STEPS_HANDLER
 
 log = structlog.get_logger("arqd.pool")
 

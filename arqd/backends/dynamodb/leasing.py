@@ -10,7 +10,6 @@ import hashlib
 import random
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -73,10 +72,6 @@ class _Candidate:
     state: str = field(compare=False)
 
 
-def _lease_fifo(lease: Lease) -> tuple[datetime, str]:
-    return fifo(lease.job)
-
-
 class _Leasing(_Table):
     """``lease``, ``heartbeat``, ``update`` and ``finish`` of the job store contract."""
 
@@ -116,7 +111,7 @@ class _Leasing(_Table):
         except BackendError:
             if not got:
                 raise
-        return sorted(got, key=_lease_fifo)
+        return sorted(got, key=lambda lease: fifo(lease.job))
 
     async def _lease_wave(
         self, queue: str, shards: list[int], want: int, grant: _Grant, got: list[Lease]
