@@ -109,6 +109,8 @@ def parse_group(data: Mapping[str, Any] | bytes) -> GroupSpec:
 def check_depth(field: str, value: Any, limit: int = DEPTH_MAX) -> None:
     """:class:`InvalidRequest` if ``value`` nests lists and objects deeper than ``limit``;
     iterative, so no depth can overflow the stack."""
+    if not isinstance(value, dict | list | tuple):
+        return  # None or a scalar: most metas and steps, checked at no cost per submit
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
