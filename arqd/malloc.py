@@ -6,8 +6,12 @@ on free; but the first such free raises the threshold to that size, after which 
 ever used for a job body, a listing page or a row: 200 reads of 1 MB jobs and a listing of them
 left its RSS 75 MB above the start with the status cache off, 38 MB of it from one listing,
 against 34 MB with the threshold fixed (tests/test_bounds.py). Fixing the threshold turns the
-adjustment off; allocations this large are rare on the per-job path (rows, batches and result
-chunks stay below it), so throughput does not change.
+adjustment off, so the threshold is set above the largest buffer a busy daemon allocates and
+frees all the time: asyncio reads each socket into a fresh 256 KiB buffer, which at glibc's
+128 KiB start meant an mmap and a munmap per read (status polls fell from ~4,500/s to
+~3,300/s, `benchmarks.http_api`). At 512 KiB those stay in the heap and 1 MB bodies, pages and
+rows still go back; the trim threshold follows as glibc's own rule would set it (twice the
+mmap threshold), so the heap's top is not given back and taken again on every burst.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from __future__ import annotations
 import ctypes
 import sys
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter numbers, from glibc's malloc.h
-MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, now kept
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers, from glibc's malloc.h
+MMAP_THRESHOLD = 512 * 1024  # above asyncio's 256 KiB read buffer, below a 1 MB body
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
 
 
 def return_large_buffers() -> bool:
@@ -28,4 +33,6 @@ def return_large_buffers() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )

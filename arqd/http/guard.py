@@ -78,19 +78,27 @@ def is_address(host: str) -> bool:
     return True
 
 
+# Distinct good ``Host`` values remembered (clients may name any address of the daemon, so the
+# set is capped; past it each is parsed again, as all refused ones are).
+ACCEPTED_MAX = 64
+
+
 class Guard:
     """The three rules for one daemon: its listen host and ``server.allowed_hosts``."""
 
     def __init__(self, listen_host: str, allowed_hosts: Iterable[str]) -> None:
         self.allowed = frozenset(h.lower().rstrip(".") for h in allowed_hosts)
         self.names = LOOPBACK_NAMES | self.allowed | {listen_host.lower().rstrip(".")}
+        self._accepted: set[str] = set()  # Host values found good, at most ACCEPTED_MAX
 
     def host_problem(self, host_header: str | None) -> str | None:
         """Why ``Host`` does not name this daemon, or ``None``. No header: not a browser."""
-        if host_header is None:
-            return None
+        if host_header is None or host_header in self._accepted:
+            return None  # clients send the same Host on every request: parse it once
         parsed = split_host(host_header)
         if parsed is not None and (parsed[0] in self.names or is_address(parsed[0])):
+            if len(self._accepted) < ACCEPTED_MAX:
+                self._accepted.add(host_header)
             return None
         return (
             f"Host {quote(host_header)} is not a name of this daemon; without a token use its "

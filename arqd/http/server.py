@@ -206,9 +206,10 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     problem = guard.origin_problem(request.headers, request.method)
     if problem:
         return error_response(403, "forbidden", problem)
-    problem = content_type_problem(request.content_type, request.body_exists, request.method)
-    if problem:
-        return error_response(415, "unsupported_media_type", problem)
+    if request.body_exists:  # only then parse the Content-Type header
+        problem = content_type_problem(request.content_type, True, request.method)
+        if problem:
+            return error_response(415, "unsupported_media_type", problem)
     return await handler(request)
 
 
