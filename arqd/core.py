@@ -195,6 +195,7 @@ class Core:
         self._config, self._registry = config, registry
         self._name_metrics()
         queue.observe(self.metrics)  # backend call latencies and errors
+        queue.on_jobs_ready(self.hub.jobs_ready)  # other hosts' submits (postgres: NOTIFY)
         self._steps_keys: tuple[Config, tuple[bytes, ...]] | None = None  # and the config read
 
     @property
