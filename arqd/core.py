@@ -326,11 +326,17 @@ class Core:
         owner: str | None = None,
         group_id: str | None = None,
         internal: bool = False,
+        connection: object = None,
     ) -> list[Enqueued]:
-        """Store all specs atomically (all or none fail validation first)."""
+        """Store all specs atomically (all or none fail validation first); with ``connection``
+        (postgres: the caller's asyncpg connection, in a transaction), in the caller's
+        transaction, so they exist if and only if it commits."""
         now = self.clock.time()
         new = [self.new_job(spec, now, owner, group_id, internal) for spec in specs]
-        stored = await self.queue.enqueue(new)
+        if connection is None:
+            stored = await self.queue.enqueue(new)
+        else:
+            stored = await self.queue.enqueue(new, connection=connection)
         self._stored(stored)
         return stored
 

@@ -10,6 +10,7 @@ saying how to install them: a suite that needs the server fails, it never skips.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -133,7 +134,9 @@ class PostgresServer:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGCONT)
+        self.proc = proc
+        self.resume()  # a frozen server cannot stop
+        self.proc = None
         proc.send_signal(mode)
         try:
             proc.wait(30)
@@ -141,15 +144,31 @@ class PostgresServer:
             proc.kill()
             proc.wait()
 
-    def pause(self) -> None:
-        """Freeze the postmaster and every backend (SIGSTOP to the process group): connections
-        stay open and nothing answers, as during a failover."""
+    def _processes(self) -> list[int]:
+        """The postmaster and its children (each backend is a session leader of its own, so a
+        process group does not reach them)."""
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGSTOP)
+        found = [self.proc.pid]
+        for stat in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(fields[1]) == self.proc.pid:
+                found.append(int(Path(stat).parent.name))
+        return found
+
+    def pause(self) -> None:
+        """Freeze the postmaster and every backend (SIGSTOP): connections stay open and nothing
+        answers, as during a failover."""
+        for pid in self._processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
 
     def resume(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGCONT)
+        for pid in reversed(self._processes()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def close(self) -> None:
         self.stop()

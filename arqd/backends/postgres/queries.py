@@ -166,6 +166,12 @@ def channel(schema: str, queue: str) -> str:
     return f"arqd_{digest}"
 
 
+def listening(n: int) -> str:
+    """The listening connection's query once it LISTENs to ``n`` channels (its last query, as
+    ``pg_stat_activity`` shows it: a test sees a daemon is ready to be woken)."""
+    return f"SELECT {int(n)} AS arqd_listening"
+
+
 # --- counts -----------------------------------------------------------------------------------
 
 COUNT = (

@@ -59,6 +59,7 @@ log = logging.getLogger("arqd.postgres")
 
 SCHEMA_RE = re.compile(PG_SCHEMA)
 LISTEN_RETRY_MAX = 5.0  # seconds between attempts to reconnect the listening connection
+LISTEN_KEEPALIVE = 5.0  # seconds between keep-alives of the listening connection
 
 _decode_job = msgspec.json.Decoder(Job, strict=False).decode
 _decode_group = msgspec.json.Decoder(GroupRecord).decode
@@ -117,6 +118,7 @@ class PostgresQueue(QueueBackend):
         self._listen_changed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()  # set while the listening connection is up
+        self.listened: set[str] = set()  # the channels it LISTENs to
         self._drop_cursor: dict[bool, str] = {}
 
     def __repr__(self) -> str:
@@ -128,11 +130,11 @@ class PostgresQueue(QueueBackend):
 
     # --- connections ------------------------------------------------------------------------------
 
-    def _settings(self) -> dict[str, str]:
+    def _settings(self, application: str = "arqd") -> dict[str, str]:
         return {
             "search_path": self.schema,
             "statement_timeout": str(max(1, int(self.statement_timeout * 1000))),
-            "application_name": "arqd",
+            "application_name": application,
         }
 
     async def open(self) -> None:
@@ -147,10 +149,15 @@ class PostgresQueue(QueueBackend):
             )
         except Exception as exc:
             raise _translate(exc, self.dsn) from None
-        if self.migrate:
-            await migrate(self._pool, self.schema)
-        else:
-            await self._call(_check_version)
+        try:
+            if self.migrate:
+                await migrate(self._pool, self.schema)
+            else:
+                await self._call(_check_version)
+        except BaseException:
+            pool, self._pool = self._pool, None
+            pool.terminate()  # a refused open leaves no connection behind
+            raise
         self._listener = asyncio.create_task(self._listen_loop(), name="arqd-pg-listen")
 
     async def init_db(self) -> list[str]:
@@ -246,38 +253,50 @@ class PostgresQueue(QueueBackend):
 
     async def _listen_loop(self) -> None:
         """Keep one connection LISTENing to the channels of the queues leased from; on a lost
-        connection, reconnect (backing off) and wake the consumers, who may have missed one."""
+        connection, reconnect (backing off) and wake the consumers, who may have missed a
+        notification meanwhile. A keep-alive every few seconds notices a silent server."""
         delay = 0.1
         while True:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncpg.connect(
-                    self.dsn, server_settings=self._settings(), timeout=self.statement_timeout
+                    self.dsn,
+                    server_settings=self._settings("arqd-listen"),
+                    timeout=self.statement_timeout,
                 )
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                listened: set[str] = set()
                 self.listening.set()
                 self._wake()  # anything submitted while nobody listened
                 delay = 0.1
-                while not conn.is_closed():
-                    for ch in set(self._channels.values()) - listened:
-                        await conn.add_listener(ch, self._wake)
-                        listened.add(ch)
-                    self._listen_changed.clear()
-                    await _first(lost.wait(), self._listen_changed.wait(), timeout=5.0)
-                    if not lost.is_set():
-                        await conn.execute(q.PING, timeout=self.statement_timeout)
+                while not lost.is_set():
+                    await self._listen_more(conn)
+                    await _first(lost.wait(), self._listen_changed.wait(), timeout=LISTEN_KEEPALIVE)
+                    if not lost.is_set() and not self._listen_changed.is_set():
+                        await conn.fetchval(q.PING, timeout=self.statement_timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.debug("postgres listener lost: %s", type(exc).__name__)
             finally:
                 self.listening.clear()
+                self.listened.clear()
                 if conn is not None:
                     conn.terminate()
             await asyncio.sleep(delay)
             delay = min(delay * 2, LISTEN_RETRY_MAX)
+
+    async def _listen_more(self, conn: asyncpg.Connection) -> None:
+        """LISTEN to the channels not listened to yet; then say how many in the session's last
+        query (``pg_stat_activity`` shows a test that this connection is ready)."""
+        self._listen_changed.clear()
+        added = False
+        for ch in sorted(set(self._channels.values()) - self.listened):
+            await conn.add_listener(ch, self._wake)
+            self.listened.add(ch)
+            added = True
+        if added:
+            await conn.fetchval(q.listening(len(self.listened)), timeout=self.statement_timeout)
 
     # --- writes -----------------------------------------------------------------------------------
 
