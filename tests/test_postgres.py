@@ -6,6 +6,9 @@ real server (tests/servers.py), never a mock."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from arqd.model import NewJob, new_job_id
 from arqd.results.memory import MemoryResults
 
 from .conftest import drop_postgres_schema, postgres_schema
-from .daemons import Daemons, sqlite_config
+from .daemons import ROOT, Daemons, sqlite_config
 from .servers import PostgresServer, ServerMissing
 from .util import eventually
 
@@ -357,3 +360,27 @@ async def test_a_daemon_started_while_postgres_is_down_becomes_ready(
         assert "pw-not-logged" not in d.log_path.read_text()
     finally:
         await asyncio.to_thread(server.close)
+
+
+def test_init_db_migrates_once_and_then_has_nothing_to_do(tmp_path: Path, postgres_dsn: str):
+    """``arqd init-db`` creates the schema the config names (DSN from ARQD_QUEUE_DSN), then
+    finds nothing to do on a second run."""
+    schema = postgres_schema()
+    config = tmp_path / "arqd.toml"
+    config.write_text(f'[queue]\nbackend = "postgres"\nschema = "{schema}"\n')
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ARQD_QUEUE_DSN": postgres_dsn}
+    cmd = [sys.executable, "-m", "arqd", "init-db", "-c", str(config)]
+    try:
+        first = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        assert first.returncode == 0, first.stderr
+        assert f"schema {schema!r}: migrated to version 1" in first.stdout
+        again = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
+    finally:
+        asyncio.run(drop_postgres_schema(postgres_dsn, schema))
+
+
+def test_the_postgres_backend_needs_a_dsn():
+    """A postgres queue without a DSN is a config error naming the setting, not a failed start."""
+    with pytest.raises(ValueError, match="dsn"):
+        QueueConfig(backend="postgres")
