@@ -149,10 +149,16 @@ async def test_transactional_submit_needs_an_open_transaction(pg: PostgresQueue,
 
 
 async def test_other_backends_refuse_a_connection():
-    """A backend that cannot join a caller's transaction refuses ``connection=`` (4xx class)."""
+    """A backend that cannot join a caller's transaction refuses ``connection=`` (4xx class),
+    and so does the HTTP client, before sending anything."""
     queue: QueueBackend = MemoryQueue()
     with pytest.raises(InvalidRequest, match="postgres can"):
         await queue.enqueue([new_job()], connection=object())
+    async with arqd.HttpClient("http://127.0.0.1:9") as http:
+        with pytest.raises(InvalidRequest, match="in-process"):
+            await http.submit("h", connection=object())
+        with pytest.raises(InvalidRequest, match="in-process"):
+            await http.submit_many([{"handler": "h"}], connection=object())
 
 
 # --- LISTEN/NOTIFY ----------------------------------------------------------------------------
