@@ -68,6 +68,10 @@ _decode_group = msgspec.json.Decoder(GroupRecord).decode
 UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # A connection the server killed while a statement ran can leave asyncpg's protocol mid-
+    # error ("cannot switch to state 11; another operation (2) is in progress"): seen under load
+    # in test_a_dropped_connection_is_unavailable_then_recovers; the next connection works.
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,  # shutdown, starting up, statement timeout
     asyncpg.exceptions.TransactionRollbackError,  # deadlock, serialization failure
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
@@ -148,7 +152,7 @@ class PostgresQueue(QueueBackend):
                 command_timeout=self.statement_timeout + 1,
             )
         except Exception as exc:
-            raise _translate(exc, self.dsn) from None
+            raise _translate(exc) from None
         try:
             if self.migrate:
                 await migrate(self._pool, self.schema)
@@ -167,7 +171,7 @@ class PostgresQueue(QueueBackend):
                 self.dsn, min_size=1, max_size=1, timeout=self.statement_timeout
             )
         except Exception as exc:
-            raise _translate(exc, self.dsn) from None
+            raise _translate(exc) from None
         try:
             return await migrate(pool, self.schema)
         finally:
@@ -195,7 +199,7 @@ class PostgresQueue(QueueBackend):
         except (BackendError, InvalidRequest):
             raise
         except Exception as exc:
-            raise _translate(exc, self.dsn) from None
+            raise _translate(exc) from None
 
     async def _write(
         self,
@@ -233,7 +237,7 @@ class PostgresQueue(QueueBackend):
         except (BackendError, InvalidRequest):
             raise
         except Exception as exc:
-            raise _translate(exc, self.dsn) from None
+            raise _translate(exc) from None
 
     # --- wake-ups -------------------------------------------------------------------------------
 
@@ -675,7 +679,7 @@ async def _first(*aws: Awaitable[Any], timeout: float) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _translate(exc: BaseException, dsn: str) -> BackendError:
+def _translate(exc: BaseException) -> BackendError:
     """A driver's fault as the seam's error, its message never holding the DSN's password."""
     text = redact_dsn(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, UNAVAILABLE):
@@ -723,7 +727,7 @@ async def migrate(pool: asyncpg.Pool, schema: str) -> list[str]:
     except BackendError:
         raise
     except Exception as exc:
-        raise _translate(exc, "") from None
+        raise _translate(exc) from None
     return done
 
 
