@@ -43,11 +43,16 @@ class JobsAPI(Protocol):
         max_attempts: int | None = None,
         timeout: float | None = None,
         meta: Mapping[str, Any] | None = None,
+        connection: object = None,
     ) -> Job:
-        """Submit one job; a dedupe hit answers the live job with ``deduplicated=True``."""
+        """Submit one job; a dedupe hit answers the live job with ``deduplicated=True``.
+        ``connection``: the in-process client on postgres stores the job in that asyncpg
+        transaction (docs/postgres.md); elsewhere it is refused (``InvalidRequest``)."""
         ...
 
-    async def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> builtins.list[Job]:
+    async def submit_many(
+        self, specs: Sequence[Mapping[str, Any]], *, connection: object = None
+    ) -> builtins.list[Job]:
         """Submit specs (as in the JSON job spec) atomically: all are stored, or none."""
         ...
 

@@ -121,6 +121,23 @@ def cmd_init_aws(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init_db(args: argparse.Namespace) -> int:
+    from arqd.stores import init_db
+
+    try:
+        config = load_config(_config_path(args))
+        if config.queue.backend != "postgres":
+            print("arqd: init-db: the config does not use postgres", file=sys.stderr)
+            return 1
+        done = asyncio.run(init_db(config.queue))
+    except ArqdError as exc:
+        print(f"arqd: {exc}", file=sys.stderr)
+        return 1
+    for line in done or ["nothing to do: the schema is up to date"]:
+        print(line)
+    return 0
+
+
 # --- client commands ------------------------------------------------------------------------------
 
 ClientCommand = Callable[[HttpClient, argparse.Namespace], Awaitable[int]]
@@ -453,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         "create the DynamoDB table and S3 bucket when missing",
         config=True,
     )
+    add("init-db", cmd_init_db, "create or migrate the PostgreSQL schema", config=True)
     token = sub.add_parser("token", help="manage auth tokens").add_subparsers(
         dest="token_command", required=True, metavar="ACTION"
     )

@@ -94,8 +94,13 @@ class Client:
         max_attempts: int | None = None,
         timeout: float | None = None,
         meta: Mapping[str, Any] | None = None,
+        connection: object = None,
     ) -> Job:
-        """Submit one job; a dedupe hit answers the live job with ``deduplicated=True``."""
+        """Submit one job; a dedupe hit answers the live job with ``deduplicated=True``.
+
+        ``connection``: on the postgres backend, your asyncpg connection inside an open
+        transaction; the job is stored in that transaction and exists if and only if it commits
+        (docs/postgres.md). Other backends refuse it (``arqd.InvalidRequest``)."""
         spec = spec_of(
             handler,
             payload,
@@ -108,13 +113,16 @@ class Client:
             timeout=timeout,
             meta=meta,
         )
-        (job,) = await self.submit_many([spec])
+        (job,) = await self.submit_many([spec], connection=connection)
         return job
 
-    async def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> builtins.list[Job]:
-        """Submit specs (as in the JSON job spec) atomically: all are stored, or none."""
+    async def submit_many(
+        self, specs: Sequence[Mapping[str, Any]], *, connection: object = None
+    ) -> builtins.list[Job]:
+        """Submit specs (as in the JSON job spec) atomically: all are stored, or none; with
+        ``connection``, in the caller's transaction (see ``submit``)."""
         parsed = [parse_spec(plain_spec(s)) for s in specs]
-        stored = await self._core.submit(parsed)
+        stored = await self._core.submit(parsed, connection=connection)
         return [
             public_job(e.job if e.created else msgspec.structs.replace(e.job, deduplicated=True))
             for e in stored

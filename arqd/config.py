@@ -180,12 +180,22 @@ class _Plugged(_Section, frozen=True):
 
     def __repr__(self) -> str:  # a plugin's options may hold secrets: names only
         fields = (f for f in self.__struct_fields__ if f != "options")
-        shown = ", ".join(f"{f}={getattr(self, f)!r}" for f in fields)
+        shown = ", ".join(
+            f"{f}={redact_dsn(v) if f == 'dsn' and v else v!r}"
+            for f, v in ((f, getattr(self, f)) for f in fields)
+        )
         return f"{type(self).__name__}({shown}, options=[{', '.join(map(repr, self.options))}])"
 
 
-QUEUE_BACKENDS = ("memory", "sqlite", "dynamodb")
+QUEUE_BACKENDS = ("memory", "sqlite", "dynamodb", "postgres")
 RESULT_BACKENDS = ("memory", "files", "s3")
+PG_SCHEMA = r"^[a-z_][a-z0-9_]{0,62}\Z"  # a plain identifier: never quoted wrongly
+
+
+def redact_dsn(dsn: str) -> str:
+    """A database URL or keyword DSN without its password, for logs, errors and reprs."""
+    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1[redacted]@", dsn)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1[redacted]", dsn, flags=re.I)
 
 
 class QueueConfig(_Plugged, frozen=True):
@@ -196,9 +206,18 @@ class QueueConfig(_Plugged, frozen=True):
     region: str | None = None
     endpoint_url: str | None = None
     shards: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
+    # postgres (docs/postgres.md): the DSN (also ARQD_QUEUE_DSN; its password is never logged),
+    # the schema arqd's tables live in, the pool's connections, each statement's time limit.
+    dsn: str | None = None
+    schema: Annotated[str, msgspec.Meta(pattern=PG_SCHEMA)] = "arqd"
+    pool_size: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+    statement_timeout: PositiveDuration = PositiveDuration(10)
+    migrate: bool = True  # create or migrate the schema on open; false: `arqd init-db` does
 
     def __post_init__(self) -> None:
         _check_backend(self.backend, self.options, QUEUE_BACKENDS)
+        if self.backend == "postgres" and not self.dsn:
+            raise ValueError("dsn: the postgres backend needs one (or ARQD_QUEUE_DSN)")
 
 
 class ResultsConfig(_Plugged, frozen=True):

@@ -168,6 +168,7 @@ class Core:
         self._configure_observer()
         if observer is not NO_OBSERVER:  # a bare Client's core leaves the backend to an App's
             queue.observe(observer)  # backend call latencies and errors
+        queue.on_jobs_ready(self.hub.jobs_ready)  # other hosts' submits (postgres: NOTIFY)
         self._steps_keys: tuple[Config, tuple[bytes, ...]] | None = None  # and the config read
 
     @property
@@ -299,11 +300,17 @@ class Core:
         owner: str | None = None,
         group_id: str | None = None,
         internal: bool = False,
+        connection: object = None,
     ) -> list[Enqueued]:
-        """Store all specs atomically (all or none fail validation first)."""
+        """Store all specs atomically (all or none fail validation first); with ``connection``
+        (postgres: the caller's asyncpg connection, in a transaction), in the caller's
+        transaction, so they exist if and only if it commits."""
         now = self.clock.time()
         new = [self.new_job(spec, now, owner, group_id, internal) for spec in specs]
-        stored = await self.queue.enqueue(new)
+        if connection is None:
+            stored = await self.queue.enqueue(new)
+        else:
+            stored = await self.queue.enqueue(new, connection=connection)
         self._stored(stored)
         return stored
 

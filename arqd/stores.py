@@ -8,7 +8,8 @@ way, ``cls(clock=clock, **arguments)``: a built-in's arguments come from its typ
 (``path``, ``table``…), a plugged class's from its ``options`` table (``docs/design.md``).
 
 Each module is imported only when config names it, so optional drivers (aioboto3 for
-``dynamodb`` and ``s3``, extra ``arqd[aws]``) are needed only by those who use them;
+``dynamodb`` and ``s3``, extra ``arqd[aws]``; asyncpg for ``postgres``, extra
+``arqd[postgres]``) are needed only by those who use them;
 ``tests/test_stores.py`` pins it for the result stores.
 """
 
@@ -33,6 +34,7 @@ QUEUES = {
     "memory": "arqd.backends.memory:MemoryQueue",
     "sqlite": "arqd.backends.sqlite:SqliteQueue",
     "dynamodb": "arqd.backends.dynamodb:DynamoQueue",
+    "postgres": "arqd.backends.postgres:PostgresQueue",
 }
 RESULTS = {
     "memory": "arqd.results.memory:MemoryResults",
@@ -83,6 +85,14 @@ def queue_arguments(cfg: QueueConfig) -> dict[str, Any]:
         return {"path": cfg.path, "synchronous": cfg.synchronous}
     if cfg.backend == "dynamodb":
         return {"settings": dynamo_settings(cfg)}
+    if cfg.backend == "postgres":
+        return {
+            "dsn": cfg.dsn,
+            "schema": cfg.schema,
+            "pool_size": cfg.pool_size,
+            "statement_timeout": float(cfg.statement_timeout),
+            "migrate": cfg.migrate,
+        }
     return dict(cfg.options)  # memory takes none (config refuses options for a built-in)
 
 
@@ -162,3 +172,15 @@ async def init_aws(queue: QueueConfig, results: ResultsConfig) -> list[str]:
 
         done += await init_bucket(s3_settings(results), temporary_ttl=results.temporary_ttl)
     return done
+
+
+async def init_db(queue: QueueConfig) -> list[str]:
+    """``arqd init-db``: create or migrate the postgres schema the config names (under an
+    advisory lock; refused when the schema is newer than this arqd). Answers one line per
+    migration applied; other backends are left alone."""
+    if queue.backend != "postgres":
+        return []
+    from arqd.backends.postgres import PostgresQueue
+
+    backend = PostgresQueue(**queue_arguments(queue) | {"migrate": False})
+    return await backend.init_db()

@@ -97,7 +97,7 @@ def test_a_plugged_backend_that_would_not_run_is_a_config_error(
 @pytest.mark.parametrize(
     ("toml", "reason"),
     [
-        ('[queue]\nbackend = "postgres"', "queue.backend: expected 'memory', 'sqlite', 'dyn"),
+        ('[queue]\nbackend = "mysql"', "queue.backend: expected 'memory', 'sqlite', 'dyn"),
         ('[results]\nbackend = "a b:C"', "results.backend: expected 'memory', 'files', 's3'"),
         ('[queue]\nbackend = "memory"\noptions = { x = 1 }', "queue.options: only a plugged"),
     ],

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar
 import msgspec
 
 from arqd.clock import SYSTEM_CLOCK, Clock
-from arqd.errors import BackendError, Unstorable
+from arqd.errors import BackendError, InvalidRequest, Unstorable
 from arqd.model import (
     DROPPED,
     ErrorInfo,
@@ -318,6 +318,11 @@ class _Backend(_AsyncClosing):
         """Names the storage (e.g. ``sqlite:/abs/path``): two objects on the same storage in one
         process share wake-ups."""
 
+    def on_jobs_ready(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when another process (or host) stores jobs that are ready now, for
+        a backend that hears of it (postgres: LISTEN/NOTIFY). Others never call it: the pool's
+        polling finds those jobs."""
+
     def observe(self, observer: BackendObserver) -> None:
         """Report every call to ``observer``, unless one already listens (several cores sharing
         one backend: the first one's)."""
@@ -352,7 +357,11 @@ class JobStore(_Backend, abc.ABC):
     (unless the outcome kept it), or its record is deleted."""
 
     async def enqueue(
-        self, jobs: Sequence[NewJob], group: GroupRecord | None = None
+        self,
+        jobs: Sequence[NewJob],
+        group: GroupRecord | None = None,
+        *,
+        connection: object = None,
     ) -> list[Enqueued]:
         """Store all jobs (and ``group``'s record) in one atomic step, or nothing.
 
@@ -364,7 +373,16 @@ class JobStore(_Backend, abc.ABC):
         ``group.members[i]`` names ``jobs[i]``; the record is stored with each member naming the
         job that answers for it (``group_record``). The core makes the record (names, limits);
         the backend only stores it with the jobs. DynamoDB holds this for up to 100 items per
-        call; beyond, see ``docs/dynamodb.md``."""
+        call; beyond, see ``docs/dynamodb.md``.
+
+        ``connection``: a caller's own database connection, in its own transaction, to store the
+        jobs in (transactional submit); only a backend that can (postgres) takes one, others
+        refuse it with :class:`InvalidRequest`."""
+        if connection is not None:
+            raise InvalidRequest(
+                f"connection: the {self.name} backend cannot submit inside a caller's"
+                " transaction (postgres can)"
+            )
         return await self._timed("enqueue", self._enqueue(jobs, group))
 
     async def lease(

@@ -20,7 +20,7 @@ import aiohttp
 import msgspec
 
 from arqd.api import JobsAPI, plain_spec, spec_of
-from arqd.errors import ArqdError, BackendUnavailable
+from arqd.errors import ArqdError, BackendUnavailable, InvalidRequest
 from arqd.groups import Group, GroupStatus
 from arqd.http.wire import ERRORS, job_from_dict
 from arqd.model import WAIT_MAX, State
@@ -95,7 +95,9 @@ class HttpClient:
         max_attempts: int | None = None,
         timeout: float | None = None,
         meta: Mapping[str, Any] | None = None,
+        connection: object = None,
     ) -> Job:
+        _no_connection(connection)
         spec = spec_of(
             handler,
             payload,
@@ -110,7 +112,10 @@ class HttpClient:
         )
         return await self._job("POST", "/v1/jobs", json=spec)
 
-    async def submit_many(self, specs: Sequence[Mapping[str, Any]]) -> builtins.list[Job]:
+    async def submit_many(
+        self, specs: Sequence[Mapping[str, Any]], *, connection: object = None
+    ) -> builtins.list[Job]:
+        _no_connection(connection)
         plain = [plain_spec(s) for s in specs]
         _, body, _ = await self._call("POST", "/v1/jobs/batch", json={"jobs": plain})
         return [job_from_dict(j) for j in msgspec.json.decode(body)["jobs"]]
@@ -269,3 +274,11 @@ def _error(status: int, body: bytes) -> ArqdError:
 
 if TYPE_CHECKING:  # mypy holds HttpClient to the one client interface
     _client: type[JobsAPI] = HttpClient
+
+
+def _no_connection(connection: object) -> None:
+    """A daemon cannot join the caller's database transaction: only ``arqd.Client`` can."""
+    if connection is not None:
+        raise InvalidRequest(
+            "connection: only the in-process arqd.Client submits inside a database transaction"
+        )

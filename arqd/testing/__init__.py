@@ -72,9 +72,9 @@ class RecordingQueue(MemoryQueue):
         self.attempts: list[Attempt] = []
 
     async def enqueue(
-        self, jobs: Sequence[NewJob], group: GroupRecord | None = None
+        self, jobs: Sequence[NewJob], group: GroupRecord | None = None, *, connection: object = None
     ) -> list[Enqueued]:
-        stored = await super().enqueue(jobs, group)
+        stored = await super().enqueue(jobs, group, connection=connection)
         self.submitted += [
             Submitted(e.job.id, new.handler, new.payload, new.queue, new.key, e.created)
             for new, e in zip(jobs, stored, strict=True)
