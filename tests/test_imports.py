@@ -30,6 +30,7 @@ LAYERS = {
     "arqd.model": MODEL,
     "arqd.errors": MODEL,
     "arqd.clock": MODEL,
+    "arqd.closing": MODEL,
     "arqd.config": MODEL,
     "arqd.stepmodel": MODEL,
     "arqd.jsonpointer": MODEL,

@@ -27,12 +27,12 @@ import math
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, ClassVar, Protocol, Self, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import msgspec
 
 from arqd.clock import SYSTEM_CLOCK, Clock
+from arqd.closing import AsyncClosing
 from arqd.errors import BackendError, InvalidRequest, Unstorable
 from arqd.model import (
     DROPPED,
@@ -272,23 +272,6 @@ def group_record(record: GroupRecord, answering: Sequence[str]) -> GroupRecord:
     return msgspec.structs.replace(record, members=members)
 
 
-class _AsyncClosing:
-    async def open(self) -> None:
-        """Connect, create what is missing; called once before use."""
-
-    async def aclose(self) -> None:
-        """Release connections and threads; the object is unusable afterwards."""
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-
 class BackendObserver(Protocol):
     """What a queue backend reports: each call of its contract, by name, how long it took and
     whether it failed (a :class:`BackendError` or ``OSError``). ``arqd.metrics.Metrics``
@@ -297,7 +280,7 @@ class BackendObserver(Protocol):
     def backend_call(self, op: str, seconds: float, failed: bool) -> None: ...
 
 
-class _Backend(_AsyncClosing):
+class _Backend(AsyncClosing):
     """What the three queue contracts share: the clock, the identity and the observer.
 
     Public methods live in the contracts below: each checks its arguments, times the call for

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
-from types import TracebackType
-from typing import Literal, Self
+from typing import Literal
 
 from arqd.clock import SYSTEM_CLOCK, Clock
+from arqd.closing import AsyncClosing
 from arqd.errors import BackendError
 from arqd.model import BLOB_NAME_RE
 
@@ -32,26 +32,6 @@ def checked(area: str, name: str) -> str:
     if area not in AREAS or not BLOB_NAME_RE.match(name):
         raise BackendError(f"refusing result name for area={area!r} name={name!r}")
     return name
-
-
-class _AsyncClosing:
-    async def open(self) -> None:
-        """Connect, create what is missing; called once before use."""
-
-    async def aclose(self) -> None:
-        """Release connections and threads; the object is unusable afterwards."""
-
-    async def ping(self) -> None:
-        """Raise :class:`BackendError` unless the storage answers."""
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
 
 class ResultWriter(abc.ABC):
@@ -69,7 +49,7 @@ class ResultWriter(abc.ABC):
         """Drop what was written; safe to call after commit or twice."""
 
 
-class ResultStore(_AsyncClosing, abc.ABC):
+class ResultStore(AsyncClosing, abc.ABC):
     name: str = "abstract"
 
     def __init__(self, *, clock: Clock = SYSTEM_CLOCK) -> None:
@@ -103,6 +83,9 @@ class ResultStore(_AsyncClosing, abc.ABC):
     def names(self, area: Area) -> AsyncIterator[list[str]]:
         """The names of every result stored in ``area``, a page at a time (at most 1,000 a
         page), in no particular order; a result published meanwhile may or may not appear."""
+
+    async def ping(self) -> None:
+        """Raise :class:`BackendError` unless the storage answers."""
 
     async def sweep_partials(self) -> tuple[int, int]:
         """Delete what writers that died left behind (files, bytes); never a live writer's.
