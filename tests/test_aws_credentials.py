@@ -75,18 +75,23 @@ async def test_daemon_without_credentials_says_so(tmp_path: Path, daemons: Daemo
     assert says_no_credentials(body["error"]["message"]), body
 
 
-@pytest.mark.usefixtures("no_credentials")
-def test_init_aws_without_credentials_says_so(tmp_path: Path, moto_url: str):
-    """`arqd init-aws` with no credentials exits 1 with one line naming what is missing."""
+def init_aws(tmp_path: Path, moto_url: str) -> subprocess.CompletedProcess[str]:
+    """``arqd init-aws`` on a config naming the moto server, as a process."""
     config = tmp_path / "aws.toml"
     config.write_text(aws_config(tmp_path, moto_url))
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "arqd", "init-aws", "-c", str(config)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+@pytest.mark.usefixtures("no_credentials")
+def test_init_aws_without_credentials_says_so(tmp_path: Path, moto_url: str):
+    """`arqd init-aws` with no credentials exits 1 with one line naming what is missing."""
+    done = init_aws(tmp_path, moto_url)
     assert done.returncode == 1
     assert says_no_credentials(done.stderr), done.stderr
     assert "Traceback" not in done.stderr
@@ -97,15 +102,7 @@ def test_half_a_credential_is_named(tmp_path: Path, moto_url: str, monkeypatch: 
     """A key id without its secret is reported as partial credentials, naming the gap (botocore
     says this plainly already: pinned, so the translation keeps it)."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    config = tmp_path / "aws.toml"
-    config.write_text(aws_config(tmp_path, moto_url))
-    done = subprocess.run(
-        [sys.executable, "-m", "arqd", "init-aws", "-c", str(config)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = init_aws(tmp_path, moto_url)
     assert done.returncode == 1
     assert "Partial credentials" in done.stderr and "missing: AWS_SECRET_ACCESS_KEY" in done.stderr
     assert "Traceback" not in done.stderr
