@@ -169,6 +169,7 @@ class Core:
         if observer is not NO_OBSERVER:  # a bare Client's core leaves the backend to an App's
             queue.observe(observer)  # backend call latencies and errors
         queue.on_jobs_ready(self.hub.jobs_ready)  # other hosts' submits (postgres: NOTIFY)
+        queue.on_jobs_changed(self.hub.others_changed)  # and the jobs they ended, for waits
         self._steps_keys: tuple[Config, tuple[bytes, ...]] | None = None  # and the config read
 
     @property

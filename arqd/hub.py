@@ -2,13 +2,14 @@
 
 A submit wakes idle consumers at once (no polling delay), and a finished or changed job wakes its
 waiters. Hubs are kept per storage identity, so a ``Client`` and an ``App`` opened separately on
-the same sqlite file in one process still see each other. Other processes are reached by polling.
+the same sqlite file in one process still see each other. Other processes are reached by polling
+(the follower), sped up by a backend that hears of their changes (postgres: LISTEN/NOTIFY).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TypeVar
 from weakref import WeakValueDictionary
 
@@ -25,6 +26,9 @@ class Hub:
         self._waiters: dict[str, set[asyncio.Future[Job | None]]] = {}
         self._known: dict[str, int] = {}  # watched job -> the oldest version a waiter holds
         self._listeners: list[Listener] = []
+        self._hints: set[str] = set()  # watched jobs another process said it changed
+        self._hint_all = False  # another process changed jobs it did not name
+        self._hinted: asyncio.Future[None] | None = None
 
     # --- new work ---------------------------------------------------------------------------------
 
@@ -81,6 +85,37 @@ class Hub:
     def watched(self) -> dict[str, int]:
         """Jobs watched with a known version: job id -> the oldest version a waiter holds."""
         return dict(self._known)
+
+    # --- other processes' changes ----------------------------------------------------------------
+
+    def others_changed(self, job_ids: Collection[str] | None) -> None:
+        """Another process changed ``job_ids`` (``None``: some jobs, unnamed); the follower reads
+        the watched ones now instead of at its next round. Only watched jobs are kept, so the
+        hints are bounded by the waits."""
+        if job_ids is None:
+            self._hint_all = True
+        else:
+            before = len(self._hints)
+            self._hints.update(i for i in job_ids if i in self._known)
+            if len(self._hints) == before:
+                return
+        if self._hinted is not None:
+            _resolve(self._hinted, None)
+
+    async def wait_others(self, timeout: float) -> set[str] | None:
+        """The watched jobs other processes named since the last call, once there are any;
+        ``None`` when ``timeout`` passed or they changed jobs they did not name (read them all)."""
+        if not (self._hints or self._hint_all):
+            fut = self._hinted = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(fut, timeout)
+            except TimeoutError:
+                return None
+            finally:
+                self._hinted = None
+        hints, self._hints = self._hints, set()
+        everything, self._hint_all = self._hint_all, False
+        return None if everything else hints
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)

@@ -17,14 +17,15 @@ import asyncpg
 import pytest
 
 import arqd
-from arqd.backends.base import QueueBackend
+from arqd import follow
+from arqd.backends.base import Outcome, QueueBackend
 from arqd.backends.memory import MemoryQueue
 from arqd.backends.postgres import PostgresQueue, queries
 from arqd.clock import ManualClock
 from arqd.config import Config, QueueConfig
 from arqd.core import Core
 from arqd.errors import BackendError, BackendUnavailable, InvalidRequest
-from arqd.model import NewJob, new_job_id
+from arqd.model import NewJob, State, new_job_id
 from arqd.results.memory import MemoryResults
 
 from .conftest import drop_postgres_schema, postgres_schema
@@ -191,6 +192,71 @@ async def test_a_notification_wakes_the_cores_consumers(pg: PostgresQueue, postg
     async with PostgresQueue(postgres_dsn, schema=pg.schema) as other:
         await other.enqueue([new_job("q")])
     await eventually(lambda: core.hub.ready_seq > seen, 10)
+
+
+async def test_jobs_ended_by_another_backend_are_named_to_its_listeners(
+    pg: PostgresQueue, postgres_dsn: str
+):
+    """Another backend (another host) hears the ids of the jobs this one finished, cancelled
+    and deleted, so its waits on them wake without polling; a retry ends nothing."""
+    heard: list[list[str] | None] = []
+    other = PostgresQueue(postgres_dsn, schema=pg.schema)
+    other.on_jobs_changed(lambda ids: heard.append(None if ids is None else list(ids)))
+    async with other:
+        await eventually(lambda: queries.done_channel(pg.schema) in other.listened, 20)
+        heard.clear()
+        done, retried, cancelled = new_job(), new_job(), new_job("elsewhere")
+        await pg.enqueue([done, retried, cancelled])
+        leases = {lease.job.id: lease for lease in await pg.lease(["q"], 2, 30, "w")}
+        finished = await pg.finish(
+            [
+                Outcome(
+                    job=leases[done.id].job, token=leases[done.id].token, state=State.SUCCEEDED
+                ),
+                Outcome(
+                    job=leases[retried.id].job, token=leases[retried.id].token, state=State.QUEUED
+                ),
+            ]
+        )
+        assert finished == [True, True]
+        await eventually(lambda: [done.id] in heard, 10)
+        await pg.cancel(cancelled.id, free_key=True)
+        await eventually(lambda: [cancelled.id] in heard, 10)
+        await pg.delete(done.id)
+        await eventually(lambda: heard.count([done.id]) == 2, 10)
+        assert all(retried.id not in (ids or ()) for ids in heard)
+
+
+def test_ended_jobs_are_named_in_payloads_postgres_takes():
+    """However many jobs end in one transaction, each notification's payload stays under
+    PostgreSQL's 8,000 bytes and together they name every job once."""
+    ids = [new_job_id() for _ in range(2_000)]
+    payloads = queries.payloads(ids)
+    assert len(payloads) > 1
+    assert all(len(p.encode()) <= queries.PAYLOAD_MAX for p in payloads)
+    assert [i for p in payloads for i in p.split(",")] == ids
+    assert queries.payloads([]) == []
+
+
+async def test_a_wait_wakes_when_a_job_ends_in_another_process(
+    tmp_path: Path, daemons: Daemons, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+):
+    """A client waiting on a job a daemon (another process) runs learns it ended from the
+    daemon's NOTIFY: with the follower's rounds an hour apart, the wait still ends."""
+    schema = postgres_schema()
+    config = postgres_config(tmp_path, postgres_dsn, schema)
+    await asyncio.to_thread(
+        daemons.start, config, "runner", {"ARQD_QUEUE_DSN": postgres_dsn}, "daemon.ready"
+    )
+    monkeypatch.setattr(follow, "FOLLOW_INTERVAL", 3600.0)
+    try:
+        queue = PostgresQueue(postgres_dsn, schema=schema)
+        async with queue, arqd.Client(queue, MemoryResults()) as client:
+            for _ in range(3):
+                job = await client.submit("echo", {"back": True})
+                assert (await client.wait(job.id, timeout=60)).state == "succeeded"
+    finally:
+        await drop_postgres_schema(postgres_dsn, schema)
 
 
 async def _listening(backend: PostgresQueue, queue: str) -> None:

@@ -306,6 +306,12 @@ class _Backend(AsyncClosing):
         a backend that hears of it (postgres: LISTEN/NOTIFY). Others never call it: the pool's
         polling finds those jobs."""
 
+    def on_jobs_changed(self, callback: Callable[[Sequence[str] | None], None]) -> None:
+        """Call ``callback`` with the ids of jobs another process (or host) finished, cancelled
+        or deleted (``None``: some jobs, unnamed, e.g. after a lost connection), for a backend
+        that hears of it (postgres: LISTEN/NOTIFY). Others never call it: the follower's rounds
+        find those changes."""
+
     def observe(self, observer: BackendObserver) -> None:
         """Report every call to ``observer``, unless one already listens (several cores sharing
         one backend: the first one's)."""

@@ -10,6 +10,7 @@ and numbers as the client sent them).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from arqd.backends.base import ListFilter
@@ -156,6 +157,10 @@ GROUP_INSERT = "INSERT INTO groups (id, created_at, record) VALUES ($1, $2, $3::
 # One channel per queue (a name PostgreSQL takes whatever the queue is called); a transaction's
 # notifications of one channel are delivered once, at commit.
 NOTIFY = "SELECT pg_notify(c, '') FROM unnest($1::text[]) AS c"
+# Jobs that ended (finished, cancelled, deleted): one channel per schema, each payload a list of
+# job ids joined by commas, so another process's waits on them wake at once (arqd/follow.py).
+NOTIFY_DONE = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
+PAYLOAD_MAX = 7900  # bytes of one notification's payload (PostgreSQL's limit: 8,000)
 
 
 def channel(schema: str, queue: str) -> str:
@@ -164,6 +169,27 @@ def channel(schema: str, queue: str) -> str:
 
     digest = hashlib.sha256(f"{schema}\0{queue}".encode()).hexdigest()[:32]
     return f"arqd_{digest}"
+
+
+def done_channel(schema: str) -> str:
+    """The channel naming the jobs of ``schema`` that ended."""
+    return channel(schema, "\0done")  # no queue is called that: a queue name has no NUL
+
+
+def payloads(job_ids: Sequence[str]) -> list[str]:
+    """``job_ids`` joined by commas, split into payloads PostgreSQL takes."""
+    out: list[str] = []
+    part: list[str] = []
+    size = 0
+    for job_id in job_ids:
+        if part and size + len(job_id) + 1 > PAYLOAD_MAX:
+            out.append(",".join(part))
+            part, size = [], 0
+        part.append(job_id)
+        size += len(job_id) + 1
+    if part:
+        out.append(",".join(part))
+    return out
 
 
 def listening(n: int) -> str:

@@ -88,6 +88,29 @@ def _opt(value: Any) -> str | None:
     return None if value is None else _enc(value)
 
 
+def _finish_columns(outcomes: Sequence[Outcome], now: float) -> list[list[Any]]:
+    """FINISH's parameters: one array per column, one element per outcome."""
+    cols: list[list[Any]] = [[] for _ in range(9)]
+    for o in outcomes:
+        ready = None
+        if o.state is State.QUEUED:
+            ready = o.ready_at if o.ready_at is not None else now
+        values = (
+            o.job.id,
+            o.token,
+            o.state.value,
+            0 if o.count_attempt else 1,
+            o.started_at,
+            _opt(o.result),
+            _opt(o.error),
+            o.expires_at,
+            ready,
+        )
+        for col, value in zip(cols, values, strict=True):
+            col.append(value)
+    return cols
+
+
 def _job(text: str) -> Job:
     return _decode_job(text)
 
@@ -118,6 +141,8 @@ class PostgresQueue(QueueBackend):
         self.migrate = migrate
         self._pool: asyncpg.Pool | None = None
         self._ready_callbacks: list[Callable[[], None]] = []
+        self._changed_callbacks: list[Callable[[Sequence[str] | None], None]] = []
+        self._done_channel = q.done_channel(schema)
         self._channels: dict[str, str] = {}  # queue -> channel, for the queues leased from
         self._listen_changed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
@@ -245,9 +270,21 @@ class PostgresQueue(QueueBackend):
         if callback not in self._ready_callbacks:  # one per hub, however many cores
             self._ready_callbacks.append(callback)
 
+    def on_jobs_changed(self, callback: Callable[[Sequence[str] | None], None]) -> None:
+        if callback not in self._changed_callbacks:
+            self._changed_callbacks.append(callback)
+            self._listen_changed.set()
+
     def _wake(self, *_: object) -> None:
         for callback in list(self._ready_callbacks):
             callback()
+
+    def _ended(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self._tell_changed(payload.split(",") if payload else None)
+
+    def _tell_changed(self, job_ids: Sequence[str] | None) -> None:
+        for callback in list(self._changed_callbacks):
+            callback(job_ids)
 
     def _listen_to(self, queues: Sequence[str]) -> None:
         for queue in queues:
@@ -272,6 +309,7 @@ class PostgresQueue(QueueBackend):
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 self.listening.set()
                 self._wake()  # anything submitted while nobody listened
+                self._tell_changed(None)  # and anything that ended meanwhile
                 delay = 0.1
                 while not lost.is_set():
                     await self._listen_more(conn)
@@ -298,6 +336,10 @@ class PostgresQueue(QueueBackend):
         for ch in sorted(set(self._channels.values()) - self.listened):
             await conn.add_listener(ch, self._wake)
             self.listened.add(ch)
+            added = True
+        if self._changed_callbacks and self._done_channel not in self.listened:
+            await conn.add_listener(self._done_channel, self._ended)
+            self.listened.add(self._done_channel)
             added = True
         if added:
             await conn.fetchval(q.listening(len(self.listened)), timeout=self.statement_timeout)
@@ -360,6 +402,10 @@ class PostgresQueue(QueueBackend):
         if queues:
             await conn.execute(q.NOTIFY, sorted(q.channel(self.schema, n) for n in queues))
 
+    async def _notify_ended(self, conn: asyncpg.Connection, job_ids: Sequence[str]) -> None:
+        if job_ids:
+            await conn.execute(q.NOTIFY_DONE, self._done_channel, q.payloads(job_ids))
+
     async def _lease(
         self, queues: Sequence[str], limit: int, lease_for: float, worker: str
     ) -> list[Lease]:
@@ -415,24 +461,7 @@ class PostgresQueue(QueueBackend):
 
     async def _finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
         now = self.clock.time()
-        cols: list[list[Any]] = [[] for _ in range(9)]
-        for o in outcomes:
-            ready = None
-            if o.state is State.QUEUED:
-                ready = o.ready_at if o.ready_at is not None else now
-            values = (
-                o.job.id,
-                o.token,
-                o.state.value,
-                0 if o.count_attempt else 1,
-                o.started_at,
-                _opt(o.result),
-                _opt(o.error),
-                o.expires_at,
-                ready,
-            )
-            for col, value in zip(cols, values, strict=True):
-                col.append(value)
+        cols = _finish_columns(outcomes, now)
         by_id = {o.job.id: o for o in outcomes}
 
         async def body(conn: asyncpg.Connection, counts: StateCounts) -> list[bool]:
@@ -441,21 +470,27 @@ class PostgresQueue(QueueBackend):
             free: list[tuple[str, str]] = []
             expire: list[tuple[str, str, float | None]] = []
             ready: set[str] = set()
+            ended: list[str] = []
             for job_id, queue, key, state in rows:
                 counts.move(queue, "running", state)
                 o = by_id[job_id]
                 if state == "queued":
                     if o.ready_at is None or o.ready_at <= now:
                         ready.add(queue)
-                elif key is not None and o.free_key:
+                    continue
+                ended.append(job_id)
+                if key is None:
+                    continue
+                if o.free_key:
                     free.append((key, job_id))
-                elif key is not None and not o.keep_key:
+                elif not o.keep_key:
                     expire.append((key, job_id, o.expires_at))
             if free:
                 await conn.execute(q.KEYS_FREE, *map(list, zip(*free, strict=True)))
             if expire:
                 await conn.execute(q.KEYS_EXPIRE, *map(list, zip(*expire, strict=True)))
             await self._notify(conn, ready)
+            await self._notify_ended(conn, ended)
             return [o.job.id in applied for o in outcomes]
 
         return await self._write(body)
@@ -470,6 +505,7 @@ class PostgresQueue(QueueBackend):
                 counts.move(job.queue, "queued", "cancelled")
                 if free_key and job.key is not None:
                     await conn.execute(q.KEY_FREE, job.key, job.id)
+                await self._notify_ended(conn, [job.id])
                 return job
             text = await conn.fetchval(q.CANCEL_RUNNING, job_id)
             if text is None:
@@ -489,6 +525,7 @@ class PostgresQueue(QueueBackend):
                 counts.add(job.queue, job.state.value, -1)
                 if job.key is not None:
                     await conn.execute(q.KEY_FREE, job.key, job.id)
+                await self._notify_ended(conn, [job_id])
             return job
 
         return await self._write(body)
