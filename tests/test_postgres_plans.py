@@ -25,15 +25,15 @@ ROWS = 1_000_000
 T = "ARRAY['a']::text[]"
 F = "ARRAY[1.0]::float8[]"
 I = "ARRAY[0]::integer[]"  # noqa: E741 - one letter per array type, as T and F
+B = "ARRAY[false]::boolean[]"
 
 # Each hot statement with values for its parameters (SQL literals); the generic plan ignores them.
 HOT: dict[str, tuple[str, list[str]]] = {
-    "lease": (q.LEASE, ["ARRAY['q1','q2']::text[]", "5e5", "100", "'t'", "2e6", "'w'"]),
+    "lease": (q.LEASE, ["ARRAY['q1','q2']::text[]", "5e5", "100", "'t'", "2e6", "'w'", "0"]),
     "heartbeat": (q.HEARTBEAT, [T, T, "1.0"]),
     "update": (q.UPDATE, [T, T, T, T, T]),
-    "finish": (q.FINISH, [T, T, T, I, F, T, T, F, F, "1.0"]),
+    "finish": (q.FINISH, [T, T, T, I, F, T, T, F, F, "1.0", B, B, "0", "'c'"]),
     "keys free": (q.KEYS_FREE, [T, T]),
-    "keys expire": (q.KEYS_EXPIRE, [T, T, F]),
     "key take": (q.KEY_TAKE, ["'k'", "'j'", "1.0"]),
     "key holder": (q.KEY_HOLDER, ["'k'", "1.0"]),
     "get": (q.GET, ["'j'"]),
@@ -101,11 +101,15 @@ async def fill(dsn: str, schema: str) -> None:
 
 
 def scans(plan: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """Every (node type, relation, index) of a JSON plan, depth first."""
-    out = [(plan["Node Type"], plan.get("Relation Name", ""), plan.get("Index Name", ""))]
+    """Every (node type, relation, index) of a JSON plan, depth first; a Sort is named after
+    the relations below it (``Sort``, ``jobs`` sorts rows read from jobs)."""
+    below: list[tuple[str, str, str]] = []
     for child in plan.get("Plans", []):
-        out += scans(child)
-    return out
+        below += scans(child)
+    relation = plan.get("Relation Name", "")
+    if plan["Node Type"] == "Sort":
+        relation = ",".join(sorted({n[1] for n in below if n[1] and n[0].endswith("Scan")}))
+    return [(plan["Node Type"], relation, plan.get("Index Name", "")), *below]
 
 
 async def plan_of(dsn: str, schema: str, name: str, mode: str) -> list[tuple[str, str, str]]:
@@ -133,7 +137,8 @@ async def test_hot_statement_never_scans_a_table(
 
 @pytest.mark.parametrize("mode", ["force_generic_plan", "force_custom_plan"])
 async def test_lease_walks_the_visibility_index(million: tuple[str, str], mode: str) -> None:
-    """Leasing finds ready jobs and expired leases through jobs_visible, in its order."""
+    """Leasing finds ready jobs and expired leases through jobs_visible, in its order (the only
+    sort is of the leased rows' count changes, a CTE's, never of jobs read from the table)."""
     nodes = await plan_of(*million, "lease", mode)
     assert ("Index Scan", "jobs", "jobs_visible") in nodes, nodes
-    assert not any(n[0] == "Sort" for n in nodes), nodes
+    assert not any(n[0] == "Sort" and "jobs" in n[1].split(",") for n in nodes), nodes

@@ -214,18 +214,27 @@ OLDEST = (
 
 # --- leasing ----------------------------------------------------------------------------------
 
-# One statement per batch: for each queue in turn (a lateral join), walk jobs_visible from the
-# oldest visible entry, skipping rows another transaction holds, until ``limit`` are taken.
+# One statement per batch, its own transaction (one round trip): for each queue in turn (a
+# lateral join), walk jobs_visible from the oldest visible entry, skipping rows another
+# transaction holds, until ``limit`` are taken; the counts move with them ($7: the shard).
 LEASE = (
     "WITH picked AS ("
     " SELECT c.id, c.state AS was FROM unnest($1::text[]) WITH ORDINALITY AS q(name, pos)"
     " CROSS JOIN LATERAL ("
     "  SELECT id, state FROM jobs WHERE queue = q.name AND state IN ('queued', 'running')"
     "  AND visible_at <= $2 ORDER BY visible_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) c"
-    " LIMIT $3) "
-    "UPDATE jobs j SET state = 'running', attempts = j.attempts + 1, started_at = $2, "
-    "lease_token = $4, visible_at = $5, worker = $6, version = j.version + 1 "
-    f"FROM picked WHERE j.id = picked.id RETURNING picked.was, {JROW}"
+    " LIMIT $3), "
+    "leased AS ("
+    " UPDATE jobs j SET state = 'running', attempts = j.attempts + 1, started_at = $2,"
+    " lease_token = $4, visible_at = $5, worker = $6, version = j.version + 1"
+    f" FROM picked WHERE j.id = picked.id RETURNING picked.was, j.queue, {JROW} AS job), "
+    "counted AS ("
+    " INSERT INTO queue_counts AS c (queue, state, shard, n)"
+    " SELECT l.queue, m.state, $7, m.sign * count(*) FROM leased l"
+    " CROSS JOIN (VALUES ('queued', -1), ('running', 1)) AS m(state, sign)"
+    " WHERE l.was = 'queued' GROUP BY l.queue, m.state, m.sign ORDER BY 1, 2"
+    " ON CONFLICT (queue, state, shard) DO UPDATE SET n = c.n + excluded.n) "
+    "SELECT was, job FROM leased"
 )
 # Extends each lease still held; (id, token) pairs as two arrays.
 HEARTBEAT = (
@@ -242,32 +251,55 @@ UPDATE = (
     "AS u(id, token, progress, steps, checkpoint) "
     "WHERE j.id = u.id AND j.lease_token = u.token AND j.state = 'running' RETURNING j.id"
 )
-# Every outcome of a batch in one statement: terminal ones and requeues alike (a requeue keeps
-# its result and finish time, and becomes visible at its ready_at). Answers the applied ones.
+# Every outcome of a batch in one statement, its own transaction (one round trip): terminal ones
+# and requeues alike (a requeue keeps its result and finish time, and becomes visible at its
+# ready_at); the keys the core said to free ($11) or to let expire (unless $12, kept); the count
+# changes ($13: the shard); the ids of the jobs that ended NOTIFYed on $14, 200 to a payload
+# (under PostgreSQL's 8,000 bytes). Answers the applied ones.
 FINISH = (
-    "UPDATE jobs j SET state = o.state, attempts = j.attempts - o.give_back, "
-    "started_at = o.started_at, "
-    "finished_at = CASE WHEN o.state = 'queued' THEN j.finished_at ELSE $10 END, "
-    "ready_at = CASE WHEN o.state = 'queued' THEN o.ready_at ELSE j.ready_at END, "
-    "visible_at = CASE WHEN o.state = 'queued' THEN o.ready_at END, "
-    "result = CASE WHEN o.state = 'queued' THEN j.result ELSE o.result::json END, "
-    "error = CASE WHEN o.state = 'queued' THEN coalesce(o.error::json, j.error) "
-    "ELSE o.error::json END, "
-    "expires_at = CASE WHEN o.state = 'queued' THEN j.expires_at ELSE o.expires_at END, "
-    "lease_token = NULL, worker = NULL, version = j.version + 1 "
-    "FROM unnest($1::text[], $2::text[], $3::text[], $4::integer[], $5::float8[], "
-    "$6::text[], $7::text[], $8::float8[], $9::float8[]) "
-    "AS o(id, token, state, give_back, started_at, result, error, expires_at, ready_at) "
-    "WHERE j.id = o.id AND j.lease_token = o.token AND j.state = 'running' "
-    "RETURNING j.id, j.queue, j.key, j.state"
+    "WITH o AS ("
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::integer[], $5::float8[],"
+    " $6::text[], $7::text[], $8::float8[], $9::float8[], $11::boolean[], $12::boolean[])"
+    " AS o(id, token, state, give_back, started_at, result, error, expires_at, ready_at,"
+    " free_key, keep_key)), "
+    "done AS ("
+    " UPDATE jobs j SET state = o.state, attempts = j.attempts - o.give_back,"
+    " started_at = o.started_at,"
+    " finished_at = CASE WHEN o.state = 'queued' THEN j.finished_at ELSE $10 END,"
+    " ready_at = CASE WHEN o.state = 'queued' THEN o.ready_at ELSE j.ready_at END,"
+    " visible_at = CASE WHEN o.state = 'queued' THEN o.ready_at END,"
+    " result = CASE WHEN o.state = 'queued' THEN j.result ELSE o.result::json END,"
+    " error = CASE WHEN o.state = 'queued' THEN coalesce(o.error::json, j.error)"
+    " ELSE o.error::json END,"
+    " expires_at = CASE WHEN o.state = 'queued' THEN j.expires_at ELSE o.expires_at END,"
+    " lease_token = NULL, worker = NULL, version = j.version + 1"
+    " FROM o WHERE j.id = o.id AND j.lease_token = o.token AND j.state = 'running'"
+    " RETURNING j.id, j.queue, j.key, j.state), "
+    "ended AS ("
+    " SELECT d.id, d.key, o.free_key, o.keep_key, o.expires_at FROM done d"
+    " JOIN o ON o.id = d.id WHERE d.state <> 'queued'), "
+    "freed AS ("
+    " DELETE FROM dedupe k USING ended e WHERE e.free_key AND k.key = e.key"
+    " AND k.job_id = e.id), "
+    "expiring AS ("
+    " UPDATE dedupe k SET expires_at = e.expires_at FROM ended e"
+    " WHERE NOT e.free_key AND NOT e.keep_key AND k.key = e.key AND k.job_id = e.id), "
+    "counted AS ("
+    " INSERT INTO queue_counts AS c (queue, state, shard, n)"
+    " SELECT queue, state, $13, sum(n) FROM ("
+    "  SELECT queue, 'running' AS state, -1 AS n FROM done"
+    "  UNION ALL SELECT queue, state, 1 FROM done) AS m"
+    " GROUP BY queue, state ORDER BY queue, state"
+    " ON CONFLICT (queue, state, shard) DO UPDATE SET n = c.n + excluded.n), "
+    "told AS ("
+    " SELECT pg_notify($14, string_agg(id, ',')) FROM ("
+    "  SELECT id, (row_number() OVER () - 1) / 200 AS part FROM ended) AS e GROUP BY part) "
+    "SELECT id, queue, state, (SELECT count(*) FROM told) FROM done"
 )
+
+# The keys of jobs a sweep or a purge deleted: (key, job id) pairs as two arrays.
 KEYS_FREE = (
     "DELETE FROM dedupe d USING unnest($1::text[], $2::text[]) AS k(key, job_id) "
-    "WHERE d.key = k.key AND d.job_id = k.job_id"
-)
-KEYS_EXPIRE = (
-    "UPDATE dedupe d SET expires_at = k.expires_at "
-    "FROM unnest($1::text[], $2::text[], $3::float8[]) AS k(key, job_id, expires_at) "
     "WHERE d.key = k.key AND d.job_id = k.job_id"
 )
 

@@ -88,8 +88,9 @@ def _opt(value: Any) -> str | None:
     return None if value is None else _enc(value)
 
 
-def _finish_columns(outcomes: Sequence[Outcome], now: float) -> list[list[Any]]:
-    """FINISH's parameters: one array per column, one element per outcome."""
+def _finish_columns(outcomes: Sequence[Outcome], now: float) -> list[Any]:
+    """FINISH's first parameters: one array per column, one element per outcome, then the
+    finish time, then the key rules (free now, keep forever)."""
     cols: list[list[Any]] = [[] for _ in range(9)]
     for o in outcomes:
         ready = None
@@ -108,7 +109,12 @@ def _finish_columns(outcomes: Sequence[Outcome], now: float) -> list[list[Any]]:
         )
         for col, value in zip(cols, values, strict=True):
             col.append(value)
-    return cols
+    return [
+        *cols,
+        now,
+        [o.free_key for o in outcomes],
+        [o.keep_key for o in outcomes],
+    ]
 
 
 def _job(text: str) -> Job:
@@ -414,19 +420,16 @@ class PostgresQueue(QueueBackend):
         token = new_token()
         expires = now + lease_for
 
-        async def body(conn: asyncpg.Connection, counts: StateCounts) -> list[Lease]:
-            rows = await conn.fetch(q.LEASE, list(queues), now, limit, token, expires, worker)
-            leases = []
-            for was, text in rows:
-                job = _job(text)
-                if was == "queued":
-                    counts.move(job.queue, "queued", "running")
-                leases.append(Lease(job, token, expires, was == "running"))
-            order = {name: i for i, name in enumerate(queues)}
-            leases.sort(key=lambda lease: (order[lease.job.queue], fifo(lease.job)))
-            return leases
-
-        return await self._write(body)
+        shard = random.randrange(q.COUNT_SHARDS)
+        rows = await self._call(
+            lambda conn: conn.fetch(
+                q.LEASE, list(queues), now, limit, token, expires, worker, shard
+            )
+        )
+        leases = [Lease(_job(text), token, expires, was == "running") for was, text in rows]
+        order = {name: i for i, name in enumerate(queues)}
+        leases.sort(key=lambda lease: (order[lease.job.queue], fifo(lease.job)))
+        return leases
 
     async def _heartbeat(
         self, leases: Sequence[tuple[str, str]], lease_for: float
@@ -462,38 +465,21 @@ class PostgresQueue(QueueBackend):
     async def _finish(self, outcomes: Sequence[Outcome]) -> list[bool]:
         now = self.clock.time()
         cols = _finish_columns(outcomes, now)
+        shard = random.randrange(q.COUNT_SHARDS)
         by_id = {o.job.id: o for o in outcomes}
 
-        async def body(conn: asyncpg.Connection, counts: StateCounts) -> list[bool]:
-            rows = await conn.fetch(q.FINISH, *cols, now)
+        async def body(conn: asyncpg.Connection) -> list[bool]:
+            rows = await conn.fetch(q.FINISH, *cols, shard, self._done_channel)
+            ready = {
+                queue
+                for job_id, queue, state, _ in rows
+                if state == "queued" and (by_id[job_id].ready_at or now) <= now
+            }
+            await self._notify(conn, ready)  # after the commit: a requeue ready now (rare)
             applied = {r[0] for r in rows}
-            free: list[tuple[str, str]] = []
-            expire: list[tuple[str, str, float | None]] = []
-            ready: set[str] = set()
-            ended: list[str] = []
-            for job_id, queue, key, state in rows:
-                counts.move(queue, "running", state)
-                o = by_id[job_id]
-                if state == "queued":
-                    if o.ready_at is None or o.ready_at <= now:
-                        ready.add(queue)
-                    continue
-                ended.append(job_id)
-                if key is None:
-                    continue
-                if o.free_key:
-                    free.append((key, job_id))
-                elif not o.keep_key:
-                    expire.append((key, job_id, o.expires_at))
-            if free:
-                await conn.execute(q.KEYS_FREE, *map(list, zip(*free, strict=True)))
-            if expire:
-                await conn.execute(q.KEYS_EXPIRE, *map(list, zip(*expire, strict=True)))
-            await self._notify(conn, ready)
-            await self._notify_ended(conn, ended)
             return [o.job.id in applied for o in outcomes]
 
-        return await self._write(body)
+        return await self._call(body)
 
     async def _cancel(self, job_id: str, *, free_key: bool) -> Job | None:
         now = self.clock.time()
