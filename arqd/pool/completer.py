@@ -41,7 +41,7 @@ class Completer:
 
     def complete(self, held: Held, outcome: Outcome) -> None:
         """Queue ``outcome`` for writing; ``held`` stays held (and heartbeated) until it lands."""
-        held.ending = True
+        self.leases.ending_now(held)
         self._pending.append((held, outcome))
         self._event.set()
 

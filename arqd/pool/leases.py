@@ -41,6 +41,7 @@ class Leases:
         self._room = room
         self._held: dict[str, Held] = {}
         self.running = 0  # how many have an attempt
+        self.ending = 0  # how many have an outcome being written
 
     def __len__(self) -> int:
         return len(self._held)
@@ -64,11 +65,20 @@ class Leases:
         held.attempt = None
         self.running -= 1
 
+    def ending_now(self, held: Held) -> None:
+        """``held``'s outcome is being written: a heartbeat's "lost" is a race from now on."""
+        if not held.ending:
+            held.ending = True
+            self.ending += 1
+            self._room.set()  # it no longer holds back the next lease (Pool._room_for)
+
     def forget(self, held: Held) -> None:
         """Stop holding ``held`` (its outcome landed, or the lease is lost or abandoned)."""
         job_id = held.lease.job.id
         if self._held.get(job_id) is held:
             del self._held[job_id]
+            if held.ending:
+                self.ending -= 1
         self._room.set()
 
     def lost(self, held: Held) -> None:

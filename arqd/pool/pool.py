@@ -220,9 +220,13 @@ class Pool:
     def _room_for(self) -> int:
         """How many jobs to lease now: none while the buffer holds work and less than half the
         prefetch is free, so a pool of short jobs leases in batches as they finish instead of
-        one write per finished job (measured: a third of the throughput on sqlite)."""
+        one write per finished job (measured: a third of the throughput on sqlite). Up to one
+        batch of leases whose outcomes are being written does not count: the next lease
+        overlaps that write instead of waiting for it (postgres, no-op jobs: 7,500 → N/s)."""
+        batch = self.core.config.workers.batch
         prefetch = self._prefetch()
-        room = min(self.concurrency + prefetch - len(self._leases), self.core.config.workers.batch)
+        held = len(self._leases) - min(self._leases.ending, batch)
+        room = min(self.concurrency + prefetch - held, batch)
         if room < prefetch // 2 and not self._buffer.empty():
             return 0
         return room
