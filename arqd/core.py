@@ -392,7 +392,7 @@ class Core:
         follower = self.follow.join()
         try:
             async with asyncio.timeout(timeout):
-                job = await self._read(job_id)
+                job = await self.read_fresh(job_id)
                 while not job.state.terminal:
                     # The follower reads the job once its stored version passes this one.
                     fut = self.hub.watch(job_id, job.version)
@@ -400,17 +400,19 @@ class Core:
                         news = await fut
                     finally:
                         self.hub.unwatch(job_id, fut)
-                    job = news if news is not None else await self._read(job_id)
+                    job = news if news is not None else await self.read_fresh(job_id)
                 return job
         finally:
             self.follow.leave(follower)
 
-    async def _read(self, job_id: str) -> Job:
-        """The job as stored now, with any change made while reading it."""
+    async def read_fresh(self, job_id: str, owner: str | None = None) -> Job:
+        """The job as stored now, with any change made in this process while reading it (a
+        wait that starts watching after its read would miss a change made during the read,
+        and hear of it only at the follower's next round)."""
         while True:
             guard = self.hub.watch(job_id)  # watching during the read: no change slips past
             try:
-                job = await self.get(job_id)
+                job = await self.get(job_id, owner)
             finally:
                 self.hub.unwatch(job_id, guard)
             if not guard.done():

@@ -18,6 +18,7 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
 import arqd
+from arqd import follow
 from arqd.api import JobsAPI
 from arqd.config import Config
 from arqd.http.server import make_app
@@ -276,6 +277,43 @@ async def test_http_wait_long_polls_with_the_etag(tmp_path: Path):
             await server.close()
     assert done.state == "succeeded"
     assert len(seen) <= 5, f"{len(seen)} requests: {seen[:8]}"
+
+
+async def test_a_change_made_while_a_long_poll_reads_the_job_answers_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A job that changes while a long-poll's first read of it is in flight (the daemon's own
+    pool finishing it, as a round trip on PostgreSQL did) answers the long-poll at once: it
+    watched during the read. It waited for the follower's next round (up to 1 s; here, with the
+    rounds an hour apart, until the client gave up)."""
+    monkeypatch.setattr(follow, "FOLLOW_INTERVAL", 3600.0)
+    app = arqd.App(config(tmp_path))
+    async with app:
+        job = await app.client.submit("sleep", {"seconds": 0}, delay=600)
+        queue = app.core.queue
+        read = queue.get
+        armed = [True]
+
+        async def get_then_change(job_id: str) -> Any:
+            stale = await read(job_id)
+            if armed[0] and job_id == job.id:
+                armed[0] = False
+                await app.client.cancel(job_id)  # the change lands while this read returns
+            return stale
+
+        monkeypatch.setattr(queue, "get", get_then_change)
+        server = TestServer(make_app(app), host="127.0.0.1")
+        await server.start_server()
+        try:
+            async with ClientSession(str(server.make_url(""))) as http:
+                path, etag = f"/v1/jobs/{job.id}", job.etag
+                async with http.get(
+                    path, params={"wait": "20"}, headers={"If-None-Match": str(etag)}, timeout=10
+                ) as r:
+                    assert r.status == 200
+                    assert (await r.json())["state"] == "cancelled"
+        finally:
+            await server.close()
 
 
 async def test_http_wait_outlasts_a_short_request_timeout(tmp_path: Path):

@@ -335,7 +335,7 @@ async def long_poll(
         return busy_response()
     try:
         # Held without its body: 10,000 long-polls of 1 MB jobs would hold 10 GB.
-        first = (await read_entry(st, job_id, owner)).bare()
+        first = (await read_entry(st, job_id, owner, fresh=True)).bare()
         entry = await wait_for_change(st, first, wanted or {first.etag}, wait, owner, gone)
     finally:
         st.held.leave(request)
@@ -368,8 +368,14 @@ def busy_response() -> web.Response:
     return response
 
 
-async def read_entry(st: ServerState, job_id: str, owner: str | None) -> Entry:
-    return st.cache.put(await st.core.get(job_id, owner))
+async def read_entry(
+    st: ServerState, job_id: str, owner: str | None, fresh: bool = False
+) -> Entry:
+    """The job's cache entry, read now; ``fresh`` (a long-poll about to watch it) includes any
+    change this process made while reading."""
+    core = st.core
+    job = await (core.read_fresh(job_id, owner) if fresh else core.get(job_id, owner))
+    return st.cache.put(job)
 
 
 async def wait_for_change(
@@ -405,7 +411,7 @@ async def wait_for_change(
         if not fut.done():
             break
         changed = fut.result()
-        entry = st.cache.put(changed) if changed else await read_entry(st, entry.id, owner)
+        entry = st.cache.put(changed) if changed else await read_entry(st, entry.id, owner, True)
     return entry
 
 
