@@ -2,7 +2,7 @@
 and process reads the versions of every job a long-poll or event stream waits on, once a second,
 in batches, and wakes the waiters of those another process changed (local changes reach them
 through the hub at once). A backend that hears of other processes' changes (postgres: a NOTIFY
-naming the jobs that ended) makes the follower read those jobs at once, between its rounds.
+naming the jobs that ended) wakes those jobs' waiters through the hub at once, between rounds.
 
 The core owns a :class:`Follower` (``Core.follow``); an ``App`` runs it for its life
 (:meth:`Follower.start`), and a wait with none running in its event loop starts one on demand
@@ -82,16 +82,12 @@ class Follower:
         N watched jobs once per interval, where each waiter reading its own job cost N reads
         and N encodes per interval (10,000 open long-polls took the whole core)."""
         interval = FOLLOW_INTERVAL if interval is None else interval
-        loop = asyncio.get_running_loop()
-        next_round = loop.time() + interval
         while True:
-            hinted = await self.hub.wait_others(max(0.0, next_round - loop.time()))
+            await self.hub.next_round(interval)
             watched = self.hub.watched()
-            if hinted is None:  # a round: every watched job
-                next_round = loop.time() + interval
-                ids = sorted(watched)
-            else:  # jobs another process said it changed (postgres: NOTIFY), read at once
-                ids = sorted(i for i in hinted if i in watched)
+            # In id order: neighbouring ids share index pages (ids are time-ordered), a quarter
+            # less time per read of a million-row table than ids in arrival order.
+            ids = sorted(watched)
             for start in range(0, len(ids), FOLLOW_BATCH):
                 chunk = ids[start : start + FOLLOW_BATCH]
                 try:

@@ -26,9 +26,8 @@ class Hub:
         self._waiters: dict[str, set[asyncio.Future[Job | None]]] = {}
         self._known: dict[str, int] = {}  # watched job -> the oldest version a waiter holds
         self._listeners: list[Listener] = []
-        self._hints: set[str] = set()  # watched jobs another process said it changed
-        self._hint_all = False  # another process changed jobs it did not name
-        self._hinted: asyncio.Future[None] | None = None
+        self._unnamed = False  # another process changed jobs it did not name
+        self._round: asyncio.Future[None] | None = None  # the follower waiting for its round
 
     # --- new work ---------------------------------------------------------------------------------
 
@@ -89,33 +88,31 @@ class Hub:
     # --- other processes' changes ----------------------------------------------------------------
 
     def others_changed(self, job_ids: Collection[str] | None) -> None:
-        """Another process changed ``job_ids`` (``None``: some jobs, unnamed); the follower reads
-        the watched ones now instead of at its next round. Only watched jobs are kept, so the
-        hints are bounded by the waits."""
+        """Another process changed ``job_ids``: their waiters read them again now, instead of
+        at the follower's next round (any waiter, also one still reading the job: a change
+        heard while the read is in flight must not be lost). ``None`` (some jobs, unnamed, e.g.
+        after a lost connection) makes the follower read every watched job now."""
         if job_ids is None:
-            self._hint_all = True
-        else:
-            before = len(self._hints)
-            self._hints.update(i for i in job_ids if i in self._known)
-            if len(self._hints) == before:
-                return
-        if self._hinted is not None:
-            _resolve(self._hinted, None)
+            self._unnamed = True
+            if self._round is not None:
+                _resolve(self._round, None)
+            return
+        for job_id in job_ids:
+            if job_id in self._waiters:
+                self.job_changed(job_id, None)
 
-    async def wait_others(self, timeout: float) -> set[str] | None:
-        """The watched jobs other processes named since the last call, once there are any;
-        ``None`` when ``timeout`` passed or they changed jobs they did not name (read them all)."""
-        if not (self._hints or self._hint_all):
-            fut = self._hinted = asyncio.get_running_loop().create_future()
+    async def next_round(self, timeout: float) -> None:
+        """Return after ``timeout`` seconds, or at once when other processes changed jobs they
+        did not name (the follower then reads every watched job)."""
+        if not self._unnamed:
+            fut = self._round = asyncio.get_running_loop().create_future()
             try:
                 await asyncio.wait_for(fut, timeout)
             except TimeoutError:
-                return None
+                pass
             finally:
-                self._hinted = None
-        hints, self._hints = self._hints, set()
-        everything, self._hint_all = self._hint_all, False
-        return None if everything else hints
+                self._round = None
+        self._unnamed = False
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)

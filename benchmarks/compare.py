@@ -21,10 +21,12 @@ module per system, whose docstring says exactly what it runs and with which sett
   target: back within VT + 2 s, no job lost).
 
 Rows: ``arqd_sqlite`` (in-process ``arqd.Client`` + ``arqd.App`` pool on sqlite),
-``arqd_http`` (``arqd serve`` on sqlite, over HTTP; the only arqd row with a recovery figure),
-``arqd_memory`` (in-process on the memory backend: a ceiling), then the peers. Each peer runs
-with its documented fastest settings (see ``benchmarks/peers/__init__.py``) from its own
-virtual environment, ``.venv-peers/`` (made on first run from ``requirements-peers.txt``,
+``arqd_http`` (``arqd serve`` on sqlite, over HTTP, with a recovery figure), ``arqd_memory``
+(in-process on the memory backend: a ceiling), ``arqd_postgres`` (in-process on PostgreSQL; its
+round trips cross two processes, a client here and a daemon running the jobs) and
+``arqd_postgres_http`` (the daemon on PostgreSQL, with a recovery figure), then the peers. Each
+peer runs with its documented fastest settings (see ``benchmarks/peers/__init__.py``) from its
+own virtual environment, ``.venv-peers/`` (made on first run from ``requirements-peers.txt``,
 reused after), against a Redis (no persistence) or a PostgreSQL cluster started for this run
 on 127.0.0.1 and stopped at its end (apt-get installs either when missing).
 
@@ -33,7 +35,8 @@ peer of each figure and arqd's ratio to it (``arqd_sqlite`` ÷ best peer; ``arqd
 recovery): above 1 is better for rates, below 1 is better for latencies and seconds. The last
 line is one JSON object with flat keys: ``<row>_<figure>`` for every row and figure (null when
 not measured or never), ``best_peer_<figure>``, ``best_peer_name_<figure>``, ``ratio_<figure
-without its unit>`` (``ratio_noop_process``), ``<row>_error`` for a row that failed, the sizes,
+without its unit>`` (``ratio_noop_process``), ``ratio_pg_<figure>`` (``arqd_postgres`` ÷
+procrastinate), ``<row>_error`` for a row that failed, the sizes,
 and ``version_<package>``. ``--quick`` runs small sizes (1,000 jobs, 50 round trips, a 5 s
 recovery job) to smoke-test.
 """
@@ -98,6 +101,22 @@ SYSTEMS = (
     System(
         "arqd_memory", "arqd memory, in-process", ARQD, WORKLOADS[:3], extra=("--mode", "memory")
     ),
+    System(
+        "arqd_postgres",
+        "arqd postgres, in-process",
+        ARQD,
+        WORKLOADS[:3],
+        "postgres",
+        extra=("--mode", "postgres"),
+    ),
+    System(
+        "arqd_postgres_http",
+        "arqd daemon, HTTP, postgres",
+        ARQD,
+        WORKLOADS,
+        "postgres",
+        extra=("--mode", "http_postgres"),
+    ),
     System("saq", "SAQ (Redis)", "benchmarks.peers.saq_bench", WORKLOADS, "redis", package="saq"),
     System("arq", "arq (Redis)", "benchmarks.peers.arq_bench", WORKLOADS, "redis", package="arq"),
     System(
@@ -120,6 +139,9 @@ SETTINGS = {
     "arqd_sqlite": "concurrency 100, workers.batch 200; Client.submit_many(1,000) / Client.wait",
     "arqd_http": "same pool in `arqd serve`; POST /v1/jobs/batch, long-poll ?wait=; VT 5 s",
     "arqd_memory": "as arqd_sqlite on the memory backend",
+    "arqd_postgres": "as arqd_sqlite on PostgreSQL (pool_size 10); rtt across two processes: "
+    "Client.submit/wait here, an `arqd serve` runs the job (NOTIFY both ways)",
+    "arqd_postgres_http": "as arqd_http on PostgreSQL",
     "saq": "Worker(concurrency=100); apply(poll_interval=1ms); heartbeat=5 + job.update()/s, "
     "sweep 1 s",
     "arq": "Worker(max_jobs=100, poll_delay=1ms); job.result(poll_delay=1ms); "
@@ -160,6 +182,9 @@ FIGURES = (
 )
 WORKLOAD_OF = {f.key: f.key.split("_")[0] for f in FIGURES}
 BASE_ROW = {"recovery_rerun_s": "arqd_http", "recovery_done_s": "arqd_http"}  # else arqd_sqlite
+# Same broker, same server: arqd's PostgreSQL rows against procrastinate (ratio_pg_<figure>).
+PG_ROW = {"recovery_rerun_s": "arqd_postgres_http", "recovery_done_s": "arqd_postgres_http"}
+PG_PEER = "procrastinate"
 
 
 @dataclass
@@ -349,8 +374,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--only",
         default="",
-        help="comma-separated rows: arqd (all three), "
-        "arqd_sqlite, arqd_http, arqd_memory, saq, arq, huey, rq, procrastinate",
+        help="comma-separated rows: arqd (all five), arqd_sqlite, arqd_http, arqd_memory, "
+        "arqd_postgres, arqd_postgres_http, saq, arq, huey, rq, procrastinate",
     )
     p.add_argument("--skip-install", action="store_true", help="use .venv-peers as it is")
     p.add_argument("--jobs", type=int, help="noop jobs (10,000; 1,000 with --quick); sleep: /5")
@@ -458,11 +483,27 @@ def ratios(rows: list[Row], best: dict[str, tuple[str, float]]) -> dict[str, flo
     for fig in FIGURES:
         if not fig.ratio:
             continue
-        base = by_key.get(BASE_ROW.get(fig.key, "arqd_sqlite"))
-        value = base.figures.get(fig.key) if base else None
         peer = best.get(fig.key)
-        out[fig.key] = round(value / peer[1], 2) if value is not None and peer and peer[1] else None
+        out[fig.key] = ratio_of(by_key, BASE_ROW.get(fig.key, "arqd_sqlite"), peer and peer[1], fig)
     return out
+
+
+def pg_ratios(rows: list[Row]) -> dict[str, float | None]:
+    """arqd on PostgreSQL ÷ procrastinate on the same server, per figure."""
+    by_key = {r.system.key: r for r in rows}
+    peer = by_key.get(PG_PEER)
+    out: dict[str, float | None] = {}
+    for fig in FIGURES:
+        if fig.ratio:
+            theirs = peer.figures.get(fig.key) if peer else None
+            out[fig.key] = ratio_of(by_key, PG_ROW.get(fig.key, "arqd_postgres"), theirs, fig)
+    return out
+
+
+def ratio_of(by_key: dict[str, Row], row: str, theirs: float | None, fig: Figure) -> float | None:
+    base = by_key.get(row)
+    value = base.figures.get(fig.key) if base else None
+    return round(value / theirs, 2) if value is not None and theirs else None
 
 
 def cell(row: Row, fig: Figure) -> str:
@@ -486,7 +527,10 @@ def fmt(fig: Figure, value: float) -> str:
 
 
 def table(
-    rows: list[Row], best: dict[str, tuple[str, float]], ratio: dict[str, float | None]
+    rows: list[Row],
+    best: dict[str, tuple[str, float]],
+    ratio: dict[str, float | None],
+    pg: dict[str, float | None],
 ) -> str:
     header = ["system", *(f.header for f in FIGURES)]
     body = [[r.system.key, *(cell(r, f) for f in FIGURES)] for r in rows]
@@ -505,13 +549,20 @@ def table(
             *(f"{ratio[f.key]:.2f}×" if ratio.get(f.key) is not None else "—" for f in FIGURES),
         ]
     )
+    if any(v is not None for v in pg.values()):
+        body.append(
+            [
+                f"arqd pg ÷ {PG_PEER}",
+                *(f"{pg[f.key]:.2f}×" if pg.get(f.key) is not None else "—" for f in FIGURES),
+            ]
+        )
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = []
     for n, line in enumerate([header, *body]):
         cells = [line[0].ljust(widths[0])]
         cells += [c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)]
         lines.append("  ".join(cells))
-        if n == 0 or n == len(rows):
+        if n in (0, len(rows)):
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -521,6 +572,7 @@ def report(
 ) -> dict[str, Any]:
     best = best_peers(rows)
     ratio = ratios(rows, best)
+    pg = pg_ratios(rows)
     print(
         f"machine: {info['cores']} cores, {info['cpu']}; Python {info['python']}, "
         f"SQLite {info['sqlite']}, arqd {info['arqd']}"
@@ -535,11 +587,12 @@ def report(
         f"never = not within {s.give_up:g} s"
     )
     print()
-    print(table(rows, best, ratio))
+    print(table(rows, best, ratio, pg))
     print()
     print(
-        "arqd ÷ best peer: arqd_sqlite (arqd_http for recovery); > 1 is better for rates, "
-        "< 1 for latencies and seconds"
+        "arqd ÷ best peer: arqd_sqlite (arqd_http for recovery); arqd pg ÷ procrastinate: "
+        "arqd_postgres (arqd_postgres_http for recovery), on the same PostgreSQL server; "
+        "> 1 is better for rates, < 1 for latencies and seconds"
     )
     print("settings:")
     for r in rows:
@@ -547,7 +600,7 @@ def report(
     for r in rows:
         for workload, why in r.errors.items():
             print(f"  ! {r.system.key} {workload}: {why}")
-    return flat(args, rows, versions, info, best, ratio)
+    return flat(args, rows, versions, info, best, {"": ratio, "pg_": pg})
 
 
 def flat(
@@ -556,7 +609,7 @@ def flat(
     versions: dict[str, Any],
     info: dict[str, Any],
     best: dict[str, tuple[str, float]],
-    ratio: dict[str, float | None],
+    ratio: dict[str, dict[str, float | None]],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for r in rows:
@@ -573,8 +626,9 @@ def flat(
         name, value = best.get(fig.key, (None, None))
         out[f"best_peer_{fig.key}"] = value
         out[f"best_peer_name_{fig.key}"] = name
-    for key, value in ratio.items():
-        out[f"ratio_{next(f.short for f in FIGURES if f.key == key)}"] = value
+    for prefix, figures in ratio.items():  # ratio_<figure>, ratio_pg_<figure>
+        for key, value in figures.items():
+            out[f"ratio_{prefix}{next(f.short for f in FIGURES if f.key == key)}"] = value
     s = args.sizes
     out.update(
         jobs=s.jobs, sleep_jobs=s.sleep_jobs, sleep_ms=SLEEP_MS, concurrency=CONCURRENCY,

@@ -368,9 +368,7 @@ def busy_response() -> web.Response:
     return response
 
 
-async def read_entry(
-    st: ServerState, job_id: str, owner: str | None, fresh: bool = False
-) -> Entry:
+async def read_entry(st: ServerState, job_id: str, owner: str | None, fresh: bool = False) -> Entry:
     """The job's cache entry, read now; ``fresh`` (a long-poll about to watch it) includes any
     change this process made while reading."""
     core = st.core

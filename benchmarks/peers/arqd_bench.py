@@ -1,7 +1,7 @@
 """arqd's rows of ``benchmarks.compare``, run with arqd's own interpreter.
 
-    python -m benchmarks.peers.arqd_bench --mode sqlite|memory|http \
-        --workload noop|sleep|rtt|recovery
+    python -m benchmarks.peers.arqd_bench --mode sqlite|memory|postgres|http|http_postgres \
+        --workload noop|sleep|rtt|recovery [--url postgresql://…]
 
 Settings (the same for every mode): ``workers.concurrency = --concurrency`` (100), ``workers.batch =
 200`` (leases per call, as ``benchmarks/throughput.py``), everything else at its default; logs
@@ -11,27 +11,33 @@ at warning level (the canonical per-job line is an info line).
   (``submit_many``, batches of 1,000), then an ``arqd.App`` pool on the same opened backends runs
   them until ``App.drain()``; round trips are ``client.submit`` + ``client.wait`` with the pool
   in the same event loop.
+- ``postgres``: as ``sqlite``, on the PostgreSQL of ``--url`` (a schema of its own per run), except
+  the round trips, which cross two processes: ``client.submit`` + ``client.wait`` here, the job
+  run by an ``arqd serve`` daemon on the same schema (woken by NOTIFY, its end NOTIFYed back).
 - ``http``: ``python -m arqd serve`` on sqlite as a separate process. Submits are
   ``POST /v1/jobs/batch`` (1,000 a request) while the daemon runs with ``concurrency = 0``; the
   processing clock starts when the benchmark rewrites the config with ``concurrency = 100`` and
   sends SIGHUP (the documented reload, which resizes the pool at once), and stops when
   ``GET /v1/queues`` counts every job succeeded. Round trips are ``POST /v1/jobs`` then
   ``GET /v1/jobs/{id}?wait=10`` with ``If-None-Match`` until the job is terminal.
-- ``recovery`` (``http`` only): the daemon with ``visibility_timeout = "5s"`` runs a
-  ``--job-seconds`` job (``benchmarks.peers.arqd_handlers:crash``), is SIGKILLed one second
-  into it, and a fresh daemon on the same sqlite file starts at once.
+- ``http_postgres``: as ``http``, the daemon on the PostgreSQL of ``--url``.
+- ``recovery`` (``http`` and ``http_postgres``): the daemon with ``visibility_timeout = "5s"``
+  runs a ``--job-seconds`` job (``benchmarks.peers.arqd_handlers:crash``), is SIGKILLed one second
+  into it, and a fresh daemon on the same storage starts at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +60,7 @@ DAEMON_CONFIG = """\
 listen = "127.0.0.1:{port}"
 max_body = "4MiB"
 [queue]
-path = "{dir}/q.sqlite3"
+{queue}
 [results]
 path = "{dir}/results"
 [workers]
@@ -68,7 +74,19 @@ crash = "benchmarks.peers.arqd_handlers:crash"
 [log]
 level = "warning"
 format = "json"
-"""
+{extra}"""
+
+
+def queue_settings(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """The ``[queue]`` of this run: a sqlite file in ``tmp``, or a schema of this run's own on
+    the PostgreSQL of ``--url`` (every process of one run shares ``args.schema``)."""
+    if args.mode.endswith("postgres"):
+        return {"backend": "postgres", "dsn": args.url, "schema": args.schema}
+    return {"backend": "sqlite" if args.mode != "memory" else "memory", "path": f"{tmp}/q.sqlite3"}
+
+
+def queue_toml(settings: dict[str, Any]) -> str:
+    return "\n".join(f"{key} = {json.dumps(value)}" for key, value in settings.items())
 
 
 def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -89,7 +107,7 @@ def figures_for(args: argparse.Namespace, submit_s: float, process_s: float) -> 
 async def in_process(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     config = Config.from_dict(
         {
-            "queue": {"backend": args.mode, "path": str(tmp / "q.sqlite3")},
+            "queue": queue_settings(args, tmp),
             "results": {"backend": "files", "path": str(tmp / "results")},
             "workers": {"concurrency": args.concurrency, "batch": LEASE_BATCH},
             "handlers": {"noop": "arqd.demo:noop", "sleep": "arqd.demo:sleep"},
@@ -98,10 +116,12 @@ async def in_process(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     queue, results = make_queue(config.queue), make_results(config.results)
     async with queue, results:
         app = arqd.App(config, queue=queue, results=results)
+        client = arqd.Client(queue, results, config=config)
+        if args.workload == "rtt" and args.mode == "postgres":
+            return common.rtt_figures(await across_processes_rtt(client, args, tmp))
         if args.workload == "rtt":
             async with app:
-                return common.rtt_figures(await in_process_rtt(app, args.jobs))
-        client = arqd.Client(queue, results, config=config)
+                return common.rtt_figures(await in_process_rtt(app.client, args.jobs))
         all_specs = specs(args)
         t0 = time.perf_counter()
         for start in range(0, len(all_specs), BATCH):
@@ -116,12 +136,26 @@ async def in_process(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         return figures_for(args, t1 - t0, t3 - t2)
 
 
-async def in_process_rtt(app: arqd.App, n: int) -> list[float]:
+async def across_processes_rtt(
+    client: arqd.Client, args: argparse.Namespace, tmp: Path
+) -> list[float]:
+    """Round trips from this process's client to a daemon running the jobs: the submit's
+    NOTIFY wakes the daemon, the finish's NOTIFY wakes this process's wait."""
+    daemon = Daemon(tmp, args)
+    try:
+        async with aiohttp.ClientSession() as http:
+            await daemon.ready(http)
+        return await in_process_rtt(client, args.jobs)
+    finally:
+        common.stop(daemon.proc, grace=30)
+
+
+async def in_process_rtt(client: arqd.Client, n: int) -> list[float]:
     latencies = []
     for i in range(common.RTT_WARMUP + n):
         t = time.perf_counter()
-        job = await app.client.submit("noop")
-        done = await app.client.wait(job.id, timeout=30)
+        job = await client.submit("noop")
+        done = await client.wait(job.id, timeout=30)
         if i >= common.RTT_WARMUP:
             latencies.append((time.perf_counter() - t) * 1000)
         assert done.state == arqd.State.SUCCEEDED, done
@@ -134,8 +168,14 @@ async def in_process_rtt(app: arqd.App, n: int) -> list[float]:
 class Daemon:
     """``python -m arqd serve`` on a config of its own (port, concurrency) over a shared dir."""
 
-    def __init__(self, tmp: Path, concurrency: int) -> None:
+    def __init__(self, tmp: Path, args: argparse.Namespace, concurrency: int | None = None) -> None:
         self.tmp, self.port = tmp, free_port()
+        self.queue = queue_toml(queue_settings(args, tmp))
+        # Daemons sharing PostgreSQL must share the key sealing step secrets (any one will do).
+        key = base64.urlsafe_b64encode(args.schema.encode().ljust(32, b"k")).decode()
+        shared = args.mode.endswith("postgres")
+        self.extra = f'[http_steps]\nkey = "{key}"\n' if shared else ""
+        concurrency = args.concurrency if concurrency is None else concurrency
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = tmp / f"config-{self.port}.toml"
         self.write(concurrency)
@@ -146,6 +186,8 @@ class Daemon:
         self.config.write_text(
             DAEMON_CONFIG.format(
                 port=self.port,
+                queue=self.queue,
+                extra=self.extra,
                 dir=self.tmp,
                 concurrency=concurrency,
                 batch=LEASE_BATCH,
@@ -176,7 +218,7 @@ async def post(http: aiohttp.ClientSession, url: str, body: bytes) -> tuple[dict
 
 
 async def over_http(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    daemon = Daemon(tmp, args.concurrency if args.workload == "rtt" else 0)
+    daemon = Daemon(tmp, args, args.concurrency if args.workload == "rtt" else 0)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
             await daemon.ready(http)
@@ -238,7 +280,7 @@ def recovery(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     daemons: list[Daemon] = []
 
     def start_worker() -> subprocess.Popen[bytes]:
-        daemons.append(Daemon(tmp, concurrency=10))
+        daemons.append(Daemon(tmp, args, concurrency=10))
         return daemons[-1].proc
 
     def submit(marker: str) -> None:
@@ -257,17 +299,20 @@ def recovery(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=("sqlite", "memory", "http"), required=True)
+    p.add_argument(
+        "--mode", choices=("sqlite", "memory", "postgres", "http", "http_postgres"), required=True
+    )
     args = p.parse_args()
+    args.schema = f"bench_{uuid.uuid4().hex[:12]}"
     common.terminate_on_sigterm()
     logs.configure("warning", "console")
     with tempfile.TemporaryDirectory(prefix="arqd-compare-arqd-") as tmp:
         args.tmp = args.tmp or tmp
         if args.workload == "recovery":
-            if args.mode != "http":
-                raise SystemExit("recovery needs a separate process: --mode http")
+            if not args.mode.startswith("http"):
+                raise SystemExit("recovery needs a separate process: --mode http[_postgres]")
             figures = recovery(args, Path(tmp))
-        elif args.mode == "http":
+        elif args.mode.startswith("http"):
             figures = asyncio.run(over_http(args, Path(tmp)))
         else:
             figures = asyncio.run(in_process(args, Path(tmp)))

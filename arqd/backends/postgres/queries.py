@@ -144,6 +144,27 @@ INSERT = (
     "VALUES ($1, $2, $3, 'queued', $4::json, $5, $6, $7::json, $8, $9, $10, $11, $12::json, "
     "$13, $14, $11, $15)"
 )
+# Jobs with no key, their counts ($16: the shard) and the NOTIFY of the channels of the queues
+# that got a job ready now ($17), in one statement: a submit outside a transaction of the
+# caller's is one round trip. One array per column of INSERT, one element per job.
+INSERT_MANY = (
+    "WITH added AS ("
+    " INSERT INTO jobs (id, queue, handler, state, payload, key, sticky, meta, max_attempts,"
+    " timeout, created_at, ready_at, steps, group_id, owner, visible_at, name)"
+    " SELECT id, queue, handler, 'queued', payload::json, key, sticky, meta::json,"
+    " max_attempts, timeout, created_at, ready_at, steps::json, group_id, owner, ready_at, name"
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::boolean[],"
+    " $7::text[], $8::bigint[], $9::float8[], $10::float8[], $11::float8[], $12::text[],"
+    " $13::text[], $14::text[], $15::text[]) AS t(id, queue, handler, payload, key, sticky,"
+    " meta, max_attempts, timeout, created_at, ready_at, steps, group_id, owner, name)"
+    " RETURNING queue), "
+    "counted AS ("
+    " INSERT INTO queue_counts AS c (queue, state, shard, n)"
+    " SELECT queue, 'queued', $16, count(*) FROM added GROUP BY queue ORDER BY queue"
+    " ON CONFLICT (queue, state, shard) DO UPDATE SET n = c.n + excluded.n), "
+    "told AS (SELECT pg_notify(c, '') FROM unnest($17::text[]) AS c) "
+    "SELECT count(*), (SELECT count(*) FROM told) FROM added"
+)
 # Takes the key, or answers nothing when a live job holds it. Atomic against a concurrent
 # submit of the same key: ON CONFLICT waits for the other transaction and re-checks its row.
 KEY_TAKE = (
