@@ -170,6 +170,15 @@ class PostgresServer:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
 
+    def restore(self) -> None:
+        """Up and accepting logins, whatever was done to it: resumed if frozen, started again
+        if stopped (the chaos suite's ``finally`` on the session's cluster)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.resume()
+            self._wait_ready()
+        else:
+            self.start()
+
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,9 +1,10 @@
-"""The chaos soak: ``python -m tests.chaos --minutes 30 [--backend sqlite|dynamodb|both]
-[--seed N]``.
+"""The chaos soak: ``python -m tests.chaos --minutes 30
+[--backend sqlite|dynamodb|postgres|all] [--seed N]``.
 
 Runs rounds of the CI chaos run back to back until the time is up, alternating backends; each
 round has fresh daemons and storage (a fresh table and bucket on one moto server, started here,
-for dynamodb) and a seed drawn from the master seed, printed so any round can be replayed with
+for dynamodb; a fresh database on one PostgreSQL cluster, started here, for postgres) and a seed
+drawn from the master seed, printed so any round can be replayed with
 ``ARQD_CHAOS_SEED=<round seed> ARQD_CHAOS_SECONDS=<its length> pytest tests/chaos -k <backend>``.
 Exit status 0 when no round found a violation.
 """
@@ -20,10 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.servers import PostgresServer
+
 from .analysis import Report
 from .driver import Settings, run_chaos
 
 ROUND_OVERHEAD = 30.0  # seconds a round spends starting daemons and checking, beyond its chaos
+BACKENDS = ("sqlite", "dynamodb", "postgres")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -32,7 +36,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         description="The chaos soak: rounds of three daemons under chaos, until the time is up.",
     )
     p.add_argument("--minutes", type=float, default=30.0, help="total soak time (default 30)")
-    p.add_argument("--backend", choices=["sqlite", "dynamodb", "both"], default="both")
+    p.add_argument("--backend", choices=[*BACKENDS, "all"], default="all")
     p.add_argument("--seed", type=int, default=None, help="master seed (default: random)")
     p.add_argument("--round-minutes", type=float, default=5.0, help="chaos per round (default 5)")
     p.add_argument("--workdir", type=Path, default=None, help="default: a fresh temp dir")
@@ -53,7 +57,7 @@ def total(reports: list[Report]) -> Report:
 async def soak(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.randrange(1_000_000)
     rng = random.Random(seed)
-    backends = ["sqlite", "dynamodb"] if args.backend == "both" else [args.backend]
+    backends = list(BACKENDS) if args.backend == "all" else [args.backend]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="arqd-chaos-"))
     budget = args.minutes * 60
     length = max(20.0, min(args.round_minutes * 60, budget / len(backends) - ROUND_OVERHEAD))
@@ -64,6 +68,7 @@ async def soak(args: argparse.Namespace) -> int:
 
         port = free_port()
         moto, moto_url = start_moto(port), f"http://127.0.0.1:{port}"
+    postgres = PostgresServer().start() if "postgres" in backends else None
     reports: dict[str, list[Report]] = {b: [] for b in backends}
     deadline = time.monotonic() + budget
     rounds = 0
@@ -74,7 +79,8 @@ async def soak(args: argparse.Namespace) -> int:
             where = workdir / f"round{rounds}-{backend}"
             where.mkdir(parents=True)
             chaos = max(20.0, min(length, left))
-            settings = Settings.of(backend, where, rng.randrange(1_000_000), chaos, moto_url)
+            round_seed = rng.randrange(1_000_000)
+            settings = Settings.of(backend, where, round_seed, chaos, moto_url, postgres)
             print(f"chaos soak: round {rounds} ({backend}, {settings.chaos_seconds:.0f} s)")
             report = await run_chaos(settings)
             reports[backend].append(report)
@@ -83,6 +89,8 @@ async def soak(args: argparse.Namespace) -> int:
     finally:
         if moto is not None:
             moto.stop()
+        if postgres is not None:
+            postgres.close()
     failed = 0
     for backend, done in reports.items():
         if done:

@@ -12,7 +12,8 @@ The rules:
 - a job's executions, in lease order, are each a designed retry of the one before or a
   *duplicate execution*, and every duplicate is *explained*: the daemon that held the previous
   lease was killed, terminated or paused before the next lease (for the dynamodb run also: a
-  burst of faults was injected on its proxy), or, observed rather than dealt, it stalled (its
+  burst of faults was injected on its proxy; for the postgres run: the server was restarted
+  or frozen, which disrupts every daemon), or, observed rather than dealt, it stalled (its
   event loop stopped turning, or its backend requests hung) and itself logged the lease lost;
   on a shared sqlite file a daemon paused while holding the write lock stalls every daemon;
 - a job has at most one terminal canonical log line, written by the daemon that held its last
@@ -46,8 +47,11 @@ from .workload import STEP_NAMES, Call, Group
 TERMINAL_EVENTS = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
 OUTCOME_EVENTS = TERMINAL_EVENTS | {"job.retrying", "job.released"}
 KEPT_EVENTS = OUTCOME_EVENTS | {"job.lease_lost"}
-DEALT = frozenset({"kill", "term", "pause", "burst"})  # chaos the driver deals
+# The PostgreSQL server restarted (stopped and started again) or frozen (SIGSTOP): every daemon.
+SERVER = frozenset({"server_restart", "server_pause"})
+DEALT = frozenset({"kill", "term", "pause", "burst"}) | SERVER  # chaos the driver deals
 OBSERVED = frozenset({"stall", "slow"})  # stalls the driver only observes
+BACKEND_FAULTS = frozenset({"burst", "slow"}) | SERVER  # may fail an attempt not designed to
 # A daemon killed this soon after it began writing a job's outcome may have died before the
 # answer came back (and with it the job's log line): with injected faults botocore retries the
 # write for a while.
@@ -78,9 +82,11 @@ class Disruption:
 
     Dealt: ``kill`` (start == end), ``term`` (SIGTERM until exit), ``pause`` (SIGSTOP until
     SIGCONT), ``burst`` (faults injected on the slot's proxy; ``pid`` None: whichever
-    incarnation ran). Observed: ``stall`` (the daemon's event loop did not turn), ``slow`` (a
-    backend request through the slot's proxy took that long). ``stalls_all``: a pause that held
-    the shared sqlite file's write lock, which stalls every daemon."""
+    incarnation ran), ``server_restart`` (the PostgreSQL server stopped until it accepts logins
+    again) and ``server_pause`` (it frozen until resumed), both ``stalls_all``. Observed:
+    ``stall`` (the daemon's event loop did not turn), ``slow`` (a backend request through the
+    slot's proxy took that long). ``stalls_all``: it disrupts every daemon (a pause that held the
+    shared sqlite file's write lock; the database server's own chaos)."""
 
     kind: str
     slot: int
@@ -140,6 +146,8 @@ class Report:
     terms: int = 0
     pauses: int = 0
     bursts: int = 0
+    server_restarts: int = 0
+    server_pauses: int = 0
     stalls: int = 0
     reloads: int = 0
     bad_reloads: int = 0
@@ -167,7 +175,9 @@ class Report:
 
     def details(self) -> str:
         return (
-            f"chaos details: terms={self.terms} bursts={self.bursts} stalls={self.stalls} "
+            f"chaos details: terms={self.terms} bursts={self.bursts} "
+            f"server_restarts={self.server_restarts} server_pauses={self.server_pauses} "
+            f"stalls={self.stalls} "
             f"executions={self.executions} designed_retries={self.retries} "
             f"explained_by_stall={self.by_stall} stale_runs={len(self.stale)} "
             f"zombies={self.zombies} zombies_refused={self.zombies_refused} "
@@ -266,6 +276,8 @@ def analyse(run: Run) -> Report:
     counts = Counter(d.kind for d in run.disruptions)
     report.kills, report.terms, report.pauses = counts["kill"], counts["term"], counts["pause"]
     report.bursts, report.stalls = counts["burst"], counts["stall"] + counts["slow"]
+    report.server_restarts = counts["server_restart"]
+    report.server_pauses = counts["server_pause"]
     report.violations.extend(run.problems)
     runs: dict[str, list[Execution]] = defaultdict(list)
     for ex in run.executions:
@@ -413,7 +425,7 @@ def _classify(run: Run, report: Report, job: _Job, prev: Execution, cur: Executi
     causes = [d for d in run.disruptions if d.hits(prev.pid, slot, prev.lease, cur.lease)]
     dealt = [d for d in causes if d.kind in DEALT]
     noticed = any(ln.event == "job.lease_lost" and ln.t >= prev.lease for ln in mine)
-    if retried and not any(d.kind in ("burst", "slow") for d in causes):
+    if retried and not any(d.kind in BACKEND_FAULTS for d in causes):
         report.fail(
             f"job {prev.job}: attempt {prev.attempt} on pid {prev.pid} failed unexpectedly "
             "(no designed failure, no backend fault)"

@@ -2,7 +2,9 @@
 
 A *slot* is one daemon position; each (re)start is a new *incarnation* (its own pid, config
 file and log file). For the dynamodb run each slot talks to moto through a fault proxy of its
-own, so a fault is known to have hit that slot's daemon.
+own, so a fault is known to have hit that slot's daemon. For the postgres run the chaos also
+restarts the PostgreSQL server (fast shutdown, or immediate: a crash) and freezes it (SIGSTOP of
+the postmaster and every backend: a failover-like stall); that disrupts every daemon at once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import random
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,6 +29,7 @@ from aiohttp import web
 
 from tests.daemons import Daemon
 from tests.faultproxy import FaultProxy, Faults
+from tests.servers import PostgresServer
 
 from .analysis import Disruption
 from .handlers import RECORD_ENV
@@ -43,16 +47,19 @@ CONCURRENCIES = (2, 3, 4, 6)
 BROKEN = ("syntax", "invalid", "handler")
 ACTION_LIMIT = 30.0  # seconds any one step of a chaos action may take before it is a problem
 START_LIMIT = 60.0  # seconds a daemon may take from listening to ready
+READY_AGAIN_LIMIT = 30.0  # seconds a running daemon may take to be ready once its server is back
+SERVER_STOPS = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 
 
 @dataclass(frozen=True)
 class Backend:
     """Where the three daemons keep their jobs and results."""
 
-    kind: str  # "sqlite" or "dynamodb"
+    kind: str  # "sqlite", "dynamodb" or "postgres"
     workdir: Path
-    name: str = ""  # the dynamodb table and s3 bucket
+    name: str = ""  # the dynamodb table and s3 bucket; the postgres database and schema
     moto_url: str = ""
+    dsn: str = ""  # postgres: the run's own database
     visibility_timeout: float = 2.0
     poll_max: str = "100ms"
 
@@ -72,15 +79,23 @@ def config_text(
     vt = "soon" if broken == "invalid" else f"{backend.visibility_timeout:g}s"
     if broken:
         concurrency += 5
+    files = f"""[results]
+path = "{backend.workdir / "results"}"
+inline_max = "1KiB"
+"""
     if backend.kind == "sqlite":
         storage = f"""[queue]
 backend = "sqlite"
 path = "{backend.workdir / "q.sqlite3"}"
 
-[results]
-path = "{backend.workdir / "results"}"
-inline_max = "1KiB"
-"""
+{files}"""
+    elif backend.kind == "postgres":
+        storage = f"""[queue]
+backend = "postgres"
+dsn = "{backend.dsn}"
+schema = "{backend.name}"
+
+{files}"""
     else:
         storage = f"""[queue]
 backend = "dynamodb"
@@ -162,6 +177,37 @@ class ChaosProxy(FaultProxy):
         return fate
 
 
+class ServerChaos:
+    """The PostgreSQL server the daemons share, stopped, started, frozen and resumed from
+    threads (each call blocks), one call at a time: an operation a cancelled task left running
+    in its thread ends before :meth:`restore` looks."""
+
+    def __init__(self, server: PostgresServer) -> None:
+        self.server = server
+        self._lock = threading.Lock()
+
+    def stop(self, mode: str) -> None:
+        with self._lock:
+            self.server.stop(SERVER_STOPS[mode])
+
+    def start(self) -> None:
+        with self._lock:
+            self.server.start()
+
+    def pause(self) -> None:
+        with self._lock:
+            self.server.pause()
+
+    def resume(self) -> None:
+        with self._lock:
+            self.server.resume()
+
+    def restore(self) -> None:
+        """Up and accepting logins, whatever the chaos left it in."""
+        with self._lock:
+            self.server.restore()
+
+
 @dataclass
 class Incarnation:
     slot: int
@@ -225,10 +271,18 @@ class Slot:
 class Cluster:
     """The slots, the record file and the keys they share."""
 
-    def __init__(self, backend: Backend, remote_port: int, steps_key: str, size: int = 3) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        remote_port: int,
+        steps_key: str,
+        size: int = 3,
+        server: ServerChaos | None = None,
+    ) -> None:
         self.backend = backend
         self.remote_port = remote_port
         self.steps_key = steps_key
+        self.server = server  # the postgres run's server, which the chaos restarts and freezes
         self.record_path = backend.workdir / "executions.jsonl"
         self.spawned: list[Daemon] = []  # every process started, ready or not
         self._proxies_open = False
@@ -322,20 +376,22 @@ class Cluster:
 # --- chaos ----------------------------------------------------------------------------------------
 
 DISRUPTIVE = frozenset({"kill", "term", "pause"})
+SERVER_ACTIONS = frozenset({"server_restart", "server_pause"})  # on no slot: every daemon's
 
 
 @dataclass(frozen=True)
 class Action:
     kind: str
-    slot: int
+    slot: int  # -1: the server's
     params: dict[str, Any]
 
 
 class Chaos:
     """Deals seeded chaos to the cluster until told to stop: kill -9 and restart, SIGTERM and
     restart, SIGSTOP past the visibility timeout then SIGCONT, SIGHUP with a changed config,
-    SIGHUP with a broken one, and (dynamodb) bursts of backend faults on one daemon's proxy.
-    Everything random is drawn in the dealing loop, so a seed replays the same schedule."""
+    SIGHUP with a broken one, (dynamodb) bursts of backend faults on one daemon's proxy, and
+    (postgres) restarts and freezes of the server, one at a time. Everything random is drawn in
+    the dealing loop, so a seed replays the same schedule."""
 
     def __init__(self, cluster: Cluster, rng: random.Random, gap: tuple[float, float]) -> None:
         self.cluster = cluster
@@ -344,7 +400,11 @@ class Chaos:
         self.kinds = ["kill", "term", "pause", "reload", "bad_reload"]
         if cluster.backend.kind == "dynamodb":
             self.kinds.append("burst")
+        if cluster.server is not None:
+            self.kinds += sorted(SERVER_ACTIONS)
         self.weights = {"kill": 5, "term": 3, "pause": 4, "reload": 3, "bad_reload": 2, "burst": 3}
+        self.weights.update(server_restart=2, server_pause=2)
+        self.server_busy = False
         self.disruptions: list[Disruption] = []
         self.problems: list[str] = []
         self.reloads = 0
@@ -364,8 +424,8 @@ class Chaos:
                 continue
             if first:
                 first.pop(0)
-            slot = self.cluster.slots[action.slot]
-            slot.busy = True
+            slot = self.cluster.slots[action.slot] if action.slot >= 0 else None
+            self._take(slot, True)
             self.log.append(f"{time.time():.3f} {action.kind} slot {action.slot} {action.params}")
             task = asyncio.create_task(self._act(action, slot))
             self._tasks.add(task)
@@ -377,12 +437,26 @@ class Chaos:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+    async def abort(self) -> None:
+        """Cancel every action in flight (a run that failed); the caller restores the rest."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _take(self, slot: Slot | None, busy: bool) -> None:
+        if slot is None:
+            self.server_busy = busy
+        else:
+            slot.busy = busy
+
     def _draw(self) -> str:
         return self.rng.choices(self.kinds, [self.weights[k] for k in self.kinds])[0]
 
     def _plan(self, kind: str) -> Action | None:
         """An action on a free slot, with every random parameter drawn now; None when no slot
         may take it (a disruption must leave another daemon up)."""
+        if kind in SERVER_ACTIONS:
+            return self._plan_server(kind)
         free = [s for s in self.cluster.slots if s.status == "up" and not s.busy]
         if kind in DISRUPTIVE:
             free = [
@@ -407,18 +481,33 @@ class Chaos:
             params["seconds"] = round(self.rng.uniform(1.0, 3.0), 3)
         return Action(kind, slot.index, params)
 
+    def _plan_server(self, kind: str) -> Action | None:
+        """A restart (fast or immediate shutdown, then down a moment) or a freeze of a few
+        seconds, beyond the visibility timeout; None while the last one is not over."""
+        if self.server_busy:
+            return None
+        if kind == "server_restart":
+            mode = self.rng.choice(sorted(SERVER_STOPS))
+            return Action(kind, -1, {"mode": mode, "down": round(self.rng.uniform(0.2, 1.5), 3)})
+        vt = self.cluster.backend.visibility_timeout
+        return Action(kind, -1, {"seconds": round(vt + self.rng.uniform(0.5, 2.5), 3)})
+
     def _others(self, slot: Slot) -> list[Slot]:
         return [o for o in self.cluster.slots if o is not slot]
 
-    async def _act(self, action: Action, slot: Slot) -> None:
+    async def _act(self, action: Action, slot: Slot | None) -> None:
         try:
             async with asyncio.timeout(4 * ACTION_LIMIT):
                 await getattr(self, f"_{action.kind}")(slot, action.params)
         except Exception as exc:  # a chaos step that went wrong is a finding, not a crash
             self.problems.append(f"{action}: {type(exc).__name__}: {exc}"[:3000])
-            await self._recover(slot)
+            if slot is None:
+                assert self.cluster.server is not None
+                await asyncio.to_thread(self.cluster.server.restore)
+            else:
+                await self._recover(slot)
         finally:
-            slot.busy = False
+            self._take(slot, False)
 
     async def _recover(self, slot: Slot) -> None:
         """After a failed action: make sure the slot runs a daemon again (``Cluster.calm``
@@ -495,6 +584,59 @@ class Chaos:
         dealt = len(proxy.times) - before
         self.disruptions.append(Disruption("burst", slot.index, None, t0, t1, faults=dealt))
 
+    async def _server_restart(self, _: None, params: dict[str, Any]) -> None:
+        """Stop the server (every daemon's connections cut), leave it down a moment, start it
+        (an immediate stop: crash recovery first); every daemon must be ready again."""
+        server = self.cluster.server
+        assert server is not None
+        t0 = time.time()
+        try:
+            await asyncio.to_thread(server.stop, params["mode"])
+            await asyncio.sleep(params["down"])
+            await asyncio.to_thread(server.start)
+        finally:
+            t1 = time.time()  # accepting logins again (or failed to: a problem, restored)
+            self.disruptions.append(Disruption("server_restart", -1, None, t0, t1, True))
+        await self._expect_ready(t1)
+
+    async def _server_pause(self, _: None, params: dict[str, Any]) -> None:
+        """Freeze the server (connections open, nothing answers) past the visibility timeout,
+        then resume it; every daemon must be ready again."""
+        server = self.cluster.server
+        assert server is not None
+        t0 = time.time()
+        try:
+            await asyncio.to_thread(server.pause)
+            await asyncio.sleep(max(0.0, t0 + params["seconds"] - time.time()))
+        finally:
+            t1 = time.time()
+            await asyncio.to_thread(server.resume)
+            self.disruptions.append(Disruption("server_pause", -1, None, t0, t1, True))
+        await self._expect_ready(t1)
+
+    async def _expect_ready(self, since: float) -> None:
+        """Every daemon running when the server came back answers ``/readyz`` 200 in time (a
+        daemon paused meanwhile once it is resumed; one killed or stopped is not waited for)."""
+        waiting = {s.index: s.current for s in self.cluster.slots if s.status in ("up", "paused")}
+        deadline = time.monotonic() + READY_AGAIN_LIMIT
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            while waiting and time.monotonic() < deadline:
+                for index, inc in list(waiting.items()):
+                    slot = self.cluster.slots[index]
+                    gone = inc is not slot.current or inc.ended is not None
+                    if gone or slot.status == "down":
+                        del waiting[index]  # killed or stopped meanwhile: not waited for
+                        continue
+                    if slot.status == "up" and await _ready(http, inc.daemon.url):
+                        del waiting[index]
+                if waiting:
+                    await asyncio.sleep(0.2)
+        for index, inc in waiting.items():
+            self.problems.append(
+                f"slot {index} pid {inc.pid}: not ready {READY_AGAIN_LIMIT:g} s after the "
+                f"server came back at {since:.3f}"
+            )
+
     async def _reload(self, slot: Slot, params: dict[str, Any]) -> None:
         inc = slot.current
         new = params["concurrency"]
@@ -548,6 +690,14 @@ class Chaos:
             f"slot {slot.index} pid {inc.pid}: expected concurrency {expected} after a reload "
             f"at {after:.3f}, worker row {seen}"
         )
+
+
+async def _ready(http: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with http.get(f"{url}/readyz") as resp:
+            return resp.status == 200
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return False
 
 
 async def _worker_row(http: aiohttp.ClientSession, url: str, worker: str) -> Any:

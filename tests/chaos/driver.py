@@ -23,9 +23,10 @@ import arqd
 from arqd.backends.base import ListFilter, QueueBackend
 from arqd.model import Job
 from arqd.results.base import ResultStore
+from tests.servers import PostgresServer
 
 from .analysis import Disruption, Report, Run, analyse, read_executions, read_lines, read_stalls
-from .cluster import AWS_KEY, AWS_REGION, Backend, Chaos, Cluster
+from .cluster import AWS_KEY, AWS_REGION, Backend, Chaos, Cluster, ServerChaos
 from .workload import Group, Remote, Workload
 
 SUBMIT_LIMIT = 60.0  # a submit is retried (same key) on errors for this long
@@ -36,7 +37,8 @@ SUBMITS_IN_FLIGHT = 4
 @dataclass
 class Settings:
     """One chaos run. ``rate`` is submits per second; ``gap`` the bounds of the random wait
-    between two chaos actions; ``settle_seconds`` how long jobs get to end once chaos stops."""
+    between two chaos actions; ``settle_seconds`` how long jobs get to end once chaos stops;
+    ``postgres`` the running server a postgres run makes its database on, and restarts."""
 
     backend: str
     workdir: Path
@@ -47,21 +49,30 @@ class Settings:
     gap: tuple[float, float] = (0.5, 2.0)
     moto_url: str = ""
     visibility_timeout: float = 2.0
+    postgres: PostgresServer | None = None
 
     @classmethod
     def of(
-        cls, backend: str, workdir: Path, seed: int, chaos_seconds: float, moto_url: str = ""
+        cls,
+        backend: str,
+        workdir: Path,
+        seed: int,
+        chaos_seconds: float,
+        moto_url: str = "",
+        postgres: PostgresServer | None = None,
     ) -> Settings:
         """The settings the CI tests and the soak use: on moto (one process serving three
         daemons, on a 2-core machine) fewer submits and a longer visibility timeout."""
+        moto = backend == "dynamodb"
         return cls(
             backend,
             workdir,
             seed,
             chaos_seconds=chaos_seconds,
-            rate=12.0 if backend == "sqlite" else 3.0,
+            rate=3.0 if moto else 12.0,
             moto_url=moto_url,
-            visibility_timeout=2.0 if backend == "sqlite" else 4.0,
+            visibility_timeout=4.0 if moto else 2.0,
+            postgres=postgres,
         )
 
 
@@ -136,19 +147,28 @@ async def run_chaos(settings: Settings) -> Report:
     rng = random.Random(settings.seed)
     run_id = f"{settings.backend[:2]}{settings.seed}"
     print(f"chaos: backend={settings.backend} seed={settings.seed} dir={settings.workdir}")
+    name = uuid.uuid4().hex[:10]
+    server = None
+    if settings.backend == "postgres":
+        assert settings.postgres is not None, "a postgres run needs its server"
+        server = ServerChaos(settings.postgres)
     backend = Backend(
         settings.backend,
         settings.workdir,
-        name=f"chaos-{uuid.uuid4().hex[:10]}",
+        name=f"chaos_{name}" if server else f"chaos-{name}",
         moto_url=settings.moto_url,
+        dsn=_database(settings.postgres, f"chaos_{name}") if settings.postgres else "",
         visibility_timeout=settings.visibility_timeout,
-        poll_max="100ms" if settings.backend == "sqlite" else "500ms",
+        poll_max="500ms" if settings.backend == "dynamodb" else "100ms",
     )
     if backend.kind == "dynamodb":
         await _init_aws(backend)
+    if server is not None:
+        await _create_database(server.server, backend.name)
     remote = Remote(lambda: cluster.pids())
     await remote.start()
-    cluster = Cluster(backend, remote.port, Fernet.generate_key().decode())
+    cluster = Cluster(backend, remote.port, Fernet.generate_key().decode(), server=server)
+    chaos: Chaos | None = None
     try:
         await cluster.start(settings.seed)
         workload = Workload(random.Random(rng.random()), run_id, remote.url)
@@ -169,9 +189,14 @@ async def run_chaos(settings: Settings) -> Report:
         _print(report, chaos.log)
         return report
     finally:
+        if chaos is not None:
+            await chaos.abort()
         cluster.kill_all()
         await cluster.stop()
         await remote.stop()
+        if server is not None:  # the session's cluster: up and healthy whatever happened
+            await asyncio.to_thread(server.restore)
+            await _drop_database(server.server, backend.name)
 
 
 def _gather(
@@ -252,6 +277,35 @@ def _print(report: Report, log: list[str]) -> None:
     print(report.summary(), flush=True)
 
 
+def _database(server: PostgresServer, name: str) -> str:
+    """The DSN of database ``name`` on ``server``."""
+    return f"{server.dsn.rpartition('/')[0]}/{name}"
+
+
+async def _create_database(server: PostgresServer, name: str) -> None:
+    """A database of the run's own on the server. Committed writes there outlive an immediate
+    shutdown: the test cluster runs with ``synchronous_commit = off`` (fast, and safe against
+    everything but a crash of the server), so this database turns it back on."""
+    import asyncpg
+
+    conn = await asyncpg.connect(server.dsn)
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+        await conn.execute(f"ALTER DATABASE {name} SET synchronous_commit = on")
+    finally:
+        await conn.close()
+
+
+async def _drop_database(server: PostgresServer, name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(server.dsn)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
 async def _init_aws(backend: Backend) -> None:
     from arqd.backends.dynamodb import init_table
     from arqd.results.s3 import init_bucket
@@ -295,6 +349,12 @@ async def _verifier(backend: Backend) -> AsyncIterator[arqd.Client]:
         from arqd.results.files import FileResults
 
         queue = SqliteQueue(str(backend.workdir / "q.sqlite3"))
+        results = FileResults(str(backend.workdir / "results"))
+    elif backend.kind == "postgres":
+        from arqd.backends.postgres import PostgresQueue
+        from arqd.results.files import FileResults
+
+        queue = PostgresQueue(backend.dsn, schema=backend.name)
         results = FileResults(str(backend.workdir / "results"))
     else:
         from arqd.backends.dynamodb import DynamoQueue

@@ -209,6 +209,37 @@ def test_a_sqlite_lock_holding_pause_explains_every_daemons_duplicates() -> None
         assert (s.verdict().violations == []) is stalls_all
 
 
+@pytest.mark.parametrize("kind", ["server_restart", "server_pause"])
+def test_the_database_servers_chaos_explains_every_daemons_duplicates(kind: str) -> None:
+    """A restart or freeze of the PostgreSQL server during A's lease explains B's takeover as
+    dealt chaos (whether or not A noticed), and is counted; one over before the lease does not."""
+    for start, explains in ((T + 0.5, True), (T - 5, False)):
+        s = Scenario(backend="postgres")
+        takeover(s, lost=False)
+        s.disruptions.append(Disruption(kind, -1, None, start, start + 2, stalls_all=True))
+        report = s.verdict()
+        assert (report.violations == []) is explains, report.violations
+        if explains:
+            assert (report.explained, report.by_stall) == (1, 0)
+        restarts, pauses = report.server_restarts, report.server_pauses
+        assert (restarts, pauses) == ((1, 0) if kind == "server_restart" else (0, 1))
+
+
+def test_a_database_server_restart_may_fail_an_attempt() -> None:
+    """An attempt not designed to fail may fail while the server restarts (a backend fault),
+    but not outside one."""
+    for restarted in (True, False):
+        s = Scenario(backend="postgres")
+        s.job("j1", attempts=2, token="bbbb0002")
+        s.ran("j1", A, T)
+        s.log(A, "job.retrying", "j1", T + 1.2)
+        s.ran("j1", A, T + 2, attempt=2, token="bbbb0002")
+        s.log(A, "job.succeeded", "j1", T + 3.2, attempt=2)
+        if restarted:
+            s.disruptions.append(Disruption("server_restart", -1, None, T + 0.5, T + 1.5, True))
+        assert (s.verdict().violations == []) is restarted
+
+
 def test_a_lease_that_runs_its_handler_twice_is_a_violation() -> None:
     """Two starts under one lease break at-most-once per lease."""
     s = Scenario()
