@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -288,6 +289,60 @@ async def test_the_listener_reconnects_after_its_connection_drops(
     woken.clear()
     await pg.enqueue([new_job("q")])
     await asyncio.wait_for(woken.wait(), 10)
+
+
+# --- lost answers ------------------------------------------------------------------------------
+
+
+def lose_next_answer(backend: PostgresQueue, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next call reaches the server and is applied, but its answer is lost on the way back
+    (as when a connection drops right after the commit): it raises BackendUnavailable."""
+    call = backend._call
+
+    async def applied_then_lost(body: Any) -> Any:
+        monkeypatch.setattr(backend, "_call", call)
+        await call(body)
+        raise BackendUnavailable("connection lost (test)")
+
+    monkeypatch.setattr(backend, "_call", applied_then_lost)
+
+
+async def test_a_finish_sent_again_after_its_answer_was_lost_is_applied_once(
+    pg: PostgresQueue, monkeypatch: pytest.MonkeyPatch
+):
+    """The pool sends a finish again after a backend error; when the first one was applied
+    and only its answer lost, the retry answers True (the pool took it for a lost lease and
+    deleted the result of a job stored as succeeded), counted once; another outcome of the
+    same lease is still refused."""
+    await pg.enqueue([new_job()])
+    (lease,) = await pg.lease(["q"], 1, 30, "w")
+    outcome = Outcome(job=lease.job, token=lease.token, state=State.SUCCEEDED)
+    lose_next_answer(pg, monkeypatch)
+    with pytest.raises(BackendUnavailable):
+        await pg.finish([outcome])
+    assert await pg.finish([outcome]) == [True]
+    failed = Outcome(job=lease.job, token=lease.token, state=State.FAILED)
+    assert await pg.finish([failed]) == [False]
+    (stats,) = await pg.stats()
+    assert (stats.succeeded, stats.running, stats.failed) == (1, 0, 0)
+
+
+async def test_jobs_leased_by_a_call_whose_answer_was_lost_are_handed_out_next(
+    pg: PostgresQueue, monkeypatch: pytest.MonkeyPatch
+):
+    """A lease applied whose answer was lost is found by the next lease call, with its token:
+    the jobs run now instead of waiting out the lease and losing an attempt (with one attempt
+    allowed, the job failed without ever running)."""
+    job = new_job()
+    await pg.enqueue([job])
+    lose_next_answer(pg, monkeypatch)
+    with pytest.raises(BackendUnavailable):
+        await pg.lease(["q"], 10, 30, "w")
+    (lease,) = await pg.lease(["q"], 10, 30, "w")
+    assert lease.job.id == job.id and lease.job.attempts == 1 and not lease.recovered
+    done = Outcome(job=lease.job, token=lease.token, state=State.SUCCEEDED)
+    assert await pg.finish([done]) == [True]
+    assert await pg.lease(["q"], 10, 30, "w") == []
 
 
 # --- faults -------------------------------------------------------------------------------------

@@ -96,6 +96,11 @@ CREATE TABLE marks (
     value double precision NOT NULL
 );
 """,
+    # 2: who finished a job, as "<lease token>:<digest of the outcome>": a finish whose answer
+    # was lost is recognised when it is sent again (FINISH)
+    """
+ALTER TABLE jobs ADD COLUMN finished_by text;
+""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 COUNT_SHARDS = 8
@@ -276,13 +281,15 @@ UPDATE = (
 # and requeues alike (a requeue keeps its result and finish time, and becomes visible at its
 # ready_at); the keys the core said to free ($11) or to let expire (unless $12, kept); the count
 # changes ($13: the shard); the ids of the jobs that ended NOTIFYed on $14, 200 to a payload
-# (under PostgreSQL's 8,000 bytes). Answers the applied ones.
+# (under PostgreSQL's 8,000 bytes). Answers the applied ones, and those this very outcome was
+# applied to before ($15, ``finished_by``: a finish sent again after its answer was lost; the
+# statement's snapshot shows the rows it updates as they were, so a row is in one part only).
 FINISH = (
     "WITH o AS ("
     " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::integer[], $5::float8[],"
-    " $6::text[], $7::text[], $8::float8[], $9::float8[], $11::boolean[], $12::boolean[])"
-    " AS o(id, token, state, give_back, started_at, result, error, expires_at, ready_at,"
-    " free_key, keep_key)), "
+    " $6::text[], $7::text[], $8::float8[], $9::float8[], $11::boolean[], $12::boolean[],"
+    " $15::text[]) AS o(id, token, state, give_back, started_at, result, error, expires_at,"
+    " ready_at, free_key, keep_key, finished_by)), "
     "done AS ("
     " UPDATE jobs j SET state = o.state, attempts = j.attempts - o.give_back,"
     " started_at = o.started_at,"
@@ -293,7 +300,7 @@ FINISH = (
     " error = CASE WHEN o.state = 'queued' THEN coalesce(o.error::json, j.error)"
     " ELSE o.error::json END,"
     " expires_at = CASE WHEN o.state = 'queued' THEN j.expires_at ELSE o.expires_at END,"
-    " lease_token = NULL, worker = NULL, version = j.version + 1"
+    " lease_token = NULL, worker = NULL, version = j.version + 1, finished_by = o.finished_by"
     " FROM o WHERE j.id = o.id AND j.lease_token = o.token AND j.state = 'running'"
     " RETURNING j.id, j.queue, j.key, j.state), "
     "ended AS ("
@@ -314,8 +321,12 @@ FINISH = (
     " ON CONFLICT (queue, state, shard) DO UPDATE SET n = c.n + excluded.n), "
     "told AS ("
     " SELECT pg_notify($14, string_agg(id, ',')) FROM ("
-    "  SELECT id, (row_number() OVER () - 1) / 200 AS part FROM ended) AS e GROUP BY part) "
-    "SELECT id, queue, state, (SELECT count(*) FROM told) FROM done"
+    "  SELECT id, (row_number() OVER () - 1) / 200 AS part FROM ended) AS e GROUP BY part), "
+    "again AS ("
+    " SELECT j.id, j.queue, j.state FROM jobs j JOIN o ON j.id = o.id"
+    " WHERE j.finished_by = o.finished_by) "
+    "SELECT id, queue, state, (SELECT count(*) FROM told) FROM done "
+    "UNION ALL SELECT id, queue, state, 0 FROM again"
 )
 
 # The keys of jobs a sweep or a purge deleted: (key, job id) pairs as two arrays.
@@ -333,6 +344,11 @@ CANCEL_QUEUED = (
 CANCEL_RUNNING = (
     "UPDATE jobs SET cancel_requested = true, version = version + 1 "
     f"WHERE id = $1 AND state = 'running' AND NOT cancel_requested RETURNING {ROW}"
+)
+# The jobs a lease whose answer was lost took: its token and deadline, through jobs_visible.
+LEASE_AGAIN = (
+    f"SELECT {ROW} FROM jobs WHERE queue = ANY($1::text[]) AND state = 'running' "
+    "AND state IN ('queued', 'running') AND visible_at = $2 AND lease_token = $3"
 )
 GET = f"SELECT {ROW} FROM jobs WHERE id = $1"
 GET_FOR_UPDATE = f"SELECT {ROW} FROM jobs WHERE id = $1 FOR UPDATE"

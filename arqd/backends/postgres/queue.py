@@ -20,6 +20,7 @@ Design
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import random
@@ -60,6 +61,8 @@ log = logging.getLogger("arqd.postgres")
 SCHEMA_RE = re.compile(PG_SCHEMA)
 LISTEN_RETRY_MAX = 5.0  # seconds between attempts to reconnect the listening connection
 LISTEN_KEEPALIVE = 5.0  # seconds between keep-alives of the listening connection
+UNANSWERED = 16  # leases whose answer was lost, looked for by the next lease call (the newest)
+UNANSWERED_MARGIN = 1.0  # seconds: a lost lease closer than this to its end is left to expire
 
 _decode_job = msgspec.json.Decoder(Job, strict=False).decode
 _decode_group = msgspec.json.Decoder(GroupRecord).decode
@@ -88,6 +91,16 @@ def _opt(value: Any) -> str | None:
     return None if value is None else _enc(value)
 
 
+def _fetching(sql: str, *args: Any) -> Callable[[asyncpg.Connection], Awaitable[list[Any]]]:
+    """A body for ``_call``: ``sql`` fetched with ``args``."""
+
+    async def fetch(conn: asyncpg.Connection) -> list[Any]:
+        rows: list[Any] = await conn.fetch(sql, *args)
+        return rows
+
+    return fetch
+
+
 def _finish_columns(outcomes: Sequence[Outcome], now: float) -> list[Any]:
     """FINISH's first parameters: one array per column, one element per outcome, then the
     finish time, then the key rules (free now, keep forever)."""
@@ -114,7 +127,16 @@ def _finish_columns(outcomes: Sequence[Outcome], now: float) -> list[Any]:
         now,
         [o.free_key for o in outcomes],
         [o.keep_key for o in outcomes],
+        [_finished_by(o) for o in outcomes],
     ]
+
+
+def _finished_by(o: Outcome) -> str:
+    """``<token>:<digest of the outcome>``: a retry of this very outcome (its answer lost)
+    matches it; another outcome of the same lease does not."""
+    what = (o.job.id, o.state.value, o.count_attempt, o.started_at, o.expires_at, o.ready_at)
+    text = repr((what, _opt(o.result), _opt(o.error)))
+    return f"{o.token}:{hashlib.blake2b(text.encode(), digest_size=12).hexdigest()}"
 
 
 def _job(text: str) -> Job:
@@ -155,6 +177,8 @@ class PostgresQueue(QueueBackend):
         self.listening = asyncio.Event()  # set while the listening connection is up
         self.listened: set[str] = set()  # the channels it LISTENs to
         self._drop_cursor: dict[bool, str] = {}
+        # Lease calls that failed after sending: (queues, token, deadline), see _lease.
+        self._unanswered: list[tuple[list[str], str, float]] = []
 
     def __repr__(self) -> str:
         return f"PostgresQueue({redact_dsn(self.dsn)!r}, schema={self.schema!r})"
@@ -440,20 +464,40 @@ class PostgresQueue(QueueBackend):
         self, queues: Sequence[str], limit: int, lease_for: float, worker: str
     ) -> list[Lease]:
         self._listen_to(queues)
+        leases = await self._lease_unanswered()
         now = self.clock.time()
         token = new_token()
         expires = now + lease_for
-
         shard = random.randrange(q.COUNT_SHARDS)
-        rows = await self._call(
-            lambda conn: conn.fetch(
-                q.LEASE, list(queues), now, limit, token, expires, worker, shard
-            )
-        )
-        leases = [Lease(_job(text), token, expires, was == "running") for was, text in rows]
+        args = (list(queues), now, limit - len(leases), token, expires, worker, shard)
+        if args[2] > 0:
+            try:
+                rows = await self._call(lambda conn: conn.fetch(q.LEASE, *args))
+            except BackendUnavailable:
+                # The answer may be lost after the lease was applied: look for its jobs next
+                # time, or they would wait out the lease and each lose an attempt.
+                self._unanswered = [*self._unanswered, (args[0], token, expires)][-UNANSWERED:]
+                raise
+            leases += [Lease(_job(text), token, expires, was == "running") for was, text in rows]
         order = {name: i for i, name in enumerate(queues)}
         leases.sort(key=lambda lease: (order[lease.job.queue], fifo(lease.job)))
         return leases
+
+    async def _lease_unanswered(self) -> list[Lease]:
+        """The jobs leases whose answer was lost took, while those leases last (found by
+        their token and deadline; each lease call has a token of its own)."""
+        now = self.clock.time()
+        pending = [u for u in self._unanswered if u[2] > now + UNANSWERED_MARGIN]
+        self._unanswered = []
+        found: list[Lease] = []
+        for n, (queues, token, expires) in enumerate(pending):
+            try:
+                texts = await self._call(_fetching(q.LEASE_AGAIN, queues, expires, token))
+            except BackendUnavailable:
+                self._unanswered = pending[n:]
+                raise
+            found += [Lease(_job(text), token, expires, False) for (text,) in texts]
+        return found
 
     async def _heartbeat(
         self, leases: Sequence[tuple[str, str]], lease_for: float
@@ -493,7 +537,7 @@ class PostgresQueue(QueueBackend):
         by_id = {o.job.id: o for o in outcomes}
 
         async def body(conn: asyncpg.Connection) -> list[bool]:
-            rows = await conn.fetch(q.FINISH, *cols, shard, self._done_channel)
+            rows = await conn.fetch(q.FINISH, *cols[:12], shard, self._done_channel, cols[12])
             ready = {
                 queue
                 for job_id, queue, state, _ in rows
