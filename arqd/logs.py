@@ -55,6 +55,36 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
+    _route_stdlib(renderer, numeric)
+
+
+class _Lines(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler ``configure`` puts on the root logger (replaced, never added twice)."""
+
+
+def _route_stdlib(renderer: Any, numeric: int) -> None:
+    """Libraries' stdlib logging (asyncpg's pool, aiohttp's access errors) in the same lines as
+    ours, each one line with its traceback as a field: they printed multi-line text into the
+    JSON stream. Their warnings and errors only; arqd's own stdlib loggers at ``level``."""
+    handler = _Lines(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redact,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h, _Lines)] + [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("arqd").setLevel(numeric)
 
 
 def enabled(level: int) -> bool:
