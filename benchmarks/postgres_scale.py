@@ -14,15 +14,18 @@ A PostgreSQL cluster is started for the run (``benchmarks/peers/services.py``: 1
    and the clock runs until the backend counts every job succeeded. Figures: jobs/s, its ratio
    to one daemon, and PostgreSQL's share of the CPU time spent meanwhile (its processes ÷ its
    processes + the daemons', from ``/proc``). ``--rounds`` rounds, counts interleaved; medians.
-2. **Depth.** One daemon (same settings) on a schema holding each of ``--depths`` no-op jobs;
-   it works through ``--sample`` of them (the whole queue when it holds fewer, refilled and
-   repeated until ``--sample`` ran), timed from the SIGHUP to the last of them. Per-job cost
-   is microseconds of wall time per job; ``cost_ratio`` compares the deepest with the
-   shallowest (the issue's goal: at most 1.5).
+2. **Depth.** One daemon (same settings) per depth, each on a schema filled with that many
+   no-op jobs, then settled as autovacuum would soon after a bulk load (``VACUUM (ANALYZE)``
+   and a ``CHECKPOINT``; ``--no-settle`` measures straight after the load). Each round, each
+   depth works through ``--sample`` jobs (a shallower queue is refilled to its depth and
+   worked through again until ``--sample`` ran), timed from the first job's start to the last
+   one's end (the stored ``started_at``, ``finished_at``); rounds alternate the order of the
+   depths. Per-job cost is the median round's microseconds of wall time per job;
+   ``cost_ratio`` compares the deepest with the shallowest (the issue's goal: at most 1.5).
 
 The last line is one JSON object: ``daemons_<n>_per_s``, ``daemons_<n>_ratio``,
 ``daemons_<n>_pg_cpu_share`` per count; ``depth_<d>_per_s``, ``depth_<d>_us_per_job`` per depth;
-``cost_ratio``; the sizes, the machine and the server's version.
+``cost_ratio``, ``settled``; the sizes, the machine and the server's version.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ if not __package__:  # run as `python benchmarks/<name>.py`: import from the roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import aiohttp
+import asyncpg
 
 from arqd import logs
 from arqd.backends.postgres import PostgresQueue
@@ -171,31 +175,76 @@ async def scale_out(args: argparse.Namespace, server: Postgres, tmp: Path) -> di
     return out
 
 
+async def settle(url: str, schema: str) -> None:
+    """What autovacuum does to a table soon after a bulk load: VACUUM (hint bits, visibility
+    map, dead index entries) and ANALYZE, then a CHECKPOINT so the load's writes are not
+    flushed during the measurement."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'VACUUM (ANALYZE) "{schema}".jobs')
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
+async def busy_seconds(url: str, schema: str, since: float) -> tuple[float, int]:
+    """From the first start to the last end of the jobs that ended since ``since``, and how
+    many they are (the pool's ramp after a SIGHUP left out: it weighed ten times on a 1,000-job
+    queue refilled ten times; a job the previous pass ran on its way out is not counted)."""
+    conn = await asyncpg.connect(url)
+    try:
+        first, last, n = await conn.fetchrow(
+            f'SELECT min(started_at), max(finished_at), count(*) FROM "{schema}".jobs '
+            "WHERE state = 'succeeded' AND finished_at >= $1 AND started_at >= $1",
+            since,
+        )
+    finally:
+        await conn.close()
+    return float(last - first), int(n)
+
+
 async def depth(args: argparse.Namespace, server: Postgres, tmp: Path) -> dict[str, Any]:
+    """Per-job cost with each depth queued; ``--rounds`` samples per depth, alternating."""
+    fleets: dict[int, tuple[Fleet, str]] = {}
+    done: dict[int, int] = dict.fromkeys(args.depths, 0)
+    spent: dict[int, list[float]] = {size: [] for size in args.depths}
+    try:
+        for size in args.depths:
+            schema = new_schema()
+            await submit(server.url, schema, size)
+            if args.settle:
+                await settle(server.url, schema)
+            fleets[size] = (Fleet(tmp, server.url, schema, 1, args.concurrency), schema)
+            await fleets[size][0].ready()
+        for r in range(args.rounds):
+            for size in args.depths if r % 2 == 0 else list(reversed(args.depths)):
+                fleet, schema = fleets[size]
+                seconds, ran, timed = 0.0, 0, 0
+                while ran < args.sample:
+                    batch = min(size, args.sample - ran)
+                    if done[size] and size <= args.sample:  # a shallow queue: refill it first
+                        await submit(server.url, schema, batch)
+                    since = time.time()
+                    await fleet.run(done[size] + batch, server)
+                    took, n = await busy_seconds(server.url, schema, since)
+                    await fleet.pause()
+                    done[size] += batch
+                    seconds += took
+                    ran += batch
+                    timed += n
+                spent[size].append(seconds / timed)
+                progress(f"depth {size:,}: {timed / seconds:,.0f} jobs/s")
+    finally:
+        for fleet, _ in fleets.values():
+            fleet.close()
     out: dict[str, Any] = {}
     for size in args.depths:
-        schema = new_schema()
-        await submit(server.url, schema, size)
-        fleet = Fleet(tmp, server.url, schema, 1, args.concurrency)
-        seconds = 0.0
-        ran = 0
-        try:
-            await fleet.ready()
-            while ran < args.sample:
-                batch = min(size, args.sample - ran)
-                if ran:  # a shallow queue: refill it to its depth first
-                    await submit(server.url, schema, batch)
-                spent, _, _ = await fleet.run(ran + batch, server)
-                await fleet.pause()
-                seconds += spent
-                ran += batch
-        finally:
-            fleet.close()
-        out[f"depth_{size}_per_s"] = round(ran / seconds)
-        out[f"depth_{size}_us_per_job"] = round(seconds / ran * 1e6, 1)
-        progress(f"depth {size:,}: {ran / seconds:,.0f} jobs/s")
+        per_job = statistics.median(spent[size])
+        out[f"depth_{size}_per_s"] = round(1 / per_job)
+        out[f"depth_{size}_us_per_job"] = round(per_job * 1e6, 1)
     low, high = min(args.depths), max(args.depths)
     out["cost_ratio"] = round(out[f"depth_{high}_us_per_job"] / out[f"depth_{low}_us_per_job"], 2)
+    out["settled"] = args.settle
     return out
 
 
@@ -207,6 +256,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--depths", default="1000,1000000")
     p.add_argument("--sample", type=int, default=10_000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--no-settle",
+        dest="settle",
+        action="store_false",
+        help="measure straight after the bulk load (no VACUUM ANALYZE + CHECKPOINT first)",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes, to smoke-test")
     args = p.parse_args()
     if args.quick:
