@@ -7,22 +7,27 @@ Every condition here is real (no patched ``os``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from arqd.errors import BackendError, ResultExpired
 from arqd.model import blob_name, new_job_id, new_token
+from arqd.results import files
 from arqd.results.files import PARTIAL, FileResults
 
 from .daemons import ROOT
+from .util import eventually
 
 
 def a_name() -> str:
@@ -32,6 +37,15 @@ def a_name() -> str:
 def fan(root: Path, name: str) -> Path:
     """The fan-out directory ``name`` is published under, in the temporary area."""
     return root / "temporary" / name[-11:-9]
+
+
+def open_files() -> list[str]:
+    """What this process's descriptors point at."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return out
 
 
 def leftovers(root: Path) -> list[str]:
@@ -255,3 +269,63 @@ async def test_a_write_the_disk_refuses_is_a_clear_error_and_leaves_nothing(tmp_
     async with FileResults(str(tmp_path)) as store:
         assert await store.size("temporary", big) is None
         assert await read_all(store, small) == b"y" * 1000
+
+
+async def test_a_read_cancelled_while_its_file_opens_closes_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A request that goes away while its result file is being opened (in a thread) leaves no
+    open file behind: the file is closed when the open finishes. It was left to the garbage
+    collector (an unclosed-file warning that failed a CI run)."""
+    opened: list[Any] = []
+    release = threading.Event()
+
+    def slow_open(path: Path) -> Any:
+        release.wait(10)
+        opened.append(path.open("rb"))
+        return opened[-1]
+
+    async with FileResults(str(tmp_path)) as store:
+        name = a_name()
+        writer = await store.writer("temporary", name)
+        await writer.write(b"x" * 10)
+        await writer.commit()
+        monkeypatch.setattr(files, "_open_read", slow_open)
+        reading = asyncio.create_task(anext(store.read("temporary", name)))
+        await asyncio.sleep(0.05)
+        reading.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        await eventually(lambda: len(opened) == 1 and opened[0].closed, 10)
+
+
+async def test_a_writer_cancelled_while_its_partial_is_made_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A writer whose caller is cancelled while the locked partial is being created (in a
+    thread) closes the descriptor and removes the partial when the creation finishes."""
+    made: list[tuple[Path, int]] = []
+    release = threading.Event()
+    create = files._create_locked
+
+    def slow_create(where: Path, name: str) -> tuple[Path, int]:
+        release.wait(10)
+        made.append(create(where, name))
+        return made[-1]
+
+    async with FileResults(str(tmp_path)) as store:
+        monkeypatch.setattr(files, "_create_locked", slow_create)
+        starting = asyncio.create_task(store.writer("temporary", a_name()))
+        await asyncio.sleep(0.05)
+        starting.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+
+        def cleaned() -> bool:
+            return len(made) == 1 and not made[0][0].exists()
+
+        await eventually(cleaned, 10)
+        partial = str(made[0][0])
+        assert not [p for p in open_files() if p.startswith(partial)]  # its descriptor is closed

@@ -32,13 +32,14 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
-import aiofiles
 import aiofiles.os
 
 from arqd.clock import SYSTEM_CLOCK, Clock
@@ -69,10 +70,43 @@ def _error(doing: str, path: Path, exc: OSError) -> BackendError:
     return BackendError(f"results: cannot {doing} {path}: {why}")
 
 
+T = TypeVar("T")
+
+
+async def _owned(make: Callable[[], T], drop: Callable[[T], None]) -> T:
+    """``make()`` in a thread. If the caller is cancelled meanwhile, what ``make`` returns when
+    it finishes is dropped with ``drop`` (a file opened for a request that went away is closed,
+    not left to the garbage collector: an unclosed-file warning in CI)."""
+    fut = asyncio.get_running_loop().run_in_executor(None, make)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+
+        def dropped(done: asyncio.Future[T]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                drop(done.result())
+
+        fut.add_done_callback(dropped)
+        raise
+
+
+def _open_read(path: Path) -> BinaryIO:
+    return path.open("rb")
+
+
+def _close(f: BinaryIO) -> None:
+    f.close()
+
+
+def _drop_partial(created: tuple[Path, int]) -> None:
+    partial, fd = created
+    with contextlib.suppress(OSError):
+        partial.unlink()
+    os.close(fd)
+
+
 class _FileWriter(ResultWriter):
-    def __init__(
-        self, partial: Path, final: Path, handle: aiofiles.threadpool.binary.AsyncBufferedIOBase
-    ) -> None:
+    def __init__(self, partial: Path, final: Path, handle: BinaryIO) -> None:
         self._partial, self._final = partial, final
         # The handle's fd carries the partial's lock: it stays open until the file is renamed
         # or removed.
@@ -83,7 +117,7 @@ class _FileWriter(ResultWriter):
     async def write(self, data: bytes) -> None:
         assert not self._closed, "writer already finished"
         try:
-            await self._handle.write(data)
+            await asyncio.to_thread(self._handle.write, data)
         except OSError as exc:
             raise _error("write", self._partial, exc) from exc
         self._size += len(data)
@@ -92,7 +126,7 @@ class _FileWriter(ResultWriter):
         assert not self._closed, "writer already finished"
         try:
             with _translated("publish", self._final):
-                await self._handle.flush()
+                await asyncio.to_thread(self._handle.flush)
                 await asyncio.to_thread(os.fsync, self._handle.fileno())
                 # Renamed while still locked: a sweep never sees this partial without its lock.
                 await asyncio.to_thread(_publish, self._partial, self._final)
@@ -100,7 +134,7 @@ class _FileWriter(ResultWriter):
             await self.abort()
             raise
         self._closed = True
-        await self._handle.close()
+        self._handle.close()  # flushed above: closing a regular file does not block
         return self._size
 
     async def abort(self) -> None:
@@ -112,7 +146,7 @@ class _FileWriter(ResultWriter):
         with contextlib.suppress(OSError):
             await aiofiles.os.remove(self._partial)  # removed before the lock is let go
         with contextlib.suppress(OSError):  # unwritten bytes may fail again; the fd is closed
-            await self._handle.close()
+            self._handle.close()
 
 
 def _publish(partial: Path, final: Path) -> None:
@@ -222,15 +256,10 @@ class FileResults(ResultStore):
     async def writer(self, area: Area, name: str) -> ResultWriter:
         final = self._path(area, name)
         with _translated("create a partial result in", self.root / PARTIAL):
-            partial, fd = await asyncio.to_thread(_create_locked, self.root / PARTIAL, name)
-        try:
-            handle = await aiofiles.open(fd, "wb")
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
-            os.close(fd)
-            raise
-        return _FileWriter(partial, final, handle)
+            partial, fd = await _owned(
+                functools.partial(_create_locked, self.root / PARTIAL, name), _drop_partial
+            )
+        return _FileWriter(partial, final, os.fdopen(fd, "wb"))
 
     async def sweep_partials(self) -> tuple[int, int]:
         with _translated("sweep partial results in", self.root / PARTIAL):
@@ -241,7 +270,7 @@ class FileResults(ResultStore):
     ) -> AsyncIterator[bytes]:
         path = self._path(area, name)
         try:
-            f = await aiofiles.open(path, "rb")
+            f = await _owned(functools.partial(_open_read, path), _close)
         except FileNotFoundError:
             raise ResultExpired(f"the result of job {name} is no longer stored") from None
         except OSError as exc:
@@ -249,12 +278,13 @@ class FileResults(ResultStore):
         try:
             left = None if end is None else max(0, end - start)
             try:
-                await f.seek(start)
+                await asyncio.to_thread(f.seek, start)
             except OSError as exc:
                 raise _error("read", path, exc) from exc
             while left is None or left > 0:
                 try:
-                    chunk = await f.read(CHUNK if left is None else min(CHUNK, left))
+                    size = CHUNK if left is None else min(CHUNK, left)
+                    chunk = await asyncio.to_thread(f.read, size)
                 except OSError as exc:
                     raise _error("read", path, exc) from exc
                 if not chunk:
@@ -263,7 +293,7 @@ class FileResults(ResultStore):
                     left -= len(chunk)
                 yield chunk
         finally:
-            await f.close()
+            f.close()  # opened for reading: closing does not block
 
     async def size(self, area: Area, name: str) -> int | None:
         path = self._path(area, name)
