@@ -25,7 +25,7 @@ TINY = {
     "scale": "--sizes 100,200 --sample 50 --rounds 1 --rtt 10 --longpolls 10 --seconds 1",
     "http_api": "--seconds 1 --batches 1",
     "dynamodb_cost": "--jobs 10 --rate 50 --idle 0.5 --shards 2",
-    "postgres_scale": "--daemons 1,2 --jobs 300 --depths 100,300 --sample 200 --rounds 1",
+    "server_scale": "--daemons 1,2 --jobs 300 --depths 100,300 --sample 200 --rounds 1",
 }
 COMMAND = re.compile(r"^\.venv/bin/python -m benchmarks\.(\w+)(.*)$", re.MULTILINE)
 
