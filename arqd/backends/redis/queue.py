@@ -246,6 +246,7 @@ class RedisQueue(QueueBackend):
         self._done = s.done_channel(self.p)
         self._consumed: set[bytes] = set()  # the queue names (as in channels) leased from
         self._listener: asyncio.Task[None] | None = None
+        self._closing = False
         self.listening = asyncio.Event()  # set while the listening connection is subscribed
         self.listened: set[str] = set()  # what it subscribes to (a pattern, a channel)
 
@@ -334,8 +335,13 @@ class RedisQueue(QueueBackend):
 
     async def aclose(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+            # redis-py's PubSub.get_message can swallow a cancellation (seen under Python 3.11:
+            # the task stayed "cancelling" and read on), so the loop also stops at the flag,
+            # within LISTEN_POLL.
+            self._closing = True
+            while not self._listener.done():
+                self._listener.cancel()
+                await asyncio.wait([self._listener], timeout=LISTEN_POLL)
             self._listener = None
         await self._disconnect()
 
@@ -399,7 +405,7 @@ class RedisQueue(QueueBackend):
         channel; on a lost connection, reconnect with a backoff and wake the consumers and
         waits, who may have missed a message meanwhile."""
         delay = 0.1
-        while True:
+        while not self._closing:
             client = Redis.from_url(self.url, **self._options())
             pubsub = client.pubsub()
             try:
@@ -427,7 +433,7 @@ class RedisQueue(QueueBackend):
         """Until the server confirms a (p)subscribe: from then on no message is missed. Messages
         read meanwhile are handed over."""
         deadline = asyncio.get_running_loop().time() + self.statement_timeout
-        while asyncio.get_running_loop().time() < deadline:
+        while asyncio.get_running_loop().time() < deadline and not self._closing:
             message = await pubsub.get_message(timeout=LISTEN_POLL)
             if message is not None and message.get("type") == kind:
                 return
@@ -441,7 +447,7 @@ class RedisQueue(QueueBackend):
         loop = asyncio.get_running_loop()
         heard = loop.time()
         pinged: float | None = None
-        while True:
+        while not self._closing:
             if self._changed_callbacks and self._done not in self.listened:
                 await pubsub.subscribe(self._done)
                 await self._confirmed(pubsub, "subscribe")
