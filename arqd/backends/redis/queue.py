@@ -32,7 +32,7 @@ from typing import Any
 import msgspec
 import structlog
 from redis import exceptions as rx
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -110,8 +110,16 @@ def _num(value: float) -> str:
     return repr(float(value))
 
 
-def _opt(value: Any) -> bytes:
-    return b"" if value is None else s.text(value)
+_pack = msgspec.msgpack.encode  # a batch as one argument; the script reads it with cmsgpack
+
+
+def _js(value: Any) -> str:
+    """A value's JSON text as a ``str``: cmsgpack reads MessagePack strings, not bytes."""
+    return s.text(value).decode()
+
+
+def _opt(value: Any) -> str:
+    return "" if value is None else _js(value)
 
 
 def _job(flat: Sequence[bytes]) -> Job:
@@ -156,7 +164,7 @@ def _finish_args(o: Outcome, now: float) -> list[Any]:
         o.state.value,
         "0" if o.count_attempt else "1",
         "" if o.started_at is None else _num(o.started_at),
-        _opt(o.result) if o.state is not State.QUEUED else b"",
+        _opt(o.result) if o.state is not State.QUEUED else "",
         _opt(o.error),
         expires,
         ready,
@@ -168,29 +176,29 @@ def _finish_args(o: Outcome, now: float) -> list[Any]:
     ]
 
 
-def _convert(new: NewJob) -> tuple[list[Any], Job]:
+def _convert(new: NewJob) -> tuple[list[str], Job]:
     """The hash fields of ``new`` (field, value…) and its first record, each value checked."""
     job = storable_job(new)
-    t = s.text
-    fields: list[Any] = [
-        b"id", t(new.id), b"queue", t(new.queue), b"handler", t(new.handler),
-        b"state", b'"queued"', b"payload", t(new.payload), b"attempts", b"0",
-        b"max_attempts", t(new.max_attempts), b"timeout", _num(new.timeout),
-        b"created_at", _num(new.created_at), b"ready_at", _num(new.ready_at), b"version", b"1",
+    t = _js
+    fields: list[str] = [
+        "id", t(new.id), "queue", t(new.queue), "handler", t(new.handler),
+        "state", '"queued"', "payload", t(new.payload), "attempts", "0",
+        "max_attempts", t(new.max_attempts), "timeout", _num(new.timeout),
+        "created_at", _num(new.created_at), "ready_at", _num(new.ready_at), "version", "1",
     ]  # fmt: skip
     optional = (
-        (b"key", new.key),
-        (b"meta", new.meta or None),
-        (b"steps", new.steps),
-        (b"group_id", new.group_id),
-        (b"owner", new.owner),
-        (b"name", new.name),
+        ("key", new.key),
+        ("meta", new.meta or None),
+        ("steps", new.steps),
+        ("group_id", new.group_id),
+        ("owner", new.owner),
+        ("name", new.name),
     )
     for name, value in optional:
         if value is not None:
             fields += [name, t(value)]
     if new.sticky:
-        fields += [b"sticky", b"true"]
+        fields += ["sticky", "true"]
     return fields, job
 
 
@@ -237,7 +245,11 @@ class RedisQueue(QueueBackend):
         self.pool_size = pool_size
         self.statement_timeout = statement_timeout
         self.p = s.tag(prefix)
-        self._pool: BlockingConnectionPool | None = None
+        self._pool: ConnectionPool | None = None
+        # Calls in flight, at most one per connection: a call waits here for one (up to
+        # statement_timeout), as BlockingConnectionPool would make it wait, at a fifth of the
+        # cost per call (PING through redis-py: 250 µs with it, 200 µs with this).
+        self._slots = asyncio.Semaphore(pool_size)
         self._client: Redis | None = None
         self._scripts: dict[str, Any] = {}
         self._ready_callbacks: list[Callable[[], None]] = []
@@ -271,11 +283,8 @@ class RedisQueue(QueueBackend):
 
     async def open(self) -> None:
         try:
-            self._pool = BlockingConnectionPool.from_url(
-                self.url,
-                max_connections=self.pool_size,
-                timeout=self.statement_timeout,
-                **self._options(),
+            self._pool = ConnectionPool.from_url(
+                self.url, max_connections=self.pool_size, **self._options()
             )
             self._client = Redis(connection_pool=self._pool)
             self._scripts = {
@@ -357,17 +366,33 @@ class RedisQueue(QueueBackend):
             raise BackendUnavailable("the redis backend is not open")
         keys = [self.p] if index is None else [self.p, index]
         try:
-            return await self._scripts[name](keys=keys, args=args)
+            await self._slot()
+            try:
+                return await self._scripts[name](keys=keys, args=args)
+            finally:
+                self._slots.release()
         except Exception as exc:
             raise _translate(exc) from None
+
+    async def _slot(self) -> None:
+        """Wait for a connection's turn; TimeoutError after ``statement_timeout``."""
+        if self._slots.locked():
+            async with asyncio.timeout(self.statement_timeout):
+                await self._slots.acquire()
+        else:
+            await self._slots.acquire()
 
     async def _command(self, name: str, *args: Any) -> Any:
         """One plain command, faults translated."""
         if self._client is None:
             raise BackendUnavailable("the redis backend is not open")
         try:
-            # redis-py declares execute_command without types
-            return await self._client.execute_command(name, *args)  # type: ignore[no-untyped-call]
+            await self._slot()
+            try:
+                # redis-py declares execute_command without types
+                return await self._client.execute_command(name, *args)  # type: ignore[no-untyped-call]
+            finally:
+                self._slots.release()
         except Exception as exc:
             raise _translate(exc) from None
 
@@ -479,22 +504,24 @@ class RedisQueue(QueueBackend):
             storable_group(group, jobs)
             gid = group.id
             ghead = s.text(msgspec.structs.replace(group, members=[]))[:-2]  # ...,"members":[
-        args: list[Any] = [_num(self.clock.time()), len(rows), gid, ghead]
+        packed: list[list[Any]] = []
         for i, (new, (fields, _)) in enumerate(zip(jobs, rows, strict=True)):
-            member = b""
+            member = ""
             if group is not None:
-                member = s.text(GroupMember(group.members[i].name, ""))[:-2]  # {..,"id":"
-            args += [
-                new.id,
-                s.queue_name(new.queue),
-                _num(new.ready_at),
-                _opt(new.key),
-                _opt(new.owner),
-                _opt(new.group_id),
-                member,
-                len(fields) // 2,
-                *fields,
-            ]
+                member = _js(GroupMember(group.members[i].name, ""))[:-2]  # {..,"id":"
+            packed.append(
+                [
+                    new.id,
+                    s.queue_name(new.queue),
+                    _num(new.ready_at),
+                    _opt(new.key),
+                    _opt(new.owner),
+                    _opt(new.group_id),
+                    member,
+                    fields,
+                ]
+            )
+        args = [_num(self.clock.time()), gid, ghead, _pack(packed)]
         answers = await self._run("ENQUEUE", args)
         return [
             Enqueued(_job(answer), created=False)
@@ -542,8 +569,8 @@ class RedisQueue(QueueBackend):
                 u.job_id,
                 u.token,
                 _opt(u.progress),
-                s.text(u.steps) if saved else b"",
-                s.text(u.checkpoint or {}) if saved else b"",
+                _js(u.steps) if saved else "",
+                _js(u.checkpoint or {}) if saved else "",
             ]
         return [bool(x) for x in await self._run("UPDATE", args)]
 
@@ -551,10 +578,8 @@ class RedisQueue(QueueBackend):
         if not outcomes:
             return []
         now = self.clock.time()
-        args: list[Any] = [_num(now)]
-        for o in outcomes:
-            args += _finish_args(o, now)
-        return [bool(x) for x in await self._run("FINISH", args)]
+        packed = _pack([_finish_args(o, now) for o in outcomes])
+        return [bool(x) for x in await self._run("FINISH", [_num(now), packed])]
 
     async def _cancel(self, job_id: str, *, free_key: bool) -> Job | None:
         args = [job_id, "1" if free_key else "0", _num(self.clock.time())]

@@ -99,28 +99,26 @@ def _script(body: str, *, writes: bool = True) -> str:
 
 # --- submit -----------------------------------------------------------------------------------
 
-# ARGV: now, n, group id ('' none), the group record's head ('' none), then per job: id, queue
-# name, ready_at, key ('' none), owner ('' none), group ('' none), the member's head in the group
-# record ('' none), m, then m field/value pairs. Answers per job 1 (stored) or the holder's
-# record (its key was held). O(fields + log N) per job.
+# ARGV: now, group id ('' none), the group record's head ('' none), then the jobs as one
+# MessagePack array (an argument per value cost more to send than the script costs to run): per
+# job id, queue name, ready_at, key ('' none), owner ('' none), group ('' none), the member's head
+# in the group record ('' none), and its hash fields (field, value…). Answers per job 1 (stored)
+# or the holder's record (its key was held). O(fields + log N) per job.
 ENQUEUE = _script(
     r"""
 local now = tonumber(ARGV[1])
-local n, gid, ghead = tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local gid, ghead = ARGV[2], ARGV[3]
+local jobs = cmsgpack.unpack(ARGV[4])
 local out, members, counts, ready = {}, {}, {}, {}
-local i = 5
-for j = 1, n do
-  local id, qn, at, key = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local owner, grp, mhead, m = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], tonumber(ARGV[i + 7])
-  local first = i + 8
-  i = first + 2 * m
+for j, row in ipairs(jobs) do
+  local id, qn, at, key, owner, grp, mhead = row[1], row[2], row[3], row[4], row[5], row[6], row[7]
   local held = false
   if key ~= '' then held = holder(key, now) end
   if held then
     out[j] = redis.call('HGETALL', jk(held))
     members[j] = mhead .. held .. '"}'
   else
-    redis.call('HSET', jk(id), unpack(ARGV, first, first + 2 * m - 1))
+    redis.call('HSET', jk(id), unpack(row[8]))
     redis.call('ZADD', qk(qn), at, id)
     redis.call('ZADD', P .. ':l', 0, id)
     redis.call('ZADD', P .. ':l:q:' .. qn, 0, id)
@@ -227,22 +225,22 @@ return out
 """
 )
 
-# ARGV: now, then per outcome 14 values: id, token, state, attempts given back (0/1),
-# started_at, result, error, expires_at, ready_at, free key (0/1), keep key (0/1), the TTL of an
-# expiring record (seconds), the drop index ('0'/'1': a result a purge may drop; '' none), the
-# fingerprint (token:digest); '' is "none". An outcome whose token no longer holds the job
-# answers 1 if the job's fingerprint is its own (its first try landed, the answer was lost),
-# else 0. O(log N) each.
+# ARGV: now, then the outcomes as one MessagePack array, each of 14 values: id, token, state,
+# attempts given back (0/1), started_at, result, error, expires_at, ready_at, free key (0/1),
+# keep key (0/1), the TTL of an expiring record (seconds), the drop index ('0'/'1': a result a
+# purge may drop; '' none), the fingerprint (token:digest); '' is "none". An outcome whose token
+# no longer holds the job answers 1 if the job's fingerprint is its own (its first try landed,
+# the answer was lost), else 0. O(log N) each.
 FINISH = _script(
     r"""
 local now = ARGV[1]
 local nowf = tonumber(now)
 local out, counts, ended, ready = {}, {}, {}, {}
-for a = 2, #ARGV, 14 do
-  local id, token, st, give = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
-  local started, result, err, exp = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
-  local at, free, keep, ttl = ARGV[a + 8], ARGV[a + 9], ARGV[a + 10], ARGV[a + 11]
-  local drop, fp = ARGV[a + 12], ARGV[a + 13]
+for _, o in ipairs(cmsgpack.unpack(ARGV[2])) do
+  local id, token, st, give = o[1], o[2], o[3], tonumber(o[4])
+  local started, result, err, exp = o[5], o[6], o[7], o[8]
+  local at, free, keep, ttl = o[9], o[10], o[11], o[12]
+  local drop, fp = o[13], o[14]
   local key = jk(id)
   local v = redis.call('HMGET', key, 'state', '_t', 'queue', 'attempts', 'version', 'key', '_f')
   if v[1] == '"running"' and v[2] == token then
