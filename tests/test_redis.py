@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from arqd.model import ErrorInfo, NewJob, State, new_job_id
 from arqd.results.memory import MemoryResults
 
 from .conftest import drop_redis_prefix, redis_prefix
-from .daemons import Daemons, sqlite_config
+from .daemons import ROOT, Daemons, sqlite_config
 from .servers import RedisServer, ServerMissing, free_port
 from .util import eventually
 
@@ -484,6 +486,24 @@ def test_the_redis_backend_needs_a_url_it_can_use():
     env = {"ARQD_QUEUE_BACKEND": "redis", "ARQD_QUEUE_URL": "rediss://:secret-y@h:6380/2"}
     config = load_config(None, environ=env)
     assert config.queue.url == env["ARQD_QUEUE_URL"] and "secret-y" not in repr(config.queue)
+
+
+def test_redis_py_is_imported_only_when_configured():
+    """A daemon on another queue backend never imports redis-py (an optional extra); one on
+    redis imports the backend from its own module when config names it."""
+    probe = (
+        "import sys; from arqd.config import QueueConfig; from arqd.stores import queue_class\n"
+        "queue_class(sys.argv[1]); print(sorted(m for m in sys.modules if m.startswith"
+        "(('redis', 'hiredis', 'arqd.backends.redis'))))"
+    )
+    for backend, expect in (("sqlite", False), ("redis", True)):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, backend],
+            capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        loaded = done.stdout
+        assert ("'redis'" in loaded) is expect and ("arqd.backends.redis" in loaded) is expect
 
 
 # --- the daemon ---------------------------------------------------------------------------------
