@@ -293,6 +293,35 @@ def test_no_script_reads_the_keyspace_or_a_whole_set():
                 assert re.match(r", (jk\(|key\)|P \.\. ':n')", args), (name, args)  # a job, counts
 
 
+async def test_a_redis_cluster_node_runs_every_script():
+    """On Redis Cluster (here one node holding every slot) every key of a deployment is in the
+    slot of its hash tag, so the scripts run, keys and counts hold, and pub/sub wakes another
+    backend (docs/redis.md, "Redis Cluster and Valkey")."""
+    with RedisServer(settings={"cluster-enabled": "yes", "cluster-config-file": "nodes.conf"}) as s:
+        assert await admin(s.url, "CLUSTER", "ADDSLOTSRANGE", 0, 16383) == b"OK"
+
+        async def cluster_ok() -> bool:
+            info = await admin(s.url, "CLUSTER", "INFO")
+            return isinstance(info, bytes) and b"cluster_state:ok" in info
+
+        await eventually(cluster_ok, 20)
+        woken = asyncio.Event()
+        async with RedisQueue(s.url, prefix="c") as q, RedisQueue(s.url, prefix="c") as other:
+            other.on_jobs_ready(woken.set)
+            await other.lease(["q"], 1, VT, "w")
+            await asyncio.wait_for(other.listening.wait(), 10)
+            woken.clear()
+            out = await q.enqueue([new_job(key="k"), new_job(key="k")])
+            assert [e.created for e in out] == [True, False]
+            await asyncio.wait_for(woken.wait(), 10)
+            (lease,) = await q.lease(["q"], 5, VT, "w")
+            done = Outcome(job=lease.job, token=lease.token, state=State.SUCCEEDED)
+            assert await q.finish([done]) == [True]
+            assert [s.succeeded for s in await q.stats()] == [1]
+            holder = await q.find_by_key("k")
+            assert holder is not None and holder.id == lease.job.id
+
+
 # --- faults ------------------------------------------------------------------------------------
 
 
