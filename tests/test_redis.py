@@ -297,7 +297,9 @@ async def test_a_redis_cluster_node_runs_every_script():
     """On Redis Cluster (here one node holding every slot) every key of a deployment is in the
     slot of its hash tag, so the scripts run, keys and counts hold, and pub/sub wakes another
     backend (docs/redis.md, "Redis Cluster and Valkey")."""
-    with RedisServer(settings={"cluster-enabled": "yes", "cluster-config-file": "nodes.conf"}) as s:
+    cluster = {"cluster-enabled": "yes", "cluster-config-file": "nodes.conf"}
+    cluster["cluster-port"] = str(free_port())  # else port + 10000, which may not exist
+    with RedisServer(settings=cluster) as s:
         assert await admin(s.url, "CLUSTER", "ADDSLOTSRANGE", 0, 16383) == b"OK"
 
         async def cluster_ok() -> bool:
