@@ -181,19 +181,23 @@ class _Plugged(_Section, frozen=True):
     def __repr__(self) -> str:  # a plugin's options may hold secrets: names only
         fields = (f for f in self.__struct_fields__ if f != "options")
         shown = ", ".join(
-            f"{f}={redact_dsn(v) if f == 'dsn' and v else v!r}"
+            f"{f}={redact_dsn(v) if f in ('dsn', 'url') and v else v!r}"
             for f, v in ((f, getattr(self, f)) for f in fields)
         )
         return f"{type(self).__name__}({shown}, options=[{', '.join(map(repr, self.options))}])"
 
 
-QUEUE_BACKENDS = ("memory", "sqlite", "dynamodb", "postgres")
+QUEUE_BACKENDS = ("memory", "sqlite", "dynamodb", "postgres", "redis")
 RESULT_BACKENDS = ("memory", "files", "s3")
 PG_SCHEMA = r"^[a-z_][a-z0-9_]{0,62}\Z"  # a plain identifier: never quoted wrongly
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 def redact_dsn(dsn: str) -> str:
-    """A database URL or keyword DSN without its password, for logs, errors and reprs."""
+    """A database URL (postgres, redis) or keyword DSN without its password, for logs, errors
+    and reprs."""
     dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1[redacted]@", dsn)
     return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1[redacted]", dsn, flags=re.I)
 
@@ -213,11 +217,23 @@ class QueueConfig(_Plugged, frozen=True):
     pool_size: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
     statement_timeout: PositiveDuration = PositiveDuration(10)
     migrate: bool = True  # create or migrate the schema on open; false: `arqd init-db` does
+    # redis (docs/redis.md): the server's URL (also ARQD_QUEUE_URL; its password is never
+    # logged) and the prefix (hash tag) of every key; pool_size and statement_timeout as above.
+    url: str | None = None
+    prefix: Name = "arqd"
 
     def __post_init__(self) -> None:
         _check_backend(self.backend, self.options, QUEUE_BACKENDS)
         if self.backend == "postgres" and not self.dsn:
             raise ValueError("dsn: the postgres backend needs one (or ARQD_QUEUE_DSN)")
+        if self.backend == "redis":
+            if not self.url:
+                raise ValueError("url: the redis backend needs one (or ARQD_QUEUE_URL)")
+            if not self.url.startswith(REDIS_SCHEMES):
+                raise ValueError(
+                    f"url: redis://, rediss:// (TLS) or unix:// (a socket), got"
+                    f" {redact_dsn(self.url)!r}"
+                )
 
 
 class ResultsConfig(_Plugged, frozen=True):

@@ -9,7 +9,8 @@ way, ``cls(clock=clock, **arguments)``: a built-in's arguments come from its typ
 
 Each module is imported only when config names it, so optional drivers (aioboto3 for
 ``dynamodb`` and ``s3``, extra ``arqd[aws]``; asyncpg for ``postgres``, extra
-``arqd[postgres]``) are needed only by those who use them;
+``arqd[postgres]``; redis-py for ``redis``, extra ``arqd[redis]``) are needed only by those who
+use them;
 ``tests/test_stores.py`` pins it for the result stores.
 """
 
@@ -35,6 +36,7 @@ QUEUES = {
     "sqlite": "arqd.backends.sqlite:SqliteQueue",
     "dynamodb": "arqd.backends.dynamodb:DynamoQueue",
     "postgres": "arqd.backends.postgres:PostgresQueue",
+    "redis": "arqd.backends.redis:RedisQueue",
 }
 RESULTS = {
     "memory": "arqd.results.memory:MemoryResults",
@@ -92,6 +94,13 @@ def queue_arguments(cfg: QueueConfig) -> dict[str, Any]:
             "pool_size": cfg.pool_size,
             "statement_timeout": float(cfg.statement_timeout),
             "migrate": cfg.migrate,
+        }
+    if cfg.backend == "redis":
+        return {
+            "url": cfg.url,
+            "prefix": cfg.prefix,
+            "pool_size": cfg.pool_size,
+            "statement_timeout": float(cfg.statement_timeout),
         }
     return dict(cfg.options)  # memory takes none (config refuses options for a built-in)
 

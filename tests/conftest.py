@@ -2,7 +2,9 @@
 
 Adding a backend here puts it under the whole contract suite (``test_contract_*.py``).
 The AWS backends (``dynamodb``, ``s3``) talk HTTP to one moto server per session, started on
-first use; each test gets a table and a bucket of its own.
+first use; each test gets a table and a bucket of its own. PostgreSQL and Redis run as
+throw-away servers (``tests/servers.py``), one per session: each test gets a schema, or a key
+prefix, of its own.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 from arqd.backends.base import QueueBackend
 from arqd.backends.memory import MemoryQueue
 from arqd.backends.postgres import PostgresQueue as PostgresQueueType
+from arqd.backends.redis import RedisQueue
 from arqd.backends.sqlite import SqliteQueue
 from arqd.clock import ManualClock
 from arqd.config import QueueConfig, ResultsConfig
@@ -30,7 +33,7 @@ from arqd.results.memory import MemoryResults
 from arqd.stores import make_queue, make_results
 
 from .daemons import Daemons
-from .servers import PostgresServer, ServerMissing
+from .servers import PostgresServer, RedisServer, ServerMissing
 
 if TYPE_CHECKING:
     from arqd.backends.dynamodb import DynamoSettings
@@ -53,7 +56,7 @@ def _queue_factories(tmp_path: Path) -> dict[str, QueueFactory]:
 # daemon would make them: the contract suites run over a plugged class too.
 PLUGGED_QUEUE = "tests.plugin.queue:PluggedQueue"
 PLUGGED_RESULTS = "tests.plugin.queue:PluggedResults"
-QUEUE_BACKENDS = ["memory", "sqlite", "dynamodb", "postgres", "plugged"]
+QUEUE_BACKENDS = ["memory", "sqlite", "dynamodb", "postgres", "redis", "plugged"]
 RESULT_STORES = ["memory", "files", "s3", "plugged"]
 
 AWS_REGION = "us-east-1"
@@ -137,6 +140,41 @@ async def drop_postgres_schema(dsn: str, schema: str) -> None:
 
 
 @pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One throw-away redis-server for the whole session; the suite fails (never skips) when it
+    cannot start, saying how to install it."""
+    try:
+        server = RedisServer().start()
+    except ServerMissing as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+def redis_prefix() -> str:
+    """A fresh key prefix: each test gets a keyspace (and hash tag) of its own on the one server."""
+    return f"t{uuid.uuid4().hex[:16]}"
+
+
+async def drop_redis_prefix(url: str, prefix: str) -> None:
+    """Delete every key of ``prefix`` (a test's own clean-up may scan; arqd never does)."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{{{prefix}}}:*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.unlink(*keys[start : start + 1000])
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="session")
 def moto_url() -> Iterator[str]:
     """One moto server (DynamoDB and S3 over HTTP) for the whole session."""
     port = free_port()
@@ -195,12 +233,18 @@ async def queue(
 
         dsn = request.getfixturevalue("postgres_dsn")
         backend = PostgresQueue(dsn, schema=postgres_schema(), clock=clock)
+    elif request.param == "redis":
+        backend = RedisQueue(
+            request.getfixturevalue("redis_url"), prefix=redis_prefix(), clock=clock
+        )
     else:
         backend = _queue_factories(tmp_path)[request.param](clock)
     async with backend:
         yield backend
         if isinstance(backend, PostgresQueueType):
             await drop_postgres_schema(backend.dsn, backend.schema)
+        if isinstance(backend, RedisQueue):
+            await drop_redis_prefix(backend.url, backend.prefix)
         if backend.name == "dynamodb":  # keep moto's memory small across the session
             await backend.client.delete_table(TableName=backend.table)  # type: ignore[attr-defined]
 
@@ -215,6 +259,8 @@ def queue_factory(tmp_path: Path, queue: QueueBackend) -> Callable[[ManualClock]
             return SqliteQueue(queue.path, clock=clock)
         if isinstance(queue, PostgresQueueType):
             return PostgresQueueType(queue.dsn, schema=queue.schema, clock=clock)
+        if isinstance(queue, RedisQueue):
+            return RedisQueue(queue.url, prefix=queue.prefix, clock=clock)
         if queue.name == "dynamodb":
             from arqd.backends.dynamodb import DynamoQueue
 

@@ -1,5 +1,10 @@
 """Database servers the tests (and benchmarks) start for themselves, usable outside pytest.
 
+``RedisServer`` runs Debian's ``redis-server`` on 127.0.0.1 at a free port with its files in a
+temporary directory, without persistence unless asked (``aof=True``: AOF, fsync every second); it
+can be stopped (cleanly, or killed) and started again on the same port and files, and paused with
+SIGSTOP. Missing, it raises :class:`ServerMissing` saying how to install it.
+
 ``PostgresServer`` runs a throw-away cluster of the Debian ``postgresql`` package: ``initdb`` in a
 temporary directory, ``postgres`` on 127.0.0.1 at a free port (and a unix socket in that
 directory), as the ``postgres`` user when we are root (the server refuses to run as root). It can
@@ -184,6 +189,139 @@ class PostgresServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> PostgresServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+REDIS_HINT = (
+    "redis-server was not found: install it with `apt-get install redis-server`"
+    " (scripts/ci-system-deps does, as root on Debian)"
+)
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+    if found is None:
+        raise ServerMissing(REDIS_HINT)
+    return found
+
+
+class RedisServer:
+    """One throw-away redis-server; ``start()``, ``stop()``, ``kill()``, ``restart()``,
+    ``pause()``/``resume()``, ``close()``. ``settings`` are extra directives (``{"requirepass":
+    "pw"}``); ``aof`` turns the append-only file on (fsync every second)."""
+
+    def __init__(self, *, aof: bool = False, settings: dict[str, str] | None = None) -> None:
+        self.binary = redis_binary()
+        self.dir = Path(tempfile.mkdtemp(prefix="arqd-redis-"))
+        self.port = free_port()
+        self.settings = {
+            "bind": "127.0.0.1",
+            "port": str(self.port),
+            "dir": str(self.dir),
+            "save": "",
+            "appendonly": "yes" if aof else "no",
+            "appendfsync": "everysec",
+            "protected-mode": "no",
+            "daemonize": "no",
+            "logfile": str(self.dir / "server.log"),
+            **(settings or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        password = self.settings.get("requirepass")
+        auth = f":{password}@" if password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        cmd = [self.binary]
+        for key, value in self.settings.items():
+            cmd += [f"--{key}", value]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self.dir,
+            start_new_session=True,
+        )
+        self._wait_ready()
+        return self
+
+    def _answers(self) -> bool:
+        """Whether the server answers a PING (``-NOAUTH`` counts: it is up)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                reply = sock.recv(64)
+        except OSError:
+            return False
+        return reply.startswith((b"+PONG", b"-NOAUTH"))
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ServerMissing(f"redis-server exited at start:\n{self.log_tail()}")
+            if self._answers():
+                return
+            time.sleep(0.02)
+        raise ServerMissing(f"redis-server did not answer in {START_TIMEOUT:g} s")
+
+    def log_tail(self, lines: int = 10) -> str:
+        log = self.dir / "server.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the server: SIGTERM shuts it down cleanly (AOF flushed); SIGKILL is a crash."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)  # a frozen server cannot stop
+            proc.send_signal(sig)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def pause(self) -> None:
+        """Freeze it (SIGSTOP): connections stay open and nothing answers."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def restore(self) -> None:
+        """Up and answering, whatever was done to it (resumed, or started again)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.resume()
+            self._wait_ready()
+        else:
+            self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -53,7 +53,7 @@ def test_sizes(text: object, size: int):
         ("[workers]\nconcurrency = 'many'", "workers.concurrency"),
         ("[workers]\nvisibility_timeout = '30 parsecs'", "workers.visibility_timeout"),
         ("[workers]\nconcurency = 3", "workers.concurency: unknown setting"),
-        ("[queue]\nbackend = 'redis'", "queue.backend"),
+        ("[queue]\nbackend = 'rabbitmq'", "queue.backend"),
         ("[handlers]\nx = { call = 'no colon' }", "handlers.x"),
         ("[handlers]\necho = 'arqd.demo:echo'\n[groups.g]\njobs = []", "groups.g"),
         ("[groups.g]\njobs = [{ handler = 'nope' }]", "groups.g.jobs[0].handler: unknown handler"),
@@ -208,7 +208,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path):
     path = tmp_path / "c.toml"
     path.write_text(
         "[workers]\nconcurrency = 'many'\nbatch = 0\n"
-        "[queue]\nbackend = 'redis'\n"
+        "[queue]\nbackend = 'rabbitmq'\n"
         "[handlers]\nx = { call = 'no colon' }\ny = { call = 'a:b', retries = 1 }\n"
         "[[schedules]]\nname = 's'\nhandler = 'nope'\nevery = '1s'\n"
     )
