@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -210,6 +211,31 @@ async def test_a_finish_repeated_after_a_lost_answer_is_answered_as_applied(rq: 
     assert await rq.finish([other]) == [False]
     stats = await rq.stats()
     assert [(s.succeeded, s.failed) for s in stats] == [(2, 0)]
+
+
+async def test_jobs_leased_by_a_call_whose_answer_was_lost_are_handed_out_next(
+    rq: RedisQueue, monkeypatch: pytest.MonkeyPatch
+):
+    """A lease script that ran but whose answer was lost (a connection dropped right after) is
+    found by the next lease call, with its token: the jobs run now instead of waiting out the
+    lease and losing an attempt (with one attempt allowed, the job failed without running)."""
+    job = new_job()
+    await rq.enqueue([job])
+    run = rq._run
+
+    async def ran_then_lost(name: str, args: Any, index: str | None = None) -> Any:
+        monkeypatch.setattr(rq, "_run", run)
+        await run(name, args, index)
+        raise BackendUnavailable("connection lost (test)")
+
+    monkeypatch.setattr(rq, "_run", ran_then_lost)
+    with pytest.raises(BackendUnavailable):
+        await rq.lease(["q"], 10, VT, "w")
+    (lease,) = await rq.lease(["q"], 10, VT, "w")
+    assert lease.job.id == job.id and lease.job.attempts == 1 and not lease.recovered
+    done = Outcome(job=lease.job, token=lease.token, state=State.SUCCEEDED)
+    assert await rq.finish([done]) == [True]
+    assert await rq.lease(["q"], 10, VT, "w") == []
 
 
 async def test_an_expiring_record_gets_a_ttl_and_a_redriven_one_loses_it(rq: RedisQueue):

@@ -78,6 +78,8 @@ WORKERS_FORGET = 86400.0  # seconds after which a silent worker's row goes
 LISTEN_KEEPALIVE = 5.0  # seconds of silence before the listening connection is pinged
 LISTEN_RETRY_MAX = 5.0  # seconds between attempts to reconnect it, at most
 LISTEN_POLL = 1.0  # seconds between its looks at newly wanted channels
+UNANSWERED = 16  # lease calls whose answer was lost, looked for by the next lease call (newest)
+UNANSWERED_MARGIN = 1.0  # seconds: a lost lease closer than this to its end is left to expire
 MIN_VERSION = (7, 0)  # scripts declare themselves with #!lua (Redis 7 functions of EVAL)
 
 # Error replies a retry can outlive: a script running too long, a server loading its data set or
@@ -252,6 +254,8 @@ class RedisQueue(QueueBackend):
         self._slots = asyncio.Semaphore(pool_size)
         self._client: Redis | None = None
         self._scripts: dict[str, Any] = {}
+        # Lease calls that failed after sending: (queue names, token, deadline), see _lease.
+        self._unanswered: list[tuple[list[str], str, float]] = []
         self._ready_callbacks: list[Callable[[], None]] = []
         self._changed_callbacks: list[Callable[[Sequence[str] | None], None]] = []
         self._ready_prefix = f"{self.p}:ready:".encode()
@@ -534,16 +538,42 @@ class RedisQueue(QueueBackend):
         self, queues: Sequence[str], limit: int, lease_for: float, worker: str
     ) -> list[Lease]:
         self._consume(queues)
+        leases = await self._lease_unanswered()
         now = self.clock.time()
         token = new_token()
         expires = now + lease_for
-        args = [_num(now), limit, token, _num(expires), *(s.queue_name(q) for q in queues)]
-        out = await self._run("LEASE", args)
-        it = iter(out)
-        return [
-            Lease(_job(flat), token, expires, bool(recovered))
-            for recovered, flat in zip(it, it, strict=True)
-        ]
+        names = [s.queue_name(q) for q in queues]
+        if limit - len(leases) > 0:
+            args = [_num(now), limit - len(leases), token, _num(expires), *names]
+            try:
+                out = await self._run("LEASE", args)
+            except BackendUnavailable:
+                # The answer may be lost after the script ran: look for its jobs next time, or
+                # they would wait out the lease and each lose an attempt.
+                self._unanswered = [*self._unanswered, (names, token, expires)][-UNANSWERED:]
+                raise
+            it = iter(out)
+            leases += [
+                Lease(_job(flat), token, expires, bool(recovered))
+                for recovered, flat in zip(it, it, strict=True)
+            ]
+        return leases
+
+    async def _lease_unanswered(self) -> list[Lease]:
+        """The jobs lease calls whose answer was lost took, while those leases last (found by
+        their deadline and token; each lease call has a token of its own)."""
+        now = self.clock.time()
+        pending = [u for u in self._unanswered if u[2] > now + UNANSWERED_MARGIN]
+        self._unanswered = []
+        found: list[Lease] = []
+        for n, (names, token, expires) in enumerate(pending):
+            try:
+                out = await self._run("LEASE_AGAIN", [_num(expires), token, *names])
+            except BackendUnavailable:
+                self._unanswered = pending[n:]
+                raise
+            found += [Lease(_job(flat), token, expires, False) for flat in out]
+        return found
 
     async def _heartbeat(
         self, leases: Sequence[tuple[str, str]], lease_for: float

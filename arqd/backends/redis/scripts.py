@@ -177,6 +177,28 @@ return out
 """
 )
 
+# The jobs a lease call whose answer was lost took, still held under its token. ARGV: the lease's
+# deadline (its score in each queue's set, as LEASE wrote it), its token, then the queues. Answers
+# their records (at most 1,000 a queue: a lease takes at most workers.batch). O(log N + k) per
+# queue.
+LEASE_AGAIN = _script(
+    r"""
+local deadline, token = ARGV[1], ARGV[2]
+local out = {}
+for a = 3, #ARGV do
+  local ids = redis.call('ZRANGEBYSCORE', qk(ARGV[a]), deadline, deadline, 'LIMIT', 0, 1000)
+  for _, id in ipairs(ids) do
+    local v = redis.call('HMGET', jk(id), 'state', '_t')
+    if v[1] == '"running"' and v[2] == token then
+      out[#out + 1] = redis.call('HGETALL', jk(id))
+    end
+  end
+end
+return out
+""",
+    writes=False,
+)
+
 # ARGV: the new deadline, then (id, token) pairs. Answers (held 0/1, cancel requested 0/1) per
 # pair. O(log N) each.
 HEARTBEAT = _script(
