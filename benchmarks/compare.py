@@ -36,7 +36,8 @@ recovery): above 1 is better for rates, below 1 is better for latencies and seco
 line is one JSON object with flat keys: ``<row>_<figure>`` for every row and figure (null when
 not measured or never), ``best_peer_<figure>``, ``best_peer_name_<figure>``, ``ratio_<figure
 without its unit>`` (``ratio_noop_process``), ``ratio_pg_<figure>`` (``arqd_postgres`` ÷
-procrastinate), ``<row>_error`` for a row that failed, the sizes,
+procrastinate), ``ratio_redis_<figure>`` (``arqd_redis`` ÷ the best of SAQ, arq, huey and RQ;
+the ``_http`` rows for recovery), ``<row>_error`` for a row that failed, the sizes,
 and ``version_<package>``. ``--quick`` runs small sizes (1,000 jobs, 50 round trips, a 5 s
 recovery job) to smoke-test.
 """
@@ -117,6 +118,22 @@ SYSTEMS = (
         "postgres",
         extra=("--mode", "http_postgres"),
     ),
+    System(
+        "arqd_redis",
+        "arqd redis, in-process",
+        ARQD,
+        WORKLOADS[:3],
+        "redis",
+        extra=("--mode", "redis"),
+    ),
+    System(
+        "arqd_redis_http",
+        "arqd daemon, HTTP, redis",
+        ARQD,
+        WORKLOADS,
+        "redis",
+        extra=("--mode", "http_redis"),
+    ),
     System("saq", "SAQ (Redis)", "benchmarks.peers.saq_bench", WORKLOADS, "redis", package="saq"),
     System("arq", "arq (Redis)", "benchmarks.peers.arq_bench", WORKLOADS, "redis", package="arq"),
     System(
@@ -142,6 +159,8 @@ SETTINGS = {
     "arqd_postgres": "as arqd_sqlite on PostgreSQL (pool_size 10); rtt across two processes: "
     "Client.submit/wait here, an `arqd serve` runs the job (NOTIFY both ways)",
     "arqd_postgres_http": "as arqd_http on PostgreSQL",
+    "arqd_redis": "as arqd_sqlite on Redis; rtt across two processes, as arqd_postgres",
+    "arqd_redis_http": "as arqd_http on Redis",
     "saq": "Worker(concurrency=100); apply(poll_interval=1ms); heartbeat=5 + job.update()/s, "
     "sweep 1 s",
     "arq": "Worker(max_jobs=100, poll_delay=1ms); job.result(poll_delay=1ms); "
@@ -182,9 +201,22 @@ FIGURES = (
 )
 WORKLOAD_OF = {f.key: f.key.split("_")[0] for f in FIGURES}
 BASE_ROW = {"recovery_rerun_s": "arqd_http", "recovery_done_s": "arqd_http"}  # else arqd_sqlite
-# Same broker, same server: arqd's PostgreSQL rows against procrastinate (ratio_pg_<figure>).
-PG_ROW = {"recovery_rerun_s": "arqd_postgres_http", "recovery_done_s": "arqd_postgres_http"}
-PG_PEER = "procrastinate"
+
+
+@dataclass(frozen=True)
+class SameServer:
+    """arqd on one broker against the best peer on the same server (``ratio_<prefix>…``)."""
+
+    prefix: str  # of the JSON keys: ratio_pg_noop_process
+    label: str  # of the table's line
+    row: str  # arqd's in-process row; its daemon row (``row + "_http"``) for recovery
+    peers: tuple[str, ...]
+
+
+SAME_SERVER = (
+    SameServer("pg_", "arqd pg ÷ procrastinate", "arqd_postgres", ("procrastinate",)),
+    SameServer("redis_", "arqd redis ÷ best", "arqd_redis", ("saq", "arq", "huey", "rq")),
+)
 
 
 @dataclass
@@ -374,8 +406,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--only",
         default="",
-        help="comma-separated rows: arqd (all five), arqd_sqlite, arqd_http, arqd_memory, "
-        "arqd_postgres, arqd_postgres_http, saq, arq, huey, rq, procrastinate",
+        help="comma-separated rows: arqd (all seven), arqd_sqlite, arqd_http, arqd_memory, "
+        "arqd_postgres, arqd_postgres_http, arqd_redis, arqd_redis_http, saq, arq, huey, rq, "
+        "procrastinate",
     )
     p.add_argument("--skip-install", action="store_true", help="use .venv-peers as it is")
     p.add_argument("--jobs", type=int, help="noop jobs (10,000; 1,000 with --quick); sleep: /5")
@@ -488,15 +521,21 @@ def ratios(rows: list[Row], best: dict[str, tuple[str, float]]) -> dict[str, flo
     return out
 
 
-def pg_ratios(rows: list[Row]) -> dict[str, float | None]:
-    """arqd on PostgreSQL ÷ procrastinate on the same server, per figure."""
+def same_server_ratios(rows: list[Row], pair: SameServer) -> dict[str, float | None]:
+    """arqd on one broker ÷ the best of its peers on the same server, per figure."""
     by_key = {r.system.key: r for r in rows}
-    peer = by_key.get(PG_PEER)
     out: dict[str, float | None] = {}
     for fig in FIGURES:
-        if fig.ratio:
-            theirs = peer.figures.get(fig.key) if peer else None
-            out[fig.key] = ratio_of(by_key, PG_ROW.get(fig.key, "arqd_postgres"), theirs, fig)
+        if not fig.ratio:
+            continue
+        values = [
+            by_key[p].figures[fig.key]
+            for p in pair.peers
+            if p in by_key and by_key[p].figures.get(fig.key) is not None
+        ]
+        theirs = (max if fig.higher_is_better else min)(values) if values else None
+        row = pair.row + "_http" if fig.key.startswith("recovery") else pair.row
+        out[fig.key] = ratio_of(by_key, row, theirs, fig)
     return out
 
 
@@ -530,7 +569,7 @@ def table(
     rows: list[Row],
     best: dict[str, tuple[str, float]],
     ratio: dict[str, float | None],
-    pg: dict[str, float | None],
+    same: dict[SameServer, dict[str, float | None]],
 ) -> str:
     header = ["system", *(f.header for f in FIGURES)]
     body = [[r.system.key, *(cell(r, f) for f in FIGURES)] for r in rows]
@@ -549,13 +588,12 @@ def table(
             *(f"{ratio[f.key]:.2f}×" if ratio.get(f.key) is not None else "—" for f in FIGURES),
         ]
     )
-    if any(v is not None for v in pg.values()):
-        body.append(
-            [
-                f"arqd pg ÷ {PG_PEER}",
-                *(f"{pg[f.key]:.2f}×" if pg.get(f.key) is not None else "—" for f in FIGURES),
+    for pair, values in same.items():
+        if any(v is not None for v in values.values()):
+            cells = [
+                f"{values[f.key]:.2f}×" if values.get(f.key) is not None else "—" for f in FIGURES
             ]
-        )
+            body.append([pair.label, *cells])
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = []
     for n, line in enumerate([header, *body]):
@@ -572,7 +610,7 @@ def report(
 ) -> dict[str, Any]:
     best = best_peers(rows)
     ratio = ratios(rows, best)
-    pg = pg_ratios(rows)
+    same = {pair: same_server_ratios(rows, pair) for pair in SAME_SERVER}
     print(
         f"machine: {info['cores']} cores, {info['cpu']}; Python {info['python']}, "
         f"SQLite {info['sqlite']}, arqd {info['arqd']}"
@@ -587,12 +625,12 @@ def report(
         f"never = not within {s.give_up:g} s"
     )
     print()
-    print(table(rows, best, ratio, pg))
+    print(table(rows, best, ratio, same))
     print()
     print(
-        "arqd ÷ best peer: arqd_sqlite (arqd_http for recovery); arqd pg ÷ procrastinate: "
-        "arqd_postgres (arqd_postgres_http for recovery), on the same PostgreSQL server; "
-        "> 1 is better for rates, < 1 for latencies and seconds"
+        "arqd ÷ best peer: arqd_sqlite (arqd_http for recovery); arqd pg ÷ procrastinate, "
+        "arqd redis ÷ best: arqd_postgres, arqd_redis (their _http rows for recovery) against "
+        "the peers on the same server; > 1 is better for rates, < 1 for latencies and seconds"
     )
     print("settings:")
     for r in rows:
@@ -600,7 +638,9 @@ def report(
     for r in rows:
         for workload, why in r.errors.items():
             print(f"  ! {r.system.key} {workload}: {why}")
-    return flat(args, rows, versions, info, best, {"": ratio, "pg_": pg})
+    return flat(
+        args, rows, versions, info, best, {"": ratio, **{p.prefix: same[p] for p in SAME_SERVER}}
+    )
 
 
 def flat(

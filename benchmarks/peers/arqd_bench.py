@@ -1,7 +1,7 @@
 """arqd's rows of ``benchmarks.compare``, run with arqd's own interpreter.
 
-    python -m benchmarks.peers.arqd_bench --mode sqlite|memory|postgres|http|http_postgres \
-        --workload noop|sleep|rtt|recovery [--url postgresql://…]
+    python -m benchmarks.peers.arqd_bench --workload noop|sleep|rtt|recovery \
+        --mode sqlite|memory|postgres|redis|http|http_postgres|http_redis [--url <server>]
 
 Settings (the same for every mode): ``workers.concurrency = --concurrency`` (100), ``workers.batch =
 200`` (leases per call, as ``benchmarks/throughput.py``), everything else at its default; logs
@@ -20,7 +20,8 @@ at warning level (the canonical per-job line is an info line).
   sends SIGHUP (the documented reload, which resizes the pool at once), and stops when
   ``GET /v1/queues`` counts every job succeeded. Round trips are ``POST /v1/jobs`` then
   ``GET /v1/jobs/{id}?wait=10`` with ``If-None-Match`` until the job is terminal.
-- ``http_postgres``: as ``http``, the daemon on the PostgreSQL of ``--url``.
+- ``redis``: as ``postgres``, on the Redis of ``--url`` (a key prefix of its own per run).
+- ``http_postgres``, ``http_redis``: as ``http``, the daemon on the server of ``--url``.
 - ``recovery`` (``http`` and ``http_postgres``): the daemon with ``visibility_timeout = "5s"``
   runs a ``--job-seconds`` job (``benchmarks.peers.arqd_handlers:crash``), is SIGKILLed one second
   into it, and a fresh daemon on the same storage starts at once.
@@ -82,6 +83,8 @@ def queue_settings(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     the PostgreSQL of ``--url`` (every process of one run shares ``args.schema``)."""
     if args.mode.endswith("postgres"):
         return {"backend": "postgres", "dsn": args.url, "schema": args.schema}
+    if args.mode.endswith("redis"):
+        return {"backend": "redis", "url": args.url, "prefix": args.schema}
     return {"backend": "sqlite" if args.mode != "memory" else "memory", "path": f"{tmp}/q.sqlite3"}
 
 
@@ -117,7 +120,7 @@ async def in_process(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     async with queue, results:
         app = arqd.App(config, queue=queue, results=results)
         client = arqd.Client(queue, results, config=config)
-        if args.workload == "rtt" and args.mode == "postgres":
+        if args.workload == "rtt" and args.mode in ("postgres", "redis"):
             return common.rtt_figures(await across_processes_rtt(client, args, tmp))
         if args.workload == "rtt":
             async with app:
@@ -173,7 +176,7 @@ class Daemon:
         self.queue = queue_toml(queue_settings(args, tmp))
         # Daemons sharing PostgreSQL must share the key sealing step secrets (any one will do).
         key = base64.urlsafe_b64encode(args.schema.encode().ljust(32, b"k")).decode()
-        shared = args.mode.endswith("postgres")
+        shared = args.mode.endswith(("postgres", "redis"))
         self.extra = f'[http_steps]\nkey = "{key}"\n' if shared else ""
         concurrency = args.concurrency if concurrency is None else concurrency
         self.url = f"http://127.0.0.1:{self.port}"
@@ -300,7 +303,9 @@ def recovery(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument(
-        "--mode", choices=("sqlite", "memory", "postgres", "http", "http_postgres"), required=True
+        "--mode",
+        choices=("sqlite", "memory", "postgres", "redis", "http", "http_postgres", "http_redis"),
+        required=True,
     )
     args = p.parse_args()
     args.schema = f"bench_{uuid.uuid4().hex[:12]}"
