@@ -198,7 +198,8 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 def redact_dsn(dsn: str) -> str:
     """A database URL (postgres, redis) or keyword DSN without its password, for logs, errors
     and reprs."""
-    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1[redacted]@", dsn)
+    # Up to the last "@" of the authority, as the drivers split it: a password may hold an "@".
+    dsn = re.sub(r"(://[^:/@]*:)[^/?#]*@", r"\1[redacted]@", dsn)
     return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1[redacted]", dsn, flags=re.I)
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import arqd
 from arqd.backends.memory import MemoryQueue
-from arqd.config import Config, load_config, parse_duration, parse_size
+from arqd.config import Config, load_config, parse_duration, parse_size, redact_dsn
 from arqd.errors import ConfigError
 from arqd.handlers import Registry
 from arqd.results.memory import MemoryResults
@@ -346,3 +346,19 @@ def test_a_whole_section_comes_from_one_variable(tmp_path: Path):
     bad = {"ARQD_SCHEDULES": '[{ name = "tick", every = "1m", handler = "nope" }]'}
     with pytest.raises(ConfigError, match="ARQD_SCHEDULES"):
         load_config(path, bad)
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("redis://:p@ss@h:6379/0", "redis://:[redacted]@h:6379/0"),
+        ("postgresql://u:pa@ss@host:5432/db?x=1", "postgresql://u:[redacted]@host:5432/db?x=1"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("host=h password=sec@ret dbname=x", "host=h password=[redacted] dbname=x"),
+    ],
+)
+def test_a_password_is_hidden_whatever_it_holds(dsn: str, shown: str):
+    """A server URL's password is hidden from logs, reprs and errors, also one holding "@"
+    (the drivers split at the last one; the redaction stopped at the first and showed the
+    rest of the password)."""
+    assert redact_dsn(dsn) == shown
