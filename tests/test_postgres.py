@@ -307,6 +307,21 @@ def lose_next_answer(backend: PostgresQueue, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(backend, "_call", applied_then_lost)
 
 
+def fail_second_call(backend: PostgresQueue, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next call goes through; the one after fails before reaching the server."""
+    call = backend._call
+    calls = [0]
+
+    async def second_fails(body: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:
+            monkeypatch.setattr(backend, "_call", call)
+            raise BackendUnavailable("connection lost (test)")
+        return await call(body)
+
+    monkeypatch.setattr(backend, "_call", second_fails)
+
+
 async def test_a_finish_sent_again_after_its_answer_was_lost_is_applied_once(
     pg: PostgresQueue, monkeypatch: pytest.MonkeyPatch
 ):
@@ -332,14 +347,18 @@ async def test_jobs_leased_by_a_call_whose_answer_was_lost_are_handed_out_next(
 ):
     """A lease applied whose answer was lost is found by the next lease call, with its token:
     the jobs run now instead of waiting out the lease and losing an attempt (with one attempt
-    allowed, the job failed without ever running)."""
-    job = new_job()
+    allowed, the job failed without ever running); also when that call's own lease fails."""
+    job, later = new_job(), new_job()
     await pg.enqueue([job])
     lose_next_answer(pg, monkeypatch)
     with pytest.raises(BackendUnavailable):
         await pg.lease(["q"], 10, 30, "w")
+    await pg.enqueue([later])
+    fail_second_call(pg, monkeypatch)  # the look-up succeeds, the new lease fails
     (lease,) = await pg.lease(["q"], 10, 30, "w")
     assert lease.job.id == job.id and lease.job.attempts == 1 and not lease.recovered
+    (fresh,) = await pg.lease(["q"], 10, 30, "w")
+    assert fresh.job.id == later.id
     done = Outcome(job=lease.job, token=lease.token, state=State.SUCCEEDED)
     assert await pg.finish([done]) == [True]
     assert await pg.lease(["q"], 10, 30, "w") == []

@@ -218,7 +218,8 @@ async def test_jobs_leased_by_a_call_whose_answer_was_lost_are_handed_out_next(
 ):
     """A lease script that ran but whose answer was lost (a connection dropped right after) is
     found by the next lease call, with its token: the jobs run now instead of waiting out the
-    lease and losing an attempt (with one attempt allowed, the job failed without running)."""
+    lease and losing an attempt (with one attempt allowed, the job failed without running); also
+    when that call's own lease fails."""
     job = new_job()
     await rq.enqueue([job])
     run = rq._run
@@ -231,11 +232,22 @@ async def test_jobs_leased_by_a_call_whose_answer_was_lost_are_handed_out_next(
     monkeypatch.setattr(rq, "_run", ran_then_lost)
     with pytest.raises(BackendUnavailable):
         await rq.lease(["q"], 10, VT, "w")
+    later = new_job()
+    await rq.enqueue([later])
+
+    async def lease_fails(name: str, args: Any, index: str | None = None) -> Any:
+        if name == "LEASE":  # the look-up succeeds, the new lease fails
+            monkeypatch.setattr(rq, "_run", run)
+            raise BackendUnavailable("connection lost (test)")
+        return await run(name, args, index)
+
+    monkeypatch.setattr(rq, "_run", lease_fails)
     (lease,) = await rq.lease(["q"], 10, VT, "w")
     assert lease.job.id == job.id and lease.job.attempts == 1 and not lease.recovered
     done = Outcome(job=lease.job, token=lease.token, state=State.SUCCEEDED)
     assert await rq.finish([done]) == [True]
-    assert await rq.lease(["q"], 10, VT, "w") == []
+    (fresh,) = await rq.lease(["q"], 10, VT, "w")
+    assert fresh.job.id == later.id
 
 
 async def test_an_expiring_record_gets_a_ttl_and_a_redriven_one_loses_it(rq: RedisQueue):

@@ -477,10 +477,12 @@ class PostgresQueue(QueueBackend):
                 # The answer may be lost after the lease was applied: look for its jobs next
                 # time, or they would wait out the lease and each lose an attempt.
                 self._unanswered = [*self._unanswered, (args[0], token, expires)][-UNANSWERED:]
-                raise
+                if not leases:
+                    raise
+                rows = []  # hand out the jobs found again rather than lose them to the error
             leases += [Lease(_job(text), token, expires, was == "running") for was, text in rows]
         order = {name: i for i, name in enumerate(queues)}
-        leases.sort(key=lambda lease: (order[lease.job.queue], fifo(lease.job)))
+        leases.sort(key=lambda lease: (order.get(lease.job.queue, len(order)), fifo(lease.job)))
         return leases
 
     async def _lease_unanswered(self) -> list[Lease]:

@@ -49,6 +49,7 @@ from arqd.backends.base import (
     Update,
     WorkerInfo,
     convert_all,
+    fifo,
     storable_group,
     storable_job,
 )
@@ -551,12 +552,16 @@ class RedisQueue(QueueBackend):
                 # The answer may be lost after the script ran: look for its jobs next time, or
                 # they would wait out the lease and each lose an attempt.
                 self._unanswered = [*self._unanswered, (names, token, expires)][-UNANSWERED:]
-                raise
+                if not leases:
+                    raise
+                out = []  # hand out the jobs found again rather than lose them to the error
             it = iter(out)
             leases += [
                 Lease(_job(flat), token, expires, bool(recovered))
                 for recovered, flat in zip(it, it, strict=True)
             ]
+        order = {name: i for i, name in enumerate(queues)}
+        leases.sort(key=lambda lease: (order.get(lease.job.queue, len(order)), fifo(lease.job)))
         return leases
 
     async def _lease_unanswered(self) -> list[Lease]:
