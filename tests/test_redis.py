@@ -508,6 +508,38 @@ async def test_a_server_without_persistence_is_named_in_the_log(redis_url: str):
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["redis.persistence_weak"]
 
 
+async def test_a_server_that_evicts_keys_is_named_in_the_log():
+    """A server whose maxmemory-policy may evict keys (allkeys-*, volatile-*: the dedupe keys
+    with a TTL go first) logs a warning at open: a full server would drop jobs or let a
+    repeated submit run twice. With noeviction (the default), nothing."""
+    settings = {"maxmemory-policy": "volatile-lru"}
+    with RedisServer(aof=True, settings=settings) as lru, capture_logs() as logs:
+        async with RedisQueue(lru.url, prefix=redis_prefix()):
+            pass
+    warned = [e for e in logs if e["log_level"] == "warning"]
+    assert [(e["event"], e["policy"]) for e in warned] == [("redis.evicts_keys", "volatile-lru")]
+
+
+async def test_a_full_server_still_heartbeats_and_deletes():
+    """Out of memory, Redis refuses scripts that may grow it: a submit is unavailable. Those
+    that keep running leases alive or free memory still run (they were refused too: every
+    lease expired and nothing was freed until the key TTLs fired, a day later)."""
+    with RedisServer(aof=True) as full:
+        queue = RedisQueue(full.url, prefix=redis_prefix(), clock=ManualClock(1_000.0))
+        async with queue:
+            await queue.enqueue([new_job(), new_job()])
+            running, ending = await queue.lease(["q"], 2, VT, "w")
+            ended = Outcome(job=ending.job, token=ending.token, state=State.SUCCEEDED)
+            assert await queue.finish([ended]) == [True]
+            assert await admin(full.url, "CONFIG", "SET", "maxmemory", "1") == b"OK"
+            with pytest.raises(BackendUnavailable):
+                await queue.enqueue([new_job()])
+            (reply,) = await queue.heartbeat([(running.job.id, running.token)], VT)
+            assert reply.held
+            assert (await queue.delete(ending.job.id)) is not None
+            assert await queue.get(ending.job.id) is None
+
+
 async def test_a_refused_config_get_is_said_not_fatal(redis_url: str):
     """A user whose ACL refuses CONFIG opens the backend all the same, and the log says the
     persistence could not be read."""

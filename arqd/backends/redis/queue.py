@@ -322,7 +322,7 @@ class RedisQueue(QueueBackend):
 
     async def _check_persistence(self, client: Redis) -> None:
         try:
-            conf = await client.config_get("appendonly", "save")
+            conf = await client.config_get("appendonly", "save", "maxmemory-policy")
         except rx.ResponseError as exc:  # CONFIG renamed away or refused by an ACL: say so
             log.warning(
                 "redis.persistence_unknown",
@@ -331,6 +331,14 @@ class RedisQueue(QueueBackend):
             )
             return
         got = {_str(k): _str(v) for k, v in conf.items()}
+        policy = got.get("maxmemory-policy", "noeviction")
+        if policy != "noeviction":
+            log.warning(
+                "redis.evicts_keys",
+                policy=policy,
+                hint="a full server may evict jobs, queues or dedupe keys (a repeated submit"
+                " then runs twice): set maxmemory-policy noeviction (docs/redis.md)",
+            )
         if got.get("appendonly") == "yes":
             return
         if got.get("save", "").strip():

@@ -92,8 +92,12 @@ end
 """
 
 
-def _script(body: str, *, writes: bool = True) -> str:
-    flags = "#!lua" if writes else "#!lua flags=no-writes"
+def _script(body: str, *, writes: bool = True, frees: bool = False) -> str:
+    """A script with its flags: ``no-writes`` for a read; ``allow-oom`` for one that frees
+    memory or only rescores what exists (sweep, delete, heartbeat, listing's tidying): a server
+    out of memory refuses every other writing script, and refusing these kept it full until
+    the key TTLs fired and let every running lease expire."""
+    flags = "#!lua flags=no-writes" if not writes else "#!lua flags=allow-oom" if frees else "#!lua"
     return f"{flags}\n{_PRELUDE}\n{body.strip()}\n"
 
 
@@ -218,7 +222,8 @@ for a = 2, #ARGV, 2 do
   end
 end
 return out
-"""
+""",
+    frees=True,
 )
 
 # ARGV: per update id, token, progress, steps, checkpoint ('' leaves a field). Answers 1/0 per
@@ -373,7 +378,8 @@ if f.state ~= '"queued"' and f.state ~= '"running"' then
   redis.call('PUBLISH', P .. ':done', id)
 end
 return flat
-"""
+""",
+    frees=True,
 )
 
 # ARGV: queue name, ready_at, attempts, take keys (0/1), now, batch. Up to ``batch`` failed jobs
@@ -477,7 +483,8 @@ while read < budget do
   end
 end
 return {out, last, 0}
-"""
+""",
+    frees=True,
 )
 
 # ARGV: now, entries to read per queue at most. Answers {the counts (flat), per queue with
@@ -530,7 +537,8 @@ for _, member in ipairs(gone) do
   end
 end
 return out
-"""
+""",
+    frees=True,
 )
 
 # KEYS[2]: the drop index (P:r:0 or P:r:1). ARGV: finished by (a time, or +inf), limit. Answers
@@ -549,7 +557,8 @@ for _, id in ipairs(ids) do
   end
 end
 return out
-"""
+""",
+    frees=True,
 )
 
 # KEYS[2]: the drop index. ARGV: the dropped result (JSON), then (id, free its key 0/1) pairs.
@@ -573,7 +582,8 @@ for a = 2, #ARGV, 2 do
   end
 end
 return out
-"""
+""",
+    frees=True,
 )
 
 # --- the registry, marks ------------------------------------------------------------------------
