@@ -338,6 +338,7 @@ class PostgresQueue(QueueBackend):
                 )
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await self._listen_more(conn)  # before the wake: nothing slips in between
                 self.listening.set()
                 self._wake()  # anything submitted while nobody listened
                 self._tell_changed(None)  # and anything that ended meanwhile

@@ -451,6 +451,7 @@ class RedisQueue(QueueBackend):
                 await pubsub.psubscribe(pattern)
                 await self._confirmed(pubsub, "psubscribe")
                 self.listened.add(pattern)
+                await self._listen_done(pubsub)  # before the wake: no end slips between
                 self.listening.set()
                 self._wake()  # anything submitted while nobody listened
                 self._tell_changed(None)  # and anything that ended meanwhile
@@ -486,10 +487,7 @@ class RedisQueue(QueueBackend):
         heard = loop.time()
         pinged: float | None = None
         while not self._closing:
-            if self._changed_callbacks and self._done not in self.listened:
-                await pubsub.subscribe(self._done)
-                await self._confirmed(pubsub, "subscribe")
-                self.listened.add(self._done)
+            if await self._listen_done(pubsub):
                 heard = loop.time()
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN_POLL)
             now = loop.time()
@@ -501,6 +499,15 @@ class RedisQueue(QueueBackend):
             elif pinged is None and now - heard > LISTEN_KEEPALIVE:
                 await pubsub.ping()
                 pinged = now
+
+    async def _listen_done(self, pubsub: PubSub) -> bool:
+        """Subscribe to the ended-jobs channel once a core wants to hear of it; whether it did."""
+        if not self._changed_callbacks or self._done in self.listened:
+            return False
+        await pubsub.subscribe(self._done)
+        await self._confirmed(pubsub, "subscribe")
+        self.listened.add(self._done)
+        return True
 
     def _consume(self, queues: Sequence[str]) -> None:
         for queue in queues:
