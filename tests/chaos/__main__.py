@@ -1,10 +1,11 @@
 """The chaos soak: ``python -m tests.chaos --minutes 30
-[--backend sqlite|dynamodb|postgres|all] [--seed N]``.
+[--backend sqlite|dynamodb|postgres|redis|all] [--seed N]``.
 
 Runs rounds of the CI chaos run back to back until the time is up, alternating backends; each
 round has fresh daemons and storage (a fresh table and bucket on one moto server, started here,
-for dynamodb; a fresh database on one PostgreSQL cluster, started here, for postgres) and a seed
-drawn from the master seed, printed so any round can be replayed with
+for dynamodb; a fresh database on one PostgreSQL cluster, started here, for postgres; a fresh
+prefix on one redis-server with AOF, started here, for redis) and a seed drawn from the master
+seed, printed so any round can be replayed with
 ``ARQD_CHAOS_SEED=<round seed> ARQD_CHAOS_SECONDS=<its length> pytest tests/chaos -k <backend>``.
 Exit status 0 when no round found a violation.
 """
@@ -24,10 +25,10 @@ from pathlib import Path
 from tests.servers import PostgresServer
 
 from .analysis import Report
-from .driver import Settings, run_chaos
+from .driver import DatabaseServer, Settings, redis_for_chaos, run_chaos
 
 ROUND_OVERHEAD = 30.0  # seconds a round spends starting daemons and checking, beyond its chaos
-BACKENDS = ("sqlite", "dynamodb", "postgres")
+BACKENDS = ("sqlite", "dynamodb", "postgres", "redis")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -68,11 +69,15 @@ async def soak(args: argparse.Namespace) -> int:
 
         port = free_port()
         moto, moto_url = start_moto(port), f"http://127.0.0.1:{port}"
-    postgres = PostgresServer().start() if "postgres" in backends else None
+    servers: dict[str, DatabaseServer] = {}
     reports: dict[str, list[Report]] = {b: [] for b in backends}
-    deadline = time.monotonic() + budget
     rounds = 0
     try:
+        if "postgres" in backends:
+            servers["postgres"] = PostgresServer().start()
+        if "redis" in backends:
+            servers["redis"] = redis_for_chaos().start()
+        deadline = time.monotonic() + budget
         while (left := deadline - time.monotonic() - ROUND_OVERHEAD) >= 20.0 or not rounds:
             backend = backends[rounds % len(backends)]
             rounds += 1
@@ -80,7 +85,8 @@ async def soak(args: argparse.Namespace) -> int:
             where.mkdir(parents=True)
             chaos = max(20.0, min(length, left))
             round_seed = rng.randrange(1_000_000)
-            settings = Settings.of(backend, where, round_seed, chaos, moto_url, postgres)
+            server = servers.get(backend)
+            settings = Settings.of(backend, where, round_seed, chaos, moto_url, server)
             print(f"chaos soak: round {rounds} ({backend}, {settings.chaos_seconds:.0f} s)")
             report = await run_chaos(settings)
             reports[backend].append(report)
@@ -89,8 +95,8 @@ async def soak(args: argparse.Namespace) -> int:
     finally:
         if moto is not None:
             moto.stop()
-        if postgres is not None:
-            postgres.close()
+        for running in servers.values():
+            running.close()
     failed = 0
     for backend, done in reports.items():
         if done:

@@ -12,9 +12,9 @@ The rules:
 - a job's executions, in lease order, are each a designed retry of the one before or a
   *duplicate execution*, and every duplicate is *explained*: the daemon that held the previous
   lease was killed, terminated or paused before the next lease (for the dynamodb run also: a
-  burst of faults was injected on its proxy; for the postgres run: the server was restarted
-  or frozen, which disrupts every daemon), or, observed rather than dealt, it stalled (its
-  event loop stopped turning, or its backend requests hung) and itself logged the lease lost;
+  burst of faults was injected on its proxy; for the postgres and redis runs: the server was
+  restarted or frozen, which disrupts every daemon), or, observed rather than dealt, it stalled
+  (its event loop stopped turning, or its backend requests hung) and itself logged the lease lost;
   on a shared sqlite file a daemon paused while holding the write lock stalls every daemon;
 - a job has at most one terminal canonical log line, written by the daemon that held its last
   lease, for that attempt (none only when that daemon was killed right after the write);
@@ -47,7 +47,7 @@ from .workload import STEP_NAMES, Call, Group
 TERMINAL_EVENTS = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
 OUTCOME_EVENTS = TERMINAL_EVENTS | {"job.retrying", "job.released"}
 KEPT_EVENTS = OUTCOME_EVENTS | {"job.lease_lost"}
-# The PostgreSQL server restarted (stopped and started again) or frozen (SIGSTOP): every daemon.
+# The database server (PostgreSQL, Redis) restarted or frozen (SIGSTOP): every daemon's chaos.
 SERVER = frozenset({"server_restart", "server_pause"})
 DEALT = frozenset({"kill", "term", "pause", "burst"}) | SERVER  # chaos the driver deals
 OBSERVED = frozenset({"stall", "slow"})  # stalls the driver only observes
@@ -82,7 +82,7 @@ class Disruption:
 
     Dealt: ``kill`` (start == end), ``term`` (SIGTERM until exit), ``pause`` (SIGSTOP until
     SIGCONT), ``burst`` (faults injected on the slot's proxy; ``pid`` None: whichever
-    incarnation ran), ``server_restart`` (the PostgreSQL server stopped until it accepts logins
+    incarnation ran), ``server_restart`` (the database server stopped until it answers
     again) and ``server_pause`` (it frozen until resumed), both ``stalls_all``. Observed:
     ``stall`` (the daemon's event loop did not turn), ``slow`` (a backend request through the
     slot's proxy took that long). ``stalls_all``: it disrupts every daemon (a pause that held the

@@ -2,9 +2,9 @@
 
 A *slot* is one daemon position; each (re)start is a new *incarnation* (its own pid, config
 file and log file). For the dynamodb run each slot talks to moto through a fault proxy of its
-own, so a fault is known to have hit that slot's daemon. For the postgres run the chaos also
-restarts the PostgreSQL server (fast shutdown, or immediate: a crash) and freezes it (SIGSTOP of
-the postmaster and every backend: a failover-like stall); that disrupts every daemon at once.
+own, so a fault is known to have hit that slot's daemon. For the postgres and redis runs the
+chaos also restarts the database server (a clean shutdown, or a crash) and freezes it (SIGSTOP of
+all its processes: a failover-like stall); that disrupts every daemon at once.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 
 from tests.daemons import Daemon
 from tests.faultproxy import FaultProxy, Faults
-from tests.servers import PostgresServer
 
 from .analysis import Disruption
 from .handlers import RECORD_ENV
@@ -48,18 +47,22 @@ BROKEN = ("syntax", "invalid", "handler")
 ACTION_LIMIT = 30.0  # seconds any one step of a chaos action may take before it is a problem
 START_LIMIT = 60.0  # seconds a daemon may take from listening to ready
 READY_AGAIN_LIMIT = 30.0  # seconds a running daemon may take to be ready once its server is back
-SERVER_STOPS = {"fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+# How the chaos may stop each kind of server: a clean shutdown, or a crash (nothing flushed).
+SERVER_STOPS = {
+    "postgres": {"fast": signal.SIGINT, "immediate": signal.SIGQUIT},
+    "redis": {"clean": signal.SIGTERM, "crash": signal.SIGKILL},
+}
 
 
 @dataclass(frozen=True)
 class Backend:
     """Where the three daemons keep their jobs and results."""
 
-    kind: str  # "sqlite", "dynamodb" or "postgres"
+    kind: str  # "sqlite", "dynamodb", "postgres" or "redis"
     workdir: Path
-    name: str = ""  # the dynamodb table and s3 bucket; the postgres database and schema
+    name: str = ""  # the dynamodb table and s3 bucket; the postgres database and schema; the prefix
     moto_url: str = ""
-    dsn: str = ""  # postgres: the run's own database
+    url: str = ""  # postgres: the run's own database; redis: the server
     visibility_timeout: float = 2.0
     poll_max: str = "100ms"
 
@@ -89,11 +92,13 @@ backend = "sqlite"
 path = "{backend.workdir / "q.sqlite3"}"
 
 {files}"""
-    elif backend.kind == "postgres":
+    elif backend.kind in SERVER_STOPS:  # on a database server: postgres, redis
+        where = "dsn" if backend.kind == "postgres" else "url"
+        named = "schema" if backend.kind == "postgres" else "prefix"
         storage = f"""[queue]
-backend = "postgres"
-dsn = "{backend.dsn}"
-schema = "{backend.name}"
+backend = "{backend.kind}"
+{where} = "{backend.url}"
+{named} = "{backend.name}"
 
 {files}"""
     else:
@@ -177,18 +182,29 @@ class ChaosProxy(FaultProxy):
         return fate
 
 
-class ServerChaos:
-    """The PostgreSQL server the daemons share, stopped, started, frozen and resumed from
-    threads (each call blocks), one call at a time: an operation a cancelled task left running
-    in its thread ends before :meth:`restore` looks."""
+class Server(Protocol):
+    """A database server the tests start (``tests/servers.py``: PostgreSQL, Redis)."""
 
-    def __init__(self, server: PostgresServer) -> None:
+    def stop(self, sig: signal.Signals, /) -> None: ...
+    def start(self) -> object: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def restore(self) -> None: ...
+
+
+class ServerChaos:
+    """The database server the daemons share (``kind`` names its stops in ``SERVER_STOPS``),
+    stopped, started, frozen and resumed from threads (each call blocks), one call at a time: an
+    operation a cancelled task left running in its thread ends before :meth:`restore` looks."""
+
+    def __init__(self, server: Server, kind: str) -> None:
         self.server = server
+        self.stops = SERVER_STOPS[kind]
         self._lock = threading.Lock()
 
     def stop(self, mode: str) -> None:
         with self._lock:
-            self.server.stop(SERVER_STOPS[mode])
+            self.server.stop(self.stops[mode])
 
     def start(self) -> None:
         with self._lock:
@@ -282,7 +298,7 @@ class Cluster:
         self.backend = backend
         self.remote_port = remote_port
         self.steps_key = steps_key
-        self.server = server  # the postgres run's server, which the chaos restarts and freezes
+        self.server = server  # the database server, which the chaos restarts and freezes
         self.record_path = backend.workdir / "executions.jsonl"
         self.spawned: list[Daemon] = []  # every process started, ready or not
         self._proxies_open = False
@@ -390,8 +406,8 @@ class Chaos:
     """Deals seeded chaos to the cluster until told to stop: kill -9 and restart, SIGTERM and
     restart, SIGSTOP past the visibility timeout then SIGCONT, SIGHUP with a changed config,
     SIGHUP with a broken one, (dynamodb) bursts of backend faults on one daemon's proxy, and
-    (postgres) restarts and freezes of the server, one at a time. Everything random is drawn in
-    the dealing loop, so a seed replays the same schedule."""
+    (postgres, redis) restarts and freezes of the server, one at a time. Everything random is
+    drawn in the dealing loop, so a seed replays the same schedule."""
 
     def __init__(self, cluster: Cluster, rng: random.Random, gap: tuple[float, float]) -> None:
         self.cluster = cluster
@@ -405,6 +421,7 @@ class Chaos:
         self.weights = {"kill": 5, "term": 3, "pause": 4, "reload": 3, "bad_reload": 2, "burst": 3}
         self.weights.update(server_restart=2, server_pause=2)
         self.server_busy = False
+        self.stopped: set[str] = set()  # the ways the server has been stopped
         self.disruptions: list[Disruption] = []
         self.problems: list[str] = []
         self.reloads = 0
@@ -413,8 +430,12 @@ class Chaos:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, seconds: float) -> None:
-        """Deal chaos for ``seconds``; each kind at least once first (in seeded order)."""
-        first = self.rng.sample(self.kinds, len(self.kinds))
+        """Deal chaos for ``seconds``; each kind at least once first (in seeded order), and a
+        server restart once for each way of stopping it (a clean shutdown and a crash)."""
+        kinds = list(self.kinds)
+        if self.cluster.server is not None:
+            kinds += ["server_restart"] * (len(self.cluster.server.stops) - 1)
+        first = self.rng.sample(kinds, len(kinds))
         until = time.monotonic() + seconds
         while time.monotonic() < until:
             await asyncio.sleep(self.rng.uniform(*self.gap))
@@ -482,12 +503,15 @@ class Chaos:
         return Action(kind, slot.index, params)
 
     def _plan_server(self, kind: str) -> Action | None:
-        """A restart (fast or immediate shutdown, then down a moment) or a freeze of a few
+        """A restart (a clean or a crash stop, then down a moment) or a freeze of a few
         seconds, beyond the visibility timeout; None while the last one is not over."""
         if self.server_busy:
             return None
         if kind == "server_restart":
-            mode = self.rng.choice(sorted(SERVER_STOPS))
+            assert self.cluster.server is not None
+            stops = sorted(self.cluster.server.stops)
+            mode = self.rng.choice([m for m in stops if m not in self.stopped] or stops)
+            self.stopped.add(mode)
             return Action(kind, -1, {"mode": mode, "down": round(self.rng.uniform(0.2, 1.5), 3)})
         vt = self.cluster.backend.visibility_timeout
         return Action(kind, -1, {"seconds": round(vt + self.rng.uniform(0.5, 2.5), 3)})
@@ -586,7 +610,8 @@ class Chaos:
 
     async def _server_restart(self, _: None, params: dict[str, Any]) -> None:
         """Stop the server (every daemon's connections cut), leave it down a moment, start it
-        (an immediate stop: crash recovery first); every daemon must be ready again."""
+        (after a crash: recovery first, from its WAL or AOF); every daemon must be ready
+        again."""
         server = self.cluster.server
         assert server is not None
         t0 = time.time()

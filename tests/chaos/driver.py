@@ -23,22 +23,33 @@ import arqd
 from arqd.backends.base import ListFilter, QueueBackend
 from arqd.model import Job
 from arqd.results.base import ResultStore
-from tests.servers import PostgresServer
+from tests.servers import PostgresServer, RedisServer
 
 from .analysis import Disruption, Report, Run, analyse, read_executions, read_lines, read_stalls
-from .cluster import AWS_KEY, AWS_REGION, Backend, Chaos, Cluster, ServerChaos
+from .cluster import AWS_KEY, AWS_REGION, SERVER_STOPS, Backend, Chaos, Cluster, ServerChaos
 from .workload import Group, Remote, Workload
 
 SUBMIT_LIMIT = 60.0  # a submit is retried (same key) on errors for this long
 SUBMIT_TIMEOUT = 15.0
 SUBMITS_IN_FLIGHT = 4
 
+DatabaseServer = PostgresServer | RedisServer
+
+
+def redis_for_chaos() -> RedisServer:
+    """The redis run's server (not started): AOF with ``appendfsync always``, so a crash loses
+    nothing the server acknowledged and "none lost" checks arqd, not the server's settings. With
+    ``everysec`` a crash may lose up to a second of acknowledged writes (a power loss; a kill -9
+    only while a slow fsync holds writes back, so a kill of the process rarely shows it)."""
+    return RedisServer(aof=True, settings={"appendfsync": "always"})
+
 
 @dataclass
 class Settings:
     """One chaos run. ``rate`` is submits per second; ``gap`` the bounds of the random wait
     between two chaos actions; ``settle_seconds`` how long jobs get to end once chaos stops;
-    ``postgres`` the running server a postgres run makes its database on, and restarts."""
+    ``server`` the running server a postgres run makes its database on (a redis run its keys,
+    under a prefix of its own), and restarts."""
 
     backend: str
     workdir: Path
@@ -49,7 +60,7 @@ class Settings:
     gap: tuple[float, float] = (0.5, 2.0)
     moto_url: str = ""
     visibility_timeout: float = 2.0
-    postgres: PostgresServer | None = None
+    server: DatabaseServer | None = None
 
     @classmethod
     def of(
@@ -59,7 +70,7 @@ class Settings:
         seed: int,
         chaos_seconds: float,
         moto_url: str = "",
-        postgres: PostgresServer | None = None,
+        server: DatabaseServer | None = None,
     ) -> Settings:
         """The settings the CI tests and the soak use: on moto (one process serving three
         daemons, on a 2-core machine) fewer submits and a longer visibility timeout."""
@@ -72,7 +83,7 @@ class Settings:
             rate=3.0 if moto else 12.0,
             moto_url=moto_url,
             visibility_timeout=4.0 if moto else 2.0,
-            postgres=postgres,
+            server=server,
         )
 
 
@@ -147,24 +158,15 @@ async def run_chaos(settings: Settings) -> Report:
     rng = random.Random(settings.seed)
     run_id = f"{settings.backend[:2]}{settings.seed}"
     print(f"chaos: backend={settings.backend} seed={settings.seed} dir={settings.workdir}")
-    name = uuid.uuid4().hex[:10]
     server = None
-    if settings.backend == "postgres":
-        assert settings.postgres is not None, "a postgres run needs its server"
-        server = ServerChaos(settings.postgres)
-    backend = Backend(
-        settings.backend,
-        settings.workdir,
-        name=f"chaos_{name}" if server else f"chaos-{name}",
-        moto_url=settings.moto_url,
-        dsn=_database(settings.postgres, f"chaos_{name}") if settings.postgres else "",
-        visibility_timeout=settings.visibility_timeout,
-        poll_max="500ms" if settings.backend == "dynamodb" else "100ms",
-    )
+    if settings.backend in SERVER_STOPS:
+        assert settings.server is not None, f"a {settings.backend} run needs its server"
+        server = ServerChaos(settings.server, settings.backend)
+    backend = _backend(settings)
     if backend.kind == "dynamodb":
         await _init_aws(backend)
-    if server is not None:
-        await _create_database(server.server, backend.name)
+    if isinstance(settings.server, PostgresServer):
+        await _create_database(settings.server, backend.name)
     remote = Remote(lambda: cluster.pids())
     await remote.start()
     cluster = Cluster(backend, remote.port, Fernet.generate_key().decode(), server=server)
@@ -194,9 +196,30 @@ async def run_chaos(settings: Settings) -> Report:
         cluster.kill_all()
         await cluster.stop()
         await remote.stop()
-        if server is not None:  # the session's cluster: up and healthy whatever happened
+        if server is not None:  # a shared server: up and healthy whatever happened
             await asyncio.to_thread(server.restore)
-            await _drop_database(server.server, backend.name)
+            await _drop_storage(settings.server, backend)
+
+
+def _backend(settings: Settings) -> Backend:
+    """Storage of the run's own: a fresh table and bucket, sqlite file, postgres database, or
+    redis prefix."""
+    name = f"chaos-{uuid.uuid4().hex[:10]}"
+    url = ""
+    if isinstance(settings.server, PostgresServer):
+        name = name.replace("-", "_")  # a database's and schema's name
+        url = _database(settings.server, name)
+    elif isinstance(settings.server, RedisServer):
+        url = settings.server.url
+    return Backend(
+        settings.backend,
+        settings.workdir,
+        name=name,
+        moto_url=settings.moto_url,
+        url=url,
+        visibility_timeout=settings.visibility_timeout,
+        poll_max="500ms" if settings.backend == "dynamodb" else "100ms",
+    )
 
 
 def _gather(
@@ -296,12 +319,19 @@ async def _create_database(server: PostgresServer, name: str) -> None:
         await conn.close()
 
 
-async def _drop_database(server: PostgresServer, name: str) -> None:
+async def _drop_storage(server: DatabaseServer | None, backend: Backend) -> None:
+    """The run's database, or its keys, off the shared server."""
+    if isinstance(server, RedisServer):
+        from tests.conftest import drop_redis_prefix
+
+        await drop_redis_prefix(backend.url, backend.name)
+        return
+    assert server is not None
     import asyncpg
 
     conn = await asyncpg.connect(server.dsn)
     try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await conn.execute(f"DROP DATABASE IF EXISTS {backend.name} WITH (FORCE)")
     finally:
         await conn.close()
 
@@ -342,28 +372,36 @@ def _s3_settings(backend: Backend) -> Any:
 @contextlib.asynccontextmanager
 async def _verifier(backend: Backend) -> AsyncIterator[arqd.Client]:
     """An in-process client straight on the backend (for dynamodb: moto without the proxy)."""
-    queue: QueueBackend
     results: ResultStore
-    if backend.kind == "sqlite":
-        from arqd.backends.sqlite import SqliteQueue
-        from arqd.results.files import FileResults
-
-        queue = SqliteQueue(str(backend.workdir / "q.sqlite3"))
-        results = FileResults(str(backend.workdir / "results"))
-    elif backend.kind == "postgres":
-        from arqd.backends.postgres import PostgresQueue
-        from arqd.results.files import FileResults
-
-        queue = PostgresQueue(backend.dsn, schema=backend.name)
-        results = FileResults(str(backend.workdir / "results"))
-    else:
-        from arqd.backends.dynamodb import DynamoQueue
+    if backend.kind == "dynamodb":
         from arqd.results.s3 import S3Results
 
-        queue = DynamoQueue(_dynamo_settings(backend))
         results = S3Results(_s3_settings(backend))
+    else:
+        from arqd.results.files import FileResults
+
+        results = FileResults(str(backend.workdir / "results"))
+    queue = _queue(backend)
     async with queue, results, arqd.Client(queue=queue, results=results) as client:
         yield client
+
+
+def _queue(backend: Backend) -> QueueBackend:
+    if backend.kind == "sqlite":
+        from arqd.backends.sqlite import SqliteQueue
+
+        return SqliteQueue(str(backend.workdir / "q.sqlite3"))
+    if backend.kind == "postgres":
+        from arqd.backends.postgres import PostgresQueue
+
+        return PostgresQueue(backend.url, schema=backend.name)
+    if backend.kind == "redis":
+        from arqd.backends.redis import RedisQueue
+
+        return RedisQueue(backend.url, prefix=backend.name)
+    from arqd.backends.dynamodb import DynamoQueue
+
+    return DynamoQueue(_dynamo_settings(backend))
 
 
 async def _settle(client: arqd.Client, groups: Iterable[Group], limit: float) -> dict[str, Job]:

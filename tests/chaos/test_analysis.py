@@ -211,7 +211,7 @@ def test_a_sqlite_lock_holding_pause_explains_every_daemons_duplicates() -> None
 
 @pytest.mark.parametrize("kind", ["server_restart", "server_pause"])
 def test_the_database_servers_chaos_explains_every_daemons_duplicates(kind: str) -> None:
-    """A restart or freeze of the PostgreSQL server during A's lease explains B's takeover as
+    """A restart or freeze of the database server during A's lease explains B's takeover as
     dealt chaos (whether or not A noticed), and is counted; one over before the lease does not."""
     for start, explains in ((T + 0.5, True), (T - 5, False)):
         s = Scenario(backend="postgres")

@@ -1,6 +1,6 @@
 """The short chaos run of CI: three daemons on one backend through kills, SIGTERMs, pauses past
-their leases, good and broken reloads, (DynamoDB) backend faults and (PostgreSQL) restarts and
-freezes of the server; every job ends exactly once with the right result, and every duplicate
+their leases, good and broken reloads, (DynamoDB) backend faults and (PostgreSQL, Redis) restarts
+and freezes of the server; every job ends exactly once with the right result, and every duplicate
 execution is explained by the chaos.
 
 ``ARQD_CHAOS_SEED`` replays a seed (each run prints its own); ``ARQD_CHAOS_SECONDS`` stretches
@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
+from redis.asyncio import Redis
 
-from tests.servers import PostgresServer
+from tests.servers import PostgresServer, RedisServer
 
 from .analysis import Report
-from .driver import Settings, run_chaos
+from .driver import Settings, redis_for_chaos, run_chaos
 
 CHAOS_SECONDS = float(os.environ.get("ARQD_CHAOS_SECONDS", "30"))
 pytestmark = pytest.mark.timeout(int(CHAOS_SECONDS * 2 + 120))
@@ -40,7 +42,7 @@ def check(report: Report, backend: str) -> None:
     assert report.blobs_checked > 0 and report.step_calls > 0
     if backend == "dynamodb":
         assert report.faults > 0
-    if backend == "postgres":
+    if backend in ("postgres", "redis"):
         assert report.server_restarts > 0 and report.server_pauses > 0
 
 
@@ -61,7 +63,7 @@ async def test_chaos_postgres(tmp_path: Path, postgres_server: PostgresServer) -
     """Three daemons sharing a database of the session's PostgreSQL cluster (results in files)
     survive seeded chaos, the server itself restarted and frozen mid-run, with no job lost or
     doubled; the cluster is up and answering afterwards, for the tests that follow."""
-    settings = Settings.of("postgres", tmp_path, seed(), CHAOS_SECONDS, postgres=postgres_server)
+    settings = Settings.of("postgres", tmp_path, seed(), CHAOS_SECONDS, server=postgres_server)
     try:
         check(await run_chaos(settings), "postgres")
     finally:
@@ -70,3 +72,27 @@ async def test_chaos_postgres(tmp_path: Path, postgres_server: PostgresServer) -
             assert await conn.fetchval("SELECT 1") == 1
         finally:
             await conn.close()
+
+
+@pytest.fixture
+def chaos_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own (AOF, fsync always): restarting the session's server,
+    which runs without persistence, would empty it under the tests that follow."""
+    with redis_for_chaos() as server:
+        yield server
+
+
+async def test_chaos_redis(tmp_path: Path, chaos_redis: RedisServer) -> None:
+    """Three daemons sharing a Redis under a prefix of their own (results in files) survive
+    seeded chaos, the server itself restarted (a clean shutdown or a kill -9, AOF on) and frozen
+    mid-run, with no acknowledged job lost or doubled; the server is up and answering after."""
+    settings = Settings.of("redis", tmp_path, seed(), CHAOS_SECONDS, server=chaos_redis)
+    try:
+        check(await run_chaos(settings), "redis")
+    finally:
+        client = Redis.from_url(chaos_redis.url, socket_timeout=10, decode_responses=True)
+        try:
+            assert await client.ping()
+            assert await client.config_get("appendonly") == {"appendonly": "yes"}
+        finally:
+            await client.aclose()
