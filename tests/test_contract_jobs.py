@@ -146,6 +146,28 @@ async def test_finish_twice_is_refused(queue: QueueBackend, clock: ManualClock):
     assert job is not None and job.state is State.SUCCEEDED
 
 
+async def test_a_stale_lease_and_the_new_one_are_answered_each_for_itself(
+    queue: QueueBackend, clock: ManualClock
+):
+    """One pool may hold a lease that expired and the new lease of the same job (it leased the
+    job again): in one batch, heartbeats, progress and finishes are answered by (job, token),
+    so only the new lease's hold. Answering by job id told the stale one it held the job (its
+    handler ran on) and that its outcome landed (two "succeeded" lines for one job)."""
+    await put(queue, clock)
+    (stale,) = await queue.lease(["default"], 1, VT, "w")
+    clock.advance(VT + 1)
+    (fresh,) = await queue.lease(["default"], 1, VT, "w")
+    assert fresh.job.id == stale.job.id and fresh.token != stale.token
+    replies = await queue.heartbeat([(stale.job.id, stale.token), (fresh.job.id, fresh.token)], VT)
+    assert [r.held for r in replies] == [False, True]
+    both = [progress(stale, Progress(0.1)), progress(fresh, Progress(0.2))]
+    assert await queue.update(both) == [False, True]
+    ended = [done(stale.job, stale.token), done(fresh.job, fresh.token, State.FAILED)]
+    assert await queue.finish(ended) == [False, True]
+    job = await queue.get(fresh.job.id)
+    assert job is not None and job.state is State.FAILED
+
+
 async def test_heartbeat_keeps_a_long_job(queue: QueueBackend, clock: ManualClock):
     """A lease extended by heartbeats outlives many visibility timeouts."""
     await put(queue, clock)

@@ -266,7 +266,7 @@ LEASE = (
 HEARTBEAT = (
     "UPDATE jobs j SET visible_at = $3 FROM unnest($1::text[], $2::text[]) AS h(id, token) "
     "WHERE j.id = h.id AND j.lease_token = h.token AND j.state = 'running' "
-    "RETURNING j.id, j.cancel_requested"
+    "RETURNING j.id, h.token, j.cancel_requested"
 )
 # A NULL leaves its column as it is.
 UPDATE = (
@@ -275,7 +275,8 @@ UPDATE = (
     "checkpoint = coalesce(u.checkpoint::json, j.checkpoint), version = j.version + 1 "
     "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) "
     "AS u(id, token, progress, steps, checkpoint) "
-    "WHERE j.id = u.id AND j.lease_token = u.token AND j.state = 'running' RETURNING j.id"
+    "WHERE j.id = u.id AND j.lease_token = u.token AND j.state = 'running' "
+    "RETURNING j.id, u.token"
 )
 # Every outcome of a batch in one statement, its own transaction (one round trip): terminal ones
 # and requeues alike (a requeue keeps its result and finish time, and becomes visible at its
@@ -302,7 +303,7 @@ FINISH = (
     " expires_at = CASE WHEN o.state = 'queued' THEN j.expires_at ELSE o.expires_at END,"
     " lease_token = NULL, worker = NULL, version = j.version + 1, finished_by = o.finished_by"
     " FROM o WHERE j.id = o.id AND j.lease_token = o.token AND j.state = 'running'"
-    " RETURNING j.id, j.queue, j.key, j.state), "
+    " RETURNING j.id, o.token, j.queue, j.key, j.state), "
     "ended AS ("
     " SELECT d.id, d.key, o.free_key, o.keep_key, o.expires_at FROM done d"
     " JOIN o ON o.id = d.id WHERE d.state <> 'queued'), "
@@ -323,10 +324,10 @@ FINISH = (
     " SELECT pg_notify($14, string_agg(id, ',')) FROM ("
     "  SELECT id, (row_number() OVER () - 1) / 200 AS part FROM ended) AS e GROUP BY part), "
     "again AS ("
-    " SELECT j.id, j.queue, j.state FROM jobs j JOIN o ON j.id = o.id"
+    " SELECT j.id, o.token, j.queue, j.state FROM jobs j JOIN o ON j.id = o.id"
     " WHERE j.finished_by = o.finished_by) "
-    "SELECT id, queue, state, (SELECT count(*) FROM told) FROM done "
-    "UNION ALL SELECT id, queue, state, 0 FROM again"
+    "SELECT id, token, queue, state, (SELECT count(*) FROM told) FROM done "
+    "UNION ALL SELECT id, token, queue, state, 0 FROM again"
 )
 
 # The keys of jobs a sweep or a purge deleted: (key, job id) pairs as two arrays.

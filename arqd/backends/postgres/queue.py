@@ -511,10 +511,11 @@ class PostgresQueue(QueueBackend):
 
         async def body(conn: asyncpg.Connection) -> list[HeartbeatReply]:
             rows = await conn.fetch(q.HEARTBEAT, ids, tokens, until)
-            held = {r[0]: bool(r[1]) for r in rows}
+            # By (id, token): a pool may hold a stale lease and a new one of the same job.
+            held = {(r[0], r[1]): bool(r[2]) for r in rows}
             return [
-                HeartbeatReply(held=job_id in held, cancel_requested=held.get(job_id, False))
-                for job_id in ids
+                HeartbeatReply(held=lease in held, cancel_requested=held.get(lease, False))
+                for lease in zip(ids, tokens, strict=True)
             ]
 
         return await self._call(body)
@@ -528,8 +529,8 @@ class PostgresQueue(QueueBackend):
                 col.append(value)
 
         async def body(conn: asyncpg.Connection) -> list[bool]:
-            done = {r[0] for r in await conn.fetch(q.UPDATE, *cols)}
-            return [u.job_id in done for u in updates]
+            done = {(r[0], r[1]) for r in await conn.fetch(q.UPDATE, *cols)}
+            return [(u.job_id, u.token) in done for u in updates]
 
         return await self._call(body)
 
@@ -537,18 +538,20 @@ class PostgresQueue(QueueBackend):
         now = self.clock.time()
         cols = _finish_columns(outcomes, now)
         shard = random.randrange(q.COUNT_SHARDS)
-        by_id = {o.job.id: o for o in outcomes}
+        # By (id, token): one batch may end a stale lease and a new one of the same job, and
+        # only the one that holds the job applies (answering by id said both did).
+        by_lease = {(o.job.id, o.token): o for o in outcomes}
 
         async def body(conn: asyncpg.Connection) -> list[bool]:
             rows = await conn.fetch(q.FINISH, *cols[:12], shard, self._done_channel, cols[12])
             ready = {
                 queue
-                for job_id, queue, state, _ in rows
-                if state == "queued" and (by_id[job_id].ready_at or now) <= now
+                for job_id, token, queue, state, _ in rows
+                if state == "queued" and (by_lease[job_id, token].ready_at or now) <= now
             }
             await self._notify(conn, ready)  # after the commit: a requeue ready now (rare)
-            applied = {r[0] for r in rows}
-            return [o.job.id in applied for o in outcomes]
+            applied = {(r[0], r[1]) for r in rows}
+            return [(o.job.id, o.token) in applied for o in outcomes]
 
         return await self._call(body)
 
