@@ -17,7 +17,7 @@ from arqd.backends.base import BackendObserver
 
 # Where this process found it had lost a lease: a buffered lease checked before its attempt,
 # the heartbeat (or a fenced progress or step write), or an outcome's write refused.
-LostAt = Literal["buffer", "heartbeat", "finish"]
+LostAt = Literal["buffer", "heartbeat", "finish", "leased_again"]
 
 # How an attempt ended: a terminal state, ``retry`` (a failed attempt sent back to the queue) or
 # ``released`` (given back uncounted, on shutdown).

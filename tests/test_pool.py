@@ -348,6 +348,39 @@ async def test_a_job_leased_again_by_the_same_pool_stays_under_its_control(tmp_p
     assert done.state == "cancelled" and interrupted == [1, 3]
 
 
+async def test_a_pool_that_leases_its_own_expired_job_again_stops_the_old_attempt(
+    tmp_path: Path,
+):
+    """A pool whose lease expired (a stall: its heartbeats never ran) and that leases the same
+    job again itself stops the older attempt at once: nothing else would tell it (it is no
+    longer heartbeated), and it ran on beside the new one (found by the chaos suite)."""
+    clock = ManualClock()
+    queue = MemoryQueue(clock=clock)
+    app = arqd.App(make_config("memory", tmp_path), queue=queue, results=MemoryResults())
+    seen: list[int] = []
+    interrupted: list[int] = []
+
+    @app.handler("long")
+    async def long(ctx: arqd.JobContext, payload: Any) -> None:
+        seen.append(ctx.attempt)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            interrupted.append(ctx.attempt)
+            raise
+
+    async with app:
+        job = await app.client.submit("long", max_attempts=5)
+        await eventually(lambda: seen == [1])
+        clock.advance(60)  # past the visibility timeout: the pool itself leases it again
+        app.core.hub.jobs_ready()
+        await eventually(lambda: seen == [1, 2])
+        await eventually(lambda: interrupted == [1])
+        await app.client.cancel(job.id)
+        done = await app.client.wait(job.id, timeout=10)
+    assert done.state == "cancelled" and done.attempts == 2
+
+
 async def test_an_exception_with_a_step_attribute_is_an_ordinary_failure(app: arqd.App):
     """A handler's own exception that happens to carry ``step``, ``type`` or ``code``
     attributes is a failed attempt, retried, like any other: only arqd's StepFailed and

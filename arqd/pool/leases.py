@@ -47,7 +47,18 @@ class Leases:
         return len(self._held)
 
     def add(self, lease: Lease) -> Held:
+        old = self._held.get(lease.job.id)
         held = self._held[lease.job.id] = Held(lease, lease.expires)
+        if old is not None and not old.ending:
+            # This process leased the job again: its older lease expired (it stalled, or its
+            # heartbeats failed). Stop the older attempt now: nothing of it can be written, and
+            # it was no longer heartbeated, so nothing else would have told it.
+            log.warning("job.lease_lost", job_id=lease.job.id, where="leased_again")
+            self.observer.lease_lost("leased_again")
+            if old.attempt is not None:
+                old.attempt.interrupt("lost")
+            else:
+                old.dropped = True
         return held
 
     def get(self, job_id: str) -> Held | None:
