@@ -72,7 +72,7 @@ LAYERS = {
 }
 
 # Storage modules every backend may import: the contracts and the driver toolkits.
-SHARED = {"arqd.backends.base", "arqd.backends.aws", "arqd.results.base"}
+SHARED = {"arqd.backends.base", "arqd.backends.aws", "arqd.backends.network", "arqd.results.base"}
 # Modules that are part of one backend without being inside its package.
 PART_OF = {"arqd.backends.sqlite_queries": "arqd.backends.sqlite"}
 

@@ -44,11 +44,11 @@ from arqd.backends.base import (
     Update,
     WorkerInfo,
     convert_all,
-    fifo,
     group_record,
     storable_group,
     storable_job,
 )
+from arqd.backends.network import Heard, LeaseFailed, Lost, LostLeases
 from arqd.backends.postgres import queries as q
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.config import PG_SCHEMA, redact_dsn
@@ -61,8 +61,6 @@ log = logging.getLogger("arqd.postgres")
 SCHEMA_RE = re.compile(PG_SCHEMA)
 LISTEN_RETRY_MAX = 5.0  # seconds between attempts to reconnect the listening connection
 LISTEN_KEEPALIVE = 5.0  # seconds between keep-alives of the listening connection
-UNANSWERED = 16  # leases whose answer was lost, looked for by the next lease call (the newest)
-UNANSWERED_MARGIN = 1.0  # seconds: a lost lease closer than this to its end is left to expire
 
 _decode_job = msgspec.json.Decoder(Job, strict=False).decode
 _decode_group = msgspec.json.Decoder(GroupRecord).decode
@@ -168,8 +166,8 @@ class PostgresQueue(QueueBackend):
         self.statement_timeout = statement_timeout
         self.migrate = migrate
         self._pool: asyncpg.Pool | None = None
-        self._ready_callbacks: list[Callable[[], None]] = []
-        self._changed_callbacks: list[Callable[[Sequence[str] | None], None]] = []
+        self._heard = Heard()  # the cores' wake-up callbacks
+        self._lost = LostLeases()  # lease calls whose answer was lost
         self._done_channel = q.done_channel(schema)
         self._channels: dict[str, str] = {}  # queue -> channel, for the queues leased from
         self._listen_changed = asyncio.Event()
@@ -177,8 +175,6 @@ class PostgresQueue(QueueBackend):
         self.listening = asyncio.Event()  # set while the listening connection is up
         self.listened: set[str] = set()  # the channels it LISTENs to
         self._drop_cursor: dict[bool, str] = {}
-        # Lease calls that failed after sending: (queues, token, deadline), see _lease.
-        self._unanswered: list[tuple[list[str], str, float]] = []
 
     def __repr__(self) -> str:
         return f"PostgresQueue({redact_dsn(self.dsn)!r}, schema={self.schema!r})"
@@ -298,24 +294,14 @@ class PostgresQueue(QueueBackend):
     # --- wake-ups -------------------------------------------------------------------------------
 
     def on_jobs_ready(self, callback: Callable[[], None]) -> None:
-        if callback not in self._ready_callbacks:  # one per hub, however many cores
-            self._ready_callbacks.append(callback)
+        self._heard.add_ready(callback)
 
     def on_jobs_changed(self, callback: Callable[[Sequence[str] | None], None]) -> None:
-        if callback not in self._changed_callbacks:
-            self._changed_callbacks.append(callback)
+        if self._heard.add_changed(callback):
             self._listen_changed.set()
 
-    def _wake(self, *_: object) -> None:
-        for callback in list(self._ready_callbacks):
-            callback()
-
     def _ended(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self._tell_changed(payload.split(",") if payload else None)
-
-    def _tell_changed(self, job_ids: Sequence[str] | None) -> None:
-        for callback in list(self._changed_callbacks):
-            callback(job_ids)
+        self._heard.jobs_changed(payload.split(",") if payload else None)
 
     def _listen_to(self, queues: Sequence[str]) -> None:
         for queue in queues:
@@ -340,8 +326,8 @@ class PostgresQueue(QueueBackend):
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await self._listen_more(conn)  # before the wake: nothing slips in between
                 self.listening.set()
-                self._wake()  # anything submitted while nobody listened
-                self._tell_changed(None)  # and anything that ended meanwhile
+                self._heard.jobs_ready()  # anything submitted while nobody listened
+                self._heard.jobs_changed(None)  # and anything that ended meanwhile
                 delay = 0.1
                 while not lost.is_set():
                     await self._listen_more(conn)
@@ -366,10 +352,10 @@ class PostgresQueue(QueueBackend):
         self._listen_changed.clear()
         added = False
         for ch in sorted(set(self._channels.values()) - self.listened):
-            await conn.add_listener(ch, self._wake)
+            await conn.add_listener(ch, self._heard.jobs_ready)
             self.listened.add(ch)
             added = True
-        if self._changed_callbacks and self._done_channel not in self.listened:
+        if self._heard.changed and self._done_channel not in self.listened:
             await conn.add_listener(self._done_channel, self._ended)
             self.listened.add(self._done_channel)
             added = True
@@ -465,42 +451,25 @@ class PostgresQueue(QueueBackend):
         self, queues: Sequence[str], limit: int, lease_for: float, worker: str
     ) -> list[Lease]:
         self._listen_to(queues)
-        leases = await self._lease_unanswered()
         now = self.clock.time()
-        token = new_token()
-        expires = now + lease_for
-        shard = random.randrange(q.COUNT_SHARDS)
-        args = (list(queues), now, limit - len(leases), token, expires, worker, shard)
-        if args[2] > 0:
+
+        async def lease_new(n: int) -> list[Lease]:
+            lost = Lost(list(queues), new_token(), now + lease_for)
+            shard = random.randrange(q.COUNT_SHARDS)
+            args = (lost.queues, now, n, lost.token, lost.expires, worker, shard)
             try:
                 rows = await self._call(lambda conn: conn.fetch(q.LEASE, *args))
-            except BackendUnavailable:
-                # The answer may be lost after the lease was applied: look for its jobs next
-                # time, or they would wait out the lease and each lose an attempt.
-                self._unanswered = [*self._unanswered, (args[0], token, expires)][-UNANSWERED:]
-                if not leases:
-                    raise
-                rows = []  # hand out the jobs found again rather than lose them to the error
-            leases += [Lease(_job(text), token, expires, was == "running") for was, text in rows]
-        order = {name: i for i, name in enumerate(queues)}
-        leases.sort(key=lambda lease: (order.get(lease.job.queue, len(order)), fifo(lease.job)))
-        return leases
+            except BackendUnavailable as exc:  # perhaps applied, its answer lost
+                raise LeaseFailed(exc, lost) from None
+            token, expires = lost.token, lost.expires
+            return [Lease(_job(text), token, expires, was == "running") for was, text in rows]
 
-    async def _lease_unanswered(self) -> list[Lease]:
-        """The jobs leases whose answer was lost took, while those leases last (found by
-        their token and deadline; each lease call has a token of its own)."""
-        now = self.clock.time()
-        pending = [u for u in self._unanswered if u[2] > now + UNANSWERED_MARGIN]
-        self._unanswered = []
-        found: list[Lease] = []
-        for n, (queues, token, expires) in enumerate(pending):
-            try:
-                texts = await self._call(_fetching(q.LEASE_AGAIN, queues, expires, token))
-            except BackendUnavailable:
-                self._unanswered = pending[n:]
-                raise
-            found += [Lease(_job(text), token, expires, False) for (text,) in texts]
-        return found
+        return await self._lost.lease(queues, limit, now, self._look_up, lease_new)
+
+    async def _look_up(self, lost: Lost) -> list[Lease]:
+        """The jobs a lease call whose answer was lost took, still held under its token."""
+        texts = await self._call(_fetching(q.LEASE_AGAIN, lost.queues, lost.expires, lost.token))
+        return [Lease(_job(text), lost.token, lost.expires, False) for (text,) in texts]
 
     async def _heartbeat(
         self, leases: Sequence[tuple[str, str]], lease_for: float

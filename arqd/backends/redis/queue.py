@@ -49,10 +49,10 @@ from arqd.backends.base import (
     Update,
     WorkerInfo,
     convert_all,
-    fifo,
     storable_group,
     storable_job,
 )
+from arqd.backends.network import Heard, LeaseFailed, Lost, LostLeases
 from arqd.backends.redis import scripts as s
 from arqd.clock import SYSTEM_CLOCK, Clock
 from arqd.config import REDIS_SCHEMES, redact_dsn
@@ -79,8 +79,6 @@ WORKERS_FORGET = 86400.0  # seconds after which a silent worker's row goes
 LISTEN_KEEPALIVE = 5.0  # seconds of silence before the listening connection is pinged
 LISTEN_RETRY_MAX = 5.0  # seconds between attempts to reconnect it, at most
 LISTEN_POLL = 1.0  # seconds between its looks at newly wanted channels
-UNANSWERED = 16  # lease calls whose answer was lost, looked for by the next lease call (newest)
-UNANSWERED_MARGIN = 1.0  # seconds: a lost lease closer than this to its end is left to expire
 MIN_VERSION = (7, 0)  # scripts declare themselves with #!lua (Redis 7 functions of EVAL)
 
 # Error replies a retry can outlive: a script running too long, a server loading its data set or
@@ -255,10 +253,8 @@ class RedisQueue(QueueBackend):
         self._slots = asyncio.Semaphore(pool_size)
         self._client: Redis | None = None
         self._scripts: dict[str, Any] = {}
-        # Lease calls that failed after sending: (queue names, token, deadline), see _lease.
-        self._unanswered: list[tuple[list[str], str, float]] = []
-        self._ready_callbacks: list[Callable[[], None]] = []
-        self._changed_callbacks: list[Callable[[Sequence[str] | None], None]] = []
+        self._heard = Heard()  # the cores' wake-up callbacks
+        self._lost = LostLeases()  # lease calls whose answer was lost
         self._ready_prefix = f"{self.p}:ready:".encode()
         self._done = s.done_channel(self.p)
         self._consumed: set[bytes] = set()  # the queue names (as in channels) leased from
@@ -412,30 +408,20 @@ class RedisQueue(QueueBackend):
     # --- wake-ups -------------------------------------------------------------------------------
 
     def on_jobs_ready(self, callback: Callable[[], None]) -> None:
-        if callback not in self._ready_callbacks:  # one per hub, however many cores
-            self._ready_callbacks.append(callback)
+        self._heard.add_ready(callback)
 
     def on_jobs_changed(self, callback: Callable[[Sequence[str] | None], None]) -> None:
-        if callback not in self._changed_callbacks:
-            self._changed_callbacks.append(callback)  # the listener subscribes within a second
-
-    def _wake(self) -> None:
-        for callback in list(self._ready_callbacks):
-            callback()
-
-    def _tell_changed(self, job_ids: Sequence[str] | None) -> None:
-        for callback in list(self._changed_callbacks):
-            callback(job_ids)
+        self._heard.add_changed(callback)  # the listener subscribes within a second
 
     def _on_message(self, message: dict[str, Any]) -> None:
         kind, channel = message.get("type"), message.get("channel")
         if kind == "pmessage" and isinstance(channel, bytes):
             if channel.removeprefix(self._ready_prefix) in self._consumed:
-                self._wake()
+                self._heard.jobs_ready()
         elif kind == "message" and channel == self._done.encode():
             data = message.get("data")
             if isinstance(data, bytes) and data:
-                self._tell_changed(data.decode().split(","))
+                self._heard.jobs_changed(data.decode().split(","))
 
     async def _listen_loop(self) -> None:
         """Keep one connection subscribed to the ready channels (a pattern: a message of a queue
@@ -453,8 +439,8 @@ class RedisQueue(QueueBackend):
                 self.listened.add(pattern)
                 await self._listen_done(pubsub)  # before the wake: no end slips between
                 self.listening.set()
-                self._wake()  # anything submitted while nobody listened
-                self._tell_changed(None)  # and anything that ended meanwhile
+                self._heard.jobs_ready()  # anything submitted while nobody listened
+                self._heard.jobs_changed(None)  # and anything that ended meanwhile
                 delay = 0.1
                 await self._listen_on(pubsub)
             except asyncio.CancelledError:
@@ -502,7 +488,7 @@ class RedisQueue(QueueBackend):
 
     async def _listen_done(self, pubsub: PubSub) -> bool:
         """Subscribe to the ended-jobs channel once a core wants to hear of it; whether it did."""
-        if not self._changed_callbacks or self._done in self.listened:
+        if not self._heard.changed or self._done in self.listened:
             return False
         await pubsub.subscribe(self._done)
         await self._confirmed(pubsub, "subscribe")
@@ -554,46 +540,28 @@ class RedisQueue(QueueBackend):
         self, queues: Sequence[str], limit: int, lease_for: float, worker: str
     ) -> list[Lease]:
         self._consume(queues)
-        leases = await self._lease_unanswered()
         now = self.clock.time()
-        token = new_token()
-        expires = now + lease_for
         names = [s.queue_name(q) for q in queues]
-        if limit - len(leases) > 0:
-            args = [_num(now), limit - len(leases), token, _num(expires), *names]
+
+        async def lease_new(n: int) -> list[Lease]:
+            lost = Lost(names, new_token(), now + lease_for)
+            args = [_num(now), n, lost.token, _num(lost.expires), *names]
             try:
                 out = await self._run("LEASE", args)
-            except BackendUnavailable:
-                # The answer may be lost after the script ran: look for its jobs next time, or
-                # they would wait out the lease and each lose an attempt.
-                self._unanswered = [*self._unanswered, (names, token, expires)][-UNANSWERED:]
-                if not leases:
-                    raise
-                out = []  # hand out the jobs found again rather than lose them to the error
+            except BackendUnavailable as exc:  # perhaps applied, its answer lost
+                raise LeaseFailed(exc, lost) from None
             it = iter(out)
-            leases += [
-                Lease(_job(flat), token, expires, bool(recovered))
+            return [
+                Lease(_job(flat), lost.token, lost.expires, bool(recovered))
                 for recovered, flat in zip(it, it, strict=True)
             ]
-        order = {name: i for i, name in enumerate(queues)}
-        leases.sort(key=lambda lease: (order.get(lease.job.queue, len(order)), fifo(lease.job)))
-        return leases
 
-    async def _lease_unanswered(self) -> list[Lease]:
-        """The jobs lease calls whose answer was lost took, while those leases last (found by
-        their deadline and token; each lease call has a token of its own)."""
-        now = self.clock.time()
-        pending = [u for u in self._unanswered if u[2] > now + UNANSWERED_MARGIN]
-        self._unanswered = []
-        found: list[Lease] = []
-        for n, (names, token, expires) in enumerate(pending):
-            try:
-                out = await self._run("LEASE_AGAIN", [_num(expires), token, *names])
-            except BackendUnavailable:
-                self._unanswered = pending[n:]
-                raise
-            found += [Lease(_job(flat), token, expires, False) for flat in out]
-        return found
+        return await self._lost.lease(queues, limit, now, self._look_up, lease_new)
+
+    async def _look_up(self, lost: Lost) -> list[Lease]:
+        """The jobs a lease call whose answer was lost took, still held under its token."""
+        out = await self._run("LEASE_AGAIN", [_num(lost.expires), lost.token, *lost.queues])
+        return [Lease(_job(flat), lost.token, lost.expires, False) for flat in out]
 
     async def _heartbeat(
         self, leases: Sequence[tuple[str, str]], lease_for: float
