@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 START_TIMEOUT = 60.0  # seconds for the cluster to accept logins after its start
 INSTALL_HINT = (
@@ -57,8 +58,83 @@ def pg_bindir() -> Path:
     raise ServerMissing(INSTALL_HINT)
 
 
-class PostgresServer:
-    """One throw-away cluster; ``start()``, ``stop()``, ``pause()``/``resume()``, ``close()``."""
+class Server:
+    """What the throw-away servers share: a process in a temporary directory (``self.dir``,
+    ``server.log``), stopped with ``STOP``, frozen and thawed with SIGSTOP/SIGCONT over
+    :meth:`_processes`, restored whatever was done to it, closed with its directory."""
+
+    STOP: signal.Signals = signal.SIGTERM
+
+    dir: Path
+    proc: subprocess.Popen[bytes] | None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def _wait_ready(self) -> None:
+        raise NotImplementedError
+
+    def _processes(self) -> list[int]:
+        """The server's processes (the one it was started as, by default)."""
+        return [] if self.proc is None else [self.proc.pid]
+
+    def log_tail(self, lines: int = 10) -> str:
+        log = self.dir / "server.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, sig: signal.Signals | None = None) -> None:
+        """Stop the server with ``sig`` (its class's ``STOP`` by default)."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            self.proc = None
+            return
+        self.resume()  # a frozen server cannot stop
+        self.proc = None
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig or self.STOP)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def pause(self) -> None:
+        """Freeze it (SIGSTOP): connections stay open and nothing answers, as in a failover."""
+        for pid in self._processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in reversed(self._processes()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def restore(self) -> None:
+        """Up and answering, whatever was done to it: resumed if frozen, started again if
+        stopped (the chaos suite's ``finally``)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.resume()
+            self._wait_ready()
+        else:
+            self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PostgresServer(Server):
+    """One throw-away cluster; ``start()``, ``stop()`` (SIGINT: a fast shutdown, clients
+    disconnected; SIGQUIT: an immediate one), ``pause()``/``resume()``, ``close()``."""
+
+    STOP = signal.SIGINT
 
     def __init__(self, *, settings: dict[str, str] | None = None) -> None:
         self.bindir = pg_bindir()
@@ -129,26 +205,6 @@ class PostgresServer:
             time.sleep(0.05)
         raise ServerMissing(f"postgres did not accept logins in {START_TIMEOUT:g} s")
 
-    def log_tail(self, lines: int = 10) -> str:
-        log = self.dir / "server.log"
-        text = log.read_text(errors="replace") if log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self, mode: signal.Signals = signal.SIGINT) -> None:
-        """Stop the server (SIGINT: fast shutdown, clients disconnected; SIGQUIT: immediate)."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        self.proc = proc
-        self.resume()  # a frozen server cannot stop
-        self.proc = None
-        proc.send_signal(mode)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
     def _processes(self) -> list[int]:
         """The postmaster and its children (each backend is a session leader of its own, so a
         process group does not reach them)."""
@@ -162,37 +218,6 @@ class PostgresServer:
             if int(fields[1]) == self.proc.pid:
                 found.append(int(Path(stat).parent.name))
         return found
-
-    def pause(self) -> None:
-        """Freeze the postmaster and every backend (SIGSTOP): connections stay open and nothing
-        answers, as during a failover."""
-        for pid in self._processes():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        for pid in reversed(self._processes()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-
-    def restore(self) -> None:
-        """Up and accepting logins, whatever was done to it: resumed if frozen, started again
-        if stopped (the chaos suite's ``finally`` on the session's cluster)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.resume()
-            self._wait_ready()
-        else:
-            self.start()
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> PostgresServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 REDIS_HINT = (
@@ -210,7 +235,7 @@ def redis_binary() -> str:
     return found
 
 
-class RedisServer:
+class RedisServer(Server):
     """One throw-away redis-server; ``start()``, ``stop()``, ``kill()``, ``restart()``,
     ``pause()``/``resume()``, ``close()``. ``settings`` are extra directives (``{"requirepass":
     "pw"}``); ``aof`` turns the append-only file on (fsync every second)."""
@@ -274,55 +299,9 @@ class RedisServer:
             time.sleep(0.02)
         raise ServerMissing(f"redis-server did not answer in {START_TIMEOUT:g} s")
 
-    def log_tail(self, lines: int = 10) -> str:
-        log = self.dir / "server.log"
-        text = log.read_text(errors="replace") if log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        """Stop the server: SIGTERM shuts it down cleanly (AOF flushed); SIGKILL is a crash."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGCONT)  # a frozen server cannot stop
-            proc.send_signal(sig)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
     def restart(self) -> None:
         self.stop()
         self.start()
-
-    def pause(self) -> None:
-        """Freeze it (SIGSTOP): connections stay open and nothing answers."""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGCONT)
-
-    def restore(self) -> None:
-        """Up and answering, whatever was done to it (resumed, or started again)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.resume()
-            self._wait_ready()
-        else:
-            self.start()
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
